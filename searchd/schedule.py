@@ -1,0 +1,183 @@
+"""``Schedule``: one candidate of the search, an immutable, validated, content-hashed value.
+
+A timestep schedule of N steps is a strictly decreasing float64 array of N+1 noise levels.
+Its last entry is either 0 (the last step denoises) or a level > 0 at which the sample is
+taken as it stands. A model schedule gives the zoo member used at each of the N steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HASH_CHARS = 16
+
+
+def validate_sigmas(
+    sigmas: Sequence[float] | np.ndarray,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    *,
+    rtol: float = 1e-9,
+) -> np.ndarray:
+    """Check a timestep schedule and return it as a read-only float64 array [N+1].
+
+    Raises ``ValueError`` naming the first bad entry and what is allowed.
+    """
+    arr = np.array(sigmas, dtype=np.float64)
+    vals = [float(v) for v in arr.reshape(-1)]
+    if arr.ndim != 1:
+        raise ValueError(f"sigmas must be one-dimensional [N+1]; got shape {arr.shape}")
+    if arr.size < 2:
+        raise ValueError(f"sigmas must have at least 2 entries (1 step); got {arr.size}")
+    for i, s in enumerate(vals):
+        if not math.isfinite(s):
+            raise ValueError(f"sigmas[{i}] = {s} is not finite; all noise levels must be finite")
+        if s < 0:
+            raise ValueError(f"sigmas[{i}] = {s} is negative; noise levels must be >= 0")
+    for i in range(arr.size - 1):
+        if not arr[i + 1] < arr[i]:
+            raise ValueError(
+                f"sigmas[{i + 1}] = {vals[i + 1]!r} is not below sigmas[{i}] = {vals[i]!r}; "
+                "a schedule must be strictly decreasing"
+            )
+    if sigma_max is not None and arr[0] > sigma_max * (1 + rtol):
+        raise ValueError(f"sigmas[0] = {vals[0]!r} is above the model's sigma_max = {sigma_max!r}")
+    if sigma_min is not None:
+        last = arr.size - 1
+        for i, s in enumerate(vals):
+            if (i < last or s != 0.0) and s < sigma_min * (1 - rtol):
+                raise ValueError(
+                    f"sigmas[{i}] = {s!r} is below the model's sigma_min = {sigma_min!r}; "
+                    "only the last entry may be 0"
+                )
+    arr.setflags(write=False)
+    return arr
+
+
+def validate_model_ids(model_ids: Sequence[int] | np.ndarray, n_steps: int) -> np.ndarray:
+    """Check a model schedule (one non-negative model index per step) against N steps."""
+    arr = np.asarray(model_ids)
+    if arr.ndim != 1 or arr.size != n_steps:
+        raise ValueError(
+            f"model_ids has shape {arr.shape}; expected ({n_steps},), one model index per step"
+        )
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"model_ids must be integers; got {arr.tolist()}")
+    arr = arr.astype(np.int64)
+    for i, m in enumerate(arr.tolist()):
+        if m < 0:
+            raise ValueError(f"model_ids[{i}] = {m} is negative; model indices must be >= 0")
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """One candidate: noise levels, optional model per step, and the solver that runs it.
+
+    ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
+    not part of the identity: two schedules with the same sigmas, models and solver are the
+    same candidate and have the same ``id``.
+    """
+
+    sigmas: np.ndarray
+    model_ids: np.ndarray | None = None
+    solver: str = "dpmpp_2m"
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sig = validate_sigmas(self.sigmas)
+        object.__setattr__(self, "sigmas", sig)
+        if self.model_ids is not None:
+            ids = validate_model_ids(self.model_ids, sig.size - 1)
+            object.__setattr__(self, "model_ids", ids)
+        if not isinstance(self.solver, str) or not self.solver:
+            raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # Shape --------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return int(self.sigmas.size - 1)
+
+    @property
+    def final_zero(self) -> bool:
+        return bool(self.sigmas[-1] == 0.0)
+
+    def check_range(self, sigma_min: float, sigma_max: float) -> Schedule:
+        """Validate against a model's noise range; returns self for chaining."""
+        validate_sigmas(self.sigmas, sigma_min, sigma_max)
+        return self
+
+    def check_models(self, n_models: int) -> Schedule:
+        """Validate model indices against a zoo of ``n_models`` members."""
+        if self.model_ids is not None:
+            for i, m in enumerate(self.model_ids.tolist()):
+                if m >= n_models:
+                    raise ValueError(
+                        f"model_ids[{i}] = {m} is out of range; the zoo has models "
+                        f"0..{n_models - 1}"
+                    )
+        return self
+
+    # Identity -----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """Content hash of (sigmas, model_ids, solver): the candidate's id everywhere."""
+        h = hashlib.sha256()
+        h.update(self.solver.encode())
+        h.update(b"|s|")
+        h.update(np.ascontiguousarray(self.sigmas, dtype="<f8").tobytes())
+        if self.model_ids is not None:
+            h.update(b"|m|")
+            h.update(np.ascontiguousarray(self.model_ids, dtype="<i8").tobytes())
+        return h.hexdigest()[:HASH_CHARS]
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and self.id == other.id
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{s:.4g}" for s in self.sigmas)
+        ids = "" if self.model_ids is None else f", model_ids={self.model_ids.tolist()}"
+        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids})"
+
+    # Serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form; floats are written with ``repr`` precision, so it round-trips."""
+        return {
+            "id": self.id,
+            "sigmas": [float(s) for s in self.sigmas],
+            "model_ids": None if self.model_ids is None else [int(m) for m in self.model_ids],
+            "solver": self.solver,
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
+        s = cls(
+            sigmas=np.asarray(d["sigmas"], dtype=np.float64),
+            model_ids=None if d.get("model_ids") is None else np.asarray(d["model_ids"]),
+            solver=d.get("solver", "dpmpp_2m"),
+            meta=d.get("meta") or {},
+        )
+        if "id" in d and d["id"] != s.id:
+            raise ValueError(f"schedule id {d['id']!r} does not match its content ({s.id})")
+        return s
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Schedule:
+        return cls.from_dict(json.loads(text))
