@@ -1,0 +1,70 @@
+"""ODE solvers over arbitrary noise-level schedules, one signature for all.
+
+``solve(denoiser, noise, sigmas, solver=..., model_ids=None, **opts)`` integrates the
+probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``noise * sigmas[..., 0]``
+along ``sigmas`` ([N+1], or per sample [B, N+1]) and returns the sample at the last level:
+the denoised sample when the schedule ends in 0, the sample at that level as it stands
+otherwise. ``nfe(solver, n_steps, final_zero)`` is the number of denoiser calls it makes.
+
+Solvers: euler, heun, dpmpp_2m, dpmpp_3m, unipc (bh2), ipndm, deis (tAB). ``SOLVERS`` maps
+each name to its ``SolverSpec`` (options, theoretical order, cost). Decisions are recorded in
+docs/notes-solvers.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from searchd.models.base import Denoiser
+from searchd.solvers._core import Trajectory, trajectory
+from searchd.solvers.registry import SOLVERS, Option, SolverSpec
+
+__all__ = ["SOLVERS", "Option", "SolverSpec", "Trajectory", "get", "nfe", "solve"]
+
+
+def get(solver: str) -> SolverSpec:
+    """The registry entry of ``solver``; ``ValueError`` listing the known names otherwise."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
+    return SOLVERS[solver]
+
+
+def solve(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor | np.ndarray | Any,
+    *,
+    solver: str = "dpmpp_2m",
+    model_ids: Tensor | np.ndarray | Any | None = None,
+    **opts: Any,
+) -> Tensor:
+    """Sample along a schedule.
+
+    Args:
+        denoiser: ``D(x [B, *shape], sigma [B]) -> x0_hat [B, *shape]`` (sigma in x's dtype).
+        noise: unit Gaussian noise [B, *shape]; its dtype and device are the sample's.
+        sigmas: strictly decreasing noise levels, [N+1] or per sample [B, N+1]; all rows end
+            in 0 or none does. A tensor keeps its autograd graph (gradients flow to it).
+        solver: a name of ``SOLVERS``.
+        model_ids: None, or model index per step [N] or per sample and step [B, N]; each
+            denoiser call of step i then gets ``model_id=<int64 [B]>`` (column i).
+        **opts: the solver's options (``SOLVERS[solver].options``).
+
+    Returns:
+        The sample [B, *shape] at ``sigmas[..., -1]``, in ``noise``'s dtype.
+    """
+    spec = get(solver)
+    options = spec.resolve(opts)
+    traj = trajectory(denoiser, noise, sigmas, model_ids)
+    x = noise * traj.sigmas[:, 0].to(noise.dtype).reshape((-1,) + (1,) * (noise.ndim - 1))
+    return spec.fn(traj, x, **options)
+
+
+def nfe(solver: str, n_steps: int, final_zero: bool = True) -> int:
+    """Denoiser calls ``solve`` makes for a schedule of ``n_steps`` steps (exact)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise ValueError(f"n_steps = {n_steps!r}; it must be an integer >= 1")
+    return get(solver).nfe(int(n_steps), bool(final_zero))
