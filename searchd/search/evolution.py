@@ -1,0 +1,202 @@
+"""Evolutionary search over schedules, as O2TDM and AutoDiffusion describe it.
+
+Generation 0 is the seeds (the baseline schedules the driver passes) filled up to
+``population_num`` with random schedules. Every later generation is built from the
+``select_num`` best candidates scored so far (O2TDM's ``keep_top_k``: an elitist archive over
+all generations, not only the last one): ``mutation_num`` mutants of a random parent,
+``crossover_num`` children of two random parents, then random schedules up to
+``population_num`` (``random_fill``). Candidates are deduplicated by content hash against
+everything ever proposed, so nothing is scored twice; when a variation keeps producing known
+candidates it is retried up to ``10 x`` the number wanted (O2TDM's bound), and the
+generation is what could be found.
+
+A whole generation is suggested at once; ``suggest`` returns None while results of the
+current generation are outstanding, and FINISHED once the last generation (or the candidate
+budget) is handed out. Parents are ranked by (value, id), so the search does not depend on
+the order in which results arrive, nor on how many workers produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from searchd.schedule import Schedule
+from searchd.schedules.spaces import Space, with_meta
+from searchd.search.base import FINISHED, Next, ScheduleSearcher, rng_from_state, rng_state
+
+# O2TDM bounds each variation loop at 10 x the number of candidates wanted.
+RETRY_FACTOR = 10
+
+
+class EvolutionSearcher(ScheduleSearcher):
+    """O2TDM/AutoDiffusion evolutionary search.
+
+    Args:
+        space: search space (variation operators come from it).
+        metric, mode: what to optimize.
+        population_num: candidates per generation.
+        select_num: parents: the best ``select_num`` candidates scored so far.
+        mutation_num: mutants per generation.
+        crossover_num: crossover children per generation.
+        m_prob: per-parameter mutation probability.
+        max_epochs: number of generations, generation 0 included.
+        seed: seed of the searcher's random generator.
+        seeds: schedules that open generation 0 (the baselines), in order.
+        mutation_scale: step size of a mutation (see the space's ``mutate``).
+        random_fill: fill later generations with random candidates up to population_num.
+        max_candidates: optional cap on the number of candidates over the whole search.
+    """
+
+    algorithm = "evolution"
+
+    def __init__(
+        self,
+        space: Space,
+        metric: str = "fid",
+        mode: str = "min",
+        population_num: int = 32,
+        select_num: int = 8,
+        mutation_num: int = 16,
+        crossover_num: int = 8,
+        m_prob: float = 0.25,
+        max_epochs: int = 10,
+        seed: int = 0,
+        seeds: Sequence[Schedule] = (),
+        *,
+        mutation_scale: float = 0.1,
+        random_fill: bool = True,
+        max_candidates: int | None = None,
+    ) -> None:
+        super().__init__(space, metric, mode)
+        if population_num < 1 or max_epochs < 1:
+            raise ValueError("population_num and max_epochs must be >= 1")
+        if not 1 <= select_num <= population_num:
+            raise ValueError(f"select_num = {select_num}; need 1 <= select_num <= population_num")
+        if mutation_num < 0 or crossover_num < 0 or mutation_num + crossover_num > population_num:
+            raise ValueError(
+                f"mutation_num + crossover_num = {mutation_num + crossover_num}; "
+                f"need 0 <= each and their sum <= population_num = {population_num}"
+            )
+        if not 0.0 <= m_prob <= 1.0:
+            raise ValueError(f"m_prob = {m_prob}; it must be in [0, 1]")
+        self.population_num = population_num
+        self.select_num = select_num
+        self.mutation_num = mutation_num
+        self.crossover_num = crossover_num
+        self.m_prob = m_prob
+        self.max_epochs = max_epochs
+        self.mutation_scale = mutation_scale
+        self.random_fill = random_fill
+        self.max_candidates = max_candidates
+        self.seed = seed
+        self._seeds = self._prepare_seeds(seeds, "baseline")
+        if len(self._seeds) > population_num:
+            raise ValueError(
+                f"{len(self._seeds)} seed schedules do not fit in population_num = "
+                f"{population_num}"
+            )
+        self._rng = np.random.default_rng(seed)
+        self._generation = -1  # index of the generation being handed out
+        self._queue: list[Schedule] = []  # rest of the current generation, not yet suggested
+        self._sizes: list[int] = []  # candidates per generation built so far
+
+    @property
+    def generation(self) -> int:
+        """Index of the current generation (-1 before the first suggestion)."""
+        return self._generation
+
+    @property
+    def generation_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    # Algorithm ---------------------------------------------------------------------------
+    def _next(self, trial_id: str) -> Next:
+        if self.max_candidates is not None and self.num_suggested >= self.max_candidates:
+            return FINISHED
+        if not self._queue:
+            if self._pending or self._retry:
+                return None  # the generation is out; wait for its results
+            if self._generation + 1 >= self.max_epochs:
+                return FINISHED
+            self._generation += 1
+            self._queue = self._build_generation(self._generation)
+            self._sizes.append(len(self._queue))
+            if not self._queue:
+                return FINISHED  # the space has nothing new to offer
+        return self._queue.pop(0), {}
+
+    def _build_generation(self, g: int) -> list[Schedule]:
+        out: list[Schedule] = []
+
+        def add(s: Schedule, **meta: Any) -> bool:
+            if s.id in self._seen:
+                return False
+            self._seen.add(s.id)
+            out.append(with_meta(s, generation=g, searcher=self.algorithm, **meta))
+            return True
+
+        if g == 0:
+            for s in self._seeds:
+                add(s, origin=s.meta["origin"], parents=[])
+            self._fill_random(add, out)
+            return out
+        parents = [Schedule.from_dict(h["schedule"]) for h in self.ranked()[: self.select_num]]
+        if parents:
+            self._vary(add, out, self.mutation_num, lambda: self._mutant(parents))
+            self._vary(add, out, self.crossover_num, lambda: self._child(parents))
+        if self.random_fill or not parents:
+            self._fill_random(add, out)
+        return out
+
+    def _vary(self, add: Any, out: list[Schedule], wanted: int, make: Any) -> None:
+        """Add up to ``wanted`` new candidates from ``make`` within the retry bound."""
+        target = len(out) + wanted
+        for _ in range(RETRY_FACTOR * wanted):
+            if len(out) >= target:
+                break
+            child, meta = make()
+            add(child, **meta)
+
+    def _fill_random(self, add: Any, out: list[Schedule]) -> None:
+        wanted = self.population_num - len(out)
+        self._vary(add, out, wanted, lambda: (self.space.sample(self._rng),
+                                              {"origin": "random", "parents": []}))
+
+    def _mutant(self, parents: list[Schedule]) -> tuple[Schedule, dict[str, Any]]:
+        p = parents[int(self._rng.integers(len(parents)))]
+        child = self.space.mutate(p, self._rng, self.m_prob, self.mutation_scale)
+        return child, {"origin": "mutation", "parents": [p.id]}
+
+    def _child(self, parents: list[Schedule]) -> tuple[Schedule, dict[str, Any]]:
+        if len(parents) >= 2:
+            i, j = self._rng.choice(len(parents), size=2, replace=False)
+        else:
+            i = j = 0
+        a, b = parents[int(i)], parents[int(j)]
+        return self.space.crossover(a, b, self._rng), {"origin": "crossover",
+                                                       "parents": [a.id, b.id]}
+
+    # State -------------------------------------------------------------------------------
+    def _algo_state(self) -> dict[str, Any]:
+        return {
+            "rng": rng_state(self._rng),
+            "generation": self._generation,
+            "queue": [s.to_dict() for s in self._queue],
+            "sizes": list(self._sizes),
+            "params": {
+                "population_num": self.population_num, "select_num": self.select_num,
+                "mutation_num": self.mutation_num, "crossover_num": self.crossover_num,
+                "m_prob": self.m_prob, "max_epochs": self.max_epochs, "seed": self.seed,
+                "mutation_scale": self.mutation_scale, "random_fill": self.random_fill,
+                "max_candidates": self.max_candidates,
+            },
+        }
+
+    def _set_algo_state(self, state: Mapping[str, Any]) -> None:
+        self._rng = rng_from_state(state["rng"])
+        self._generation = int(state["generation"])
+        self._queue = [Schedule.from_dict(d) for d in state["queue"]]
+        self._sizes = [int(n) for n in state["sizes"]]

@@ -1,0 +1,139 @@
+"""Name -> searcher factory, and the config -> space/baselines glue the driver needs.
+
+``make_searcher(config.search, space, baselines, metric, mode)`` builds the searcher a
+configuration names; ``make_space`` and ``make_baselines`` build what it searches over from
+the configuration and the model's noise range (or grid). Only this module and the driver
+read the configuration; searchers and spaces take plain arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from searchd.schedule import Schedule
+from searchd.schedules.baselines import GRIDS, baseline
+from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace, Space, with_meta
+from searchd.search.base import ScheduleSearcher
+
+if TYPE_CHECKING:
+    from searchd.config import SearchConfig, SearchSection
+
+Factory = Callable[["SearchSection", Space, Sequence[Schedule], str, str], ScheduleSearcher]
+
+
+def _evolution(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+) -> ScheduleSearcher:
+    from searchd.search.evolution import EvolutionSearcher
+
+    ev = search.evolution
+    return EvolutionSearcher(
+        space, metric, mode,
+        population_num=ev.population_num, select_num=ev.select_num,
+        mutation_num=ev.mutation_num, crossover_num=ev.crossover_num, m_prob=ev.m_prob,
+        max_epochs=ev.generations, seed=search.seed, seeds=seeds,
+        mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
+        max_candidates=search.budget,
+    )
+
+
+def _random(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+) -> ScheduleSearcher:
+    from searchd.search.random_search import RandomSearcher
+
+    return RandomSearcher(space, metric, mode, num_samples=search.budget, seed=search.seed,
+                          seeds=seeds)
+
+
+def _bayes(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+) -> ScheduleSearcher:
+    from searchd.search.bayes import BayesSearcher
+
+    return BayesSearcher(
+        space, metric, mode, sampler=search.bayes.sampler, num_samples=search.budget,
+        seed=search.seed, seeds=seeds, n_startup_trials=search.bayes.n_startup_trials,
+    )
+
+
+SEARCHERS: dict[str, Factory] = {
+    "evolution": _evolution,
+    "random": _random,
+    "bayes": _bayes,
+}
+
+
+def make_searcher(
+    search: SearchSection,
+    space: Space,
+    baselines: Sequence[Schedule] = (),
+    metric: str = "fid",
+    mode: str = "min",
+) -> ScheduleSearcher:
+    """The searcher named by ``search.algorithm``, seeded with the baseline schedules.
+
+    Raises ``ValueError`` listing the known algorithms for an unknown name.
+    """
+    name = search.algorithm
+    if name not in SEARCHERS:
+        raise ValueError(f"unknown search algorithm {name!r}; known: {sorted(SEARCHERS)}")
+    return SEARCHERS[name](search, space, baselines, metric, mode)
+
+
+def make_space(
+    config: SearchConfig,
+    sigma_min: float,
+    sigma_max: float,
+    grid: Sequence[float] | np.ndarray | None = None,
+) -> Space:
+    """The search space of a configuration over a model's noise range (and grid).
+
+    ``space.sigma_min``/``space.sigma_max`` in the configuration override the model's range.
+    A discrete space uses ``space.grid`` (a named grid) or else the model's ``grid``.
+    """
+    sc = config.space
+    lo = sc.sigma_min if sc.sigma_min is not None else sigma_min
+    hi = sc.sigma_max if sc.sigma_max is not None else sigma_max
+    if sc.kind == "continuous":
+        return ContinuousSpace(
+            config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
+            sc.endpoints == "free", gap_ratio=sc.gap_ratio,
+            endpoint_range=sc.endpoint_range, solver=config.solver.name,
+        )
+    if sc.grid is not None:
+        grid = GRIDS[sc.grid]()
+    if grid is None:
+        raise ValueError(
+            "space.kind = 'discrete' needs a grid: set space.grid or use a model that has one"
+        )
+    return DiscreteSpace(config.steps, grid, sc.final_zero, lo, hi, sc.endpoints == "free",
+                         solver=config.solver.name)
+
+
+def make_baselines(config: SearchConfig, space: Space) -> list[Schedule]:
+    """The configured baseline schedules, fitted to ``space``.
+
+    Continuous families are sampled over the space's range; on a discrete space every
+    baseline is projected onto the grid (nearest free levels in log sigma), and the
+    ``discrete`` family uses the space's grid unless it names one.
+    """
+    out: list[Schedule] = []
+    for b in config.baselines:
+        params: dict[str, Any] = dict(b.params)
+        if b.family == "discrete" and "grid" not in params:
+            if not isinstance(space, DiscreteSpace):
+                raise ValueError(f"baseline {b.label!r} needs a grid; give params.grid")
+            params["grid"] = space.grid
+        sig = baseline(b.family, space.n_steps, space.sigma_min, space.sigma_max,
+                       space.final_zero, **params)
+        meta = {"origin": "baseline", "family": b.family, "name": b.label,
+                "params": dict(b.params)}
+        s = Schedule(sig, solver=space.solver, meta=meta)
+        if isinstance(space, DiscreteSpace):
+            s = with_meta(space.project(s), **meta)
+        out.append(space.check(s))
+    return out

@@ -1,0 +1,443 @@
+"""One contract for every searcher (evolution, random, bayes-tpe, bayes-gp).
+
+Searchers are plain objects here: the tests call ``suggest``/``on_trial_complete`` directly,
+as Tune would, and never start Ray. The objective is analytic: the RMS distance, in log
+sigma, from a candidate's noise levels to a hidden target schedule of the space, so the best
+possible value is 0 and the baselines are far from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from searchd.schedule import Schedule
+from searchd.schedules.baselines import baseline
+from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace
+from searchd.search.base import ScheduleSearcher
+from searchd.search.bayes import BayesSearcher
+from searchd.search.evolution import EvolutionSearcher
+from searchd.search.random_search import RandomSearcher
+from searchd.search.registry import SEARCHERS, make_searcher
+
+FINISHED = Searcher.FINISHED
+METRIC = "dist"
+SMIN, SMAX = 0.002, 80.0
+
+
+def make_space() -> ContinuousSpace:
+    return ContinuousSpace(5, SMIN, SMAX, True, "logsnr", free_endpoints=True)
+
+
+def make_baselines(space) -> list[Schedule]:
+    fams = [("polynomial", {"rho": 7.0}), ("logsnr", {}), ("time_uniform", {})]
+    return [Schedule(baseline(f, space.n_steps, space.sigma_min, space.sigma_max,
+                              space.final_zero, **p), solver=space.solver,
+                     meta={"origin": "baseline", "family": f}) for f, p in fams]
+
+
+TARGET_U = np.array([0.8, 0.3, 0.65, 0.7, 0.4])
+
+
+def target_objective(space) -> Callable[[Schedule], float]:
+    target = np.log(space.decode(TARGET_U[: space.dim]).sigmas[: space.n_levels])
+
+    def dist(s: Schedule) -> float:
+        return float(np.sqrt(np.mean((np.log(s.sigmas[: space.n_levels]) - target) ** 2)))
+
+    return dist
+
+
+# Budgets are small: GP asks cost ~0.25 s each on 2 cores.
+def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 0,
+          mode: str = "min") -> ScheduleSearcher:
+    if name == "evolution":
+        gens = 4 if budget is None else max(1, budget // 8)
+        return EvolutionSearcher(space, METRIC, mode, population_num=8, select_num=3,
+                                 mutation_num=3, crossover_num=3, m_prob=0.4, max_epochs=gens,
+                                 seed=seed, seeds=seeds, mutation_scale=0.15)
+    if name == "random":
+        return RandomSearcher(space, METRIC, mode, num_samples=budget or 24, seed=seed,
+                              seeds=seeds)
+    sampler = name.split("-")[1]
+    default = 24 if sampler == "tpe" else 10
+    return BayesSearcher(space, METRIC, mode, sampler=sampler, num_samples=budget or default,
+                         seed=seed, seeds=seeds, n_startup_trials=5)
+
+
+ALL = ["evolution", "random", "bayes-tpe", "bayes-gp"]
+DETERMINISTIC = ALL  # bayes too: its samplers are seeded per trial and its history replayed
+
+
+def drive(searcher: Searcher, space, objective: Callable[[Schedule], Any], *,
+          parallel: int = 4, steps: int | None = None, reverse: bool = False, start: int = 0,
+          outcome: Callable[[int, Schedule], dict[str, Any]] | None = None) -> list[Schedule]:
+    """Play Tune: keep up to ``parallel`` trials out, complete them (oldest first, or newest
+    first with ``reverse``); stop at FINISHED with nothing pending, or after ``steps``
+    suggestions. Trials the searcher already has pending are completed first.
+    ``outcome(i, schedule)`` gives on_trial_complete's keyword arguments."""
+    out: list[Schedule] = []
+    inherited = getattr(searcher, "pending", {})
+    pending = [(t, Schedule.from_dict(inherited[t])) for t in sorted(inherited)]
+    done = False
+    n = start
+    while True:
+        while not done and len(pending) < parallel and (steps is None or len(out) < steps):
+            tid = f"trial-{n}"
+            cfg = searcher.suggest(tid)
+            if cfg == FINISHED:
+                done = True
+            elif cfg is None:
+                break
+            else:
+                s = space.decode(cfg)
+                pending.append((tid, s))
+                out.append(s)
+                n += 1
+        if steps is not None and len(out) >= steps:
+            return out
+        if not pending:
+            if done:
+                return out
+            raise AssertionError("searcher waits with nothing pending")
+        tid, s = pending.pop(-1 if reverse else 0)
+        kwargs = outcome(n, s) if outcome else {"result": {METRIC: objective(s)}}
+        searcher.on_trial_complete(tid, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_ray():
+    yield
+    assert not ray.is_initialized(), "searcher tests must not start Ray"
+
+
+# The contract ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_suggest_and_complete(name):
+    space = make_space()
+    obj = target_objective(space)
+    s = build(name, space, make_baselines(space))
+    assert isinstance(s, Searcher)
+    got = drive(s, space, obj)
+    expected = 32 if name == "evolution" else s.num_samples
+    assert len(got) == expected == len(s.history) == s.num_suggested
+    for sched in got:
+        space.check(sched)
+        assert sched.meta["origin"] in ("baseline", "random", "mutation", "crossover", "bayes")
+    values = [obj(x) for x in got]
+    assert s.best["value"] == pytest.approx(min(values))
+    assert s.best["schedule"] == got[int(np.argmin(values))]
+    assert s.suggest("after-the-end") == FINISHED
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_candidate_is_suggested_twice_even_in_a_tiny_space(name):
+    # 2 levels chosen among 8 interior grid levels: 28 schedules in all. The samplers keep
+    # proposing known ones; each must be turned into a new candidate or FINISHED.
+    space = DiscreteSpace(4, np.geomspace(0.01, 80.0, 10), final_zero=True)
+    obj = target_objective(space)
+    budget = 10 if name == "bayes-gp" else 24  # GP asks are slow
+    s = build(name, space, budget=budget)
+    got = drive(s, space, obj)
+    ids = [x.id for x in got]
+    assert len(ids) == len(set(ids)) == len(s.history)
+    if name == "evolution":  # generations shrink once mutations only find known subsets
+        assert 8 < len(got) <= budget
+    else:
+        assert len(got) == budget
+    if name.startswith("bayes"):  # repeats were asked, told their known value, and skipped
+        assert len(s.study.trials) > len(got)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_state_round_trip_continues_the_same_search(name, tmp_path):
+    space = make_space()
+    obj = target_objective(space)
+    a = build(name, space, make_baselines(space), seed=3)
+    first = drive(a, space, obj, steps=10 if "gp" not in name else 6)
+    assert a.pending, "the state is taken with trials outstanding"
+    state = json.loads(json.dumps(a.get_state(), allow_nan=False))
+    a.save(tmp_path / "state.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
+
+    b = build(name, space, make_baselines(space), seed=3)
+    b.set_state(state)
+    c = build(name, space, make_baselines(space), seed=3)
+    c.restore(tmp_path / "state.json")
+    assert b.pending == a.pending == c.pending
+    assert b.history == a.history
+
+    rest = [[x.id for x in drive(t, space, obj, start=1000)] for t in (a, b, c)]
+    assert rest[0] == rest[1] == rest[2]
+    assert rest[0], "the search continues after the restore"
+    assert len(first) + len(rest[0]) == a.num_suggested == b.num_suggested == len(b.history)
+    assert a.best["schedule"] == b.best["schedule"] and a.best["value"] == b.best["value"]
+
+
+@pytest.mark.parametrize("name", ["evolution", "random", "bayes-tpe"])
+def test_requeued_pending_candidates_are_suggested_again_not_counted_twice(name):
+    space = make_space()
+    obj = target_objective(space)
+    a = build(name, space, make_baselines(space))
+    drive(a, space, obj, steps=6)
+    b = build(name, space, make_baselines(space))
+    b.set_state(a.get_state())
+    old = dict(b.pending)
+    assert b.requeue_pending() == sorted(old) and not b.pending
+    again = [b.suggest(f"new-{i}") for i in range(len(old))]
+    assert [c["schedule"]["id"] for c in again] == [old[t]["id"] for t in sorted(old)]
+    assert b.num_suggested == a.num_suggested
+    n_optuna = len(b.study.trials) if name.startswith("bayes") else 0
+    for i, c in enumerate(again):
+        b.on_trial_complete(f"new-{i}", {METRIC: obj(space.decode(c))})
+    assert not b.pending and len(b.history) == len(a.history) + len(old)
+    if name.startswith("bayes"):  # the same Optuna trials were told, none was added
+        assert len(b.study.trials) == n_optuna
+        assert all(t.state.is_finished() for t in b.study.trials)
+    rest = drive(b, space, obj, start=100)
+    ids = [h["id"] for h in b.history]
+    assert len(ids) == len(set(ids)) and rest
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nan_inf_missing_and_errored_results_never_crash_nor_win(name):
+    space = make_space()
+    obj = target_objective(space)
+    bad: dict[str, str] = {}
+
+    def outcome(i: int, s: Schedule) -> dict[str, Any]:
+        kind = ["ok", "nan", "ok", "inf", "-inf", "error", "ok", "missing", "none"][i % 9]
+        if kind != "ok":
+            bad[s.id] = kind
+        return {
+            "ok": {"result": {METRIC: obj(s)}},
+            "nan": {"result": {METRIC: math.nan}},
+            "inf": {"result": {METRIC: math.inf}},
+            "-inf": {"result": {METRIC: -math.inf}},  # would win a plain min
+            "error": {"result": None, "error": True},
+            "missing": {"result": {"other": 1.0}},
+            "none": {"result": {METRIC: None}},
+        }[kind]
+
+    s = build(name, space, make_baselines(space))
+    got = drive(s, space, obj, outcome=outcome)
+    assert bad and len(got) == len(s.history)
+    assert s.best is not None and s.best["schedule"].id not in bad
+    ok_values = [obj(x) for x in got if x.id not in bad]
+    assert s.best["value"] == pytest.approx(min(ok_values))
+    statuses = {h["status"] for h in s.history}
+    assert {"ok", "nonfinite", "error", "missing"} <= statuses
+    assert all(h["value"] is None for h in s.history if h["status"] != "ok")
+    json.dumps(s.get_state(), allow_nan=False)  # failures stay plain, strict JSON
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_search_where_everything_fails_finishes_without_a_best(name):
+    space = make_space()
+    s = build(name, space, make_baselines(space), budget=16)
+    got = drive(s, space, None, outcome=lambda i, x: {"result": None, "error": True})
+    assert len(got) == 16 and s.best is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_budget_runs_out(name):
+    space = make_space()
+    budget = 10 if name == "bayes-gp" else 16
+    s = build(name, space, make_baselines(space), budget=budget)
+    got = drive(s, space, target_objective(space), parallel=16)
+    assert len(got) == budget
+    for _ in range(3):
+        assert s.suggest("more") == FINISHED
+    # Completions arriving after FINISHED (or for unknown trials) are harmless.
+    s.on_trial_complete("never-suggested", {METRIC: 0.0})
+    assert len(s.history) == budget
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_baselines_come_first_exactly(name):
+    space = make_space()
+    bases = make_baselines(space)
+    s = build(name, space, bases)
+    first = [space.decode(s.suggest(f"t{i}")) for i in range(len(bases))]
+    assert [x.id for x in first] == [b.id for b in bases]
+    assert all(x.meta["origin"] == "baseline" and "family" in x.meta for x in first)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mode_max_prefers_larger_values(name):
+    space = make_space()
+    obj = target_objective(space)
+    s = build(name, space, make_baselines(space), mode="max",
+              budget=10 if name == "bayes-gp" else 16)
+    got = drive(s, space, obj)
+    assert s.best["value"] == pytest.approx(max(obj(x) for x in got))
+
+
+# Evolution ------------------------------------------------------------------------------------
+def test_evolution_generations_baselines_and_provenance():
+    space = make_space()
+    obj = target_objective(space)
+    bases = make_baselines(space)
+    s = build("evolution", space, bases)
+    # Generation 0 is handed out whole, then the searcher waits for its results.
+    gen0 = [space.decode(s.suggest(f"g0-{i}")) for i in range(8)]
+    assert s.suggest("early") is None
+    assert [x.id for x in gen0[:3]] == [b.id for b in bases]
+    assert [x.meta["origin"] for x in gen0] == ["baseline"] * 3 + ["random"] * 5
+    assert all(x.meta["generation"] == 0 for x in gen0)
+    for i, x in enumerate(gen0):
+        s.on_trial_complete(f"g0-{i}", {METRIC: obj(x)})
+    rest = drive(s, space, obj)
+    assert s.generation_sizes == [8, 8, 8, 8] and len(rest) == 24
+    scored_before: set[str] = {x.id for x in gen0}
+    for g in (1, 2, 3):
+        gen = [x for x in rest if x.meta["generation"] == g]
+        origins = [x.meta["origin"] for x in gen]
+        assert origins == ["mutation"] * 3 + ["crossover"] * 3 + ["random"] * 2
+        for x in gen:
+            assert set(x.meta["parents"]) <= scored_before  # parents were already scored
+            assert len(x.meta["parents"]) == {"mutation": 1, "crossover": 2, "random": 0}[
+                x.meta["origin"]]
+        scored_before |= {x.id for x in gen}
+
+
+def test_evolution_beats_the_best_baseline_on_an_analytic_objective():
+    space = make_space()
+    obj = target_objective(space)
+    bases = make_baselines(space)
+    s = EvolutionSearcher(space, METRIC, "min", population_num=16, select_num=4,
+                          mutation_num=8, crossover_num=4, m_prob=0.4, max_epochs=10, seed=1,
+                          seeds=bases, mutation_scale=0.1)
+    drive(s, space, obj, parallel=16)
+    best_baseline = min(obj(b) for b in bases)
+    assert s.best["value"] <= best_baseline
+    # Not only never worse: it finds the hidden target's neighbourhood.
+    assert s.best["value"] < 0.25 * best_baseline
+    by_gen = {}
+    for h in s.history:
+        g = h["schedule"]["meta"]["generation"]
+        by_gen[g] = min(by_gen.get(g, math.inf), h["value"])
+    assert min(by_gen[g] for g in range(5, 10)) < min(by_gen[g] for g in range(0, 2))
+
+
+def test_evolution_does_not_depend_on_the_order_results_arrive_in():
+    space = make_space()
+    obj = target_objective(space)
+    runs = []
+    for reverse in (False, True):
+        s = build("evolution", space, make_baselines(space), seed=5)
+        runs.append([x.id for x in drive(s, space, obj, parallel=8, reverse=reverse)])
+    assert runs[0] == runs[1]
+
+
+def test_evolution_caps_the_candidate_budget():
+    space = make_space()
+    s = EvolutionSearcher(space, METRIC, population_num=8, select_num=2, mutation_num=3,
+                          crossover_num=3, max_epochs=10, max_candidates=20,
+                          seeds=make_baselines(space))
+    assert len(drive(s, space, target_objective(space))) == 20
+
+
+def test_evolution_rejects_inconsistent_parameters():
+    space = make_space()
+    with pytest.raises(ValueError, match="select_num"):
+        EvolutionSearcher(space, population_num=4, select_num=5, mutation_num=1,
+                          crossover_num=1)
+    with pytest.raises(ValueError, match="mutation_num \\+ crossover_num"):
+        EvolutionSearcher(space, population_num=4, select_num=2, mutation_num=3,
+                          crossover_num=3)
+    with pytest.raises(ValueError, match="population_num"):
+        EvolutionSearcher(space, population_num=2, select_num=1, mutation_num=1,
+                          crossover_num=1, seeds=make_baselines(space))
+    with pytest.raises(ValueError, match="steps"):
+        EvolutionSearcher(space, population_num=8, select_num=2, mutation_num=1,
+                          crossover_num=1,
+                          seeds=[Schedule(baseline("logsnr", 7, SMIN, SMAX, True))])
+
+
+# Bayes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_bayes_state_keeps_completed_trials_in_a_fresh_study(sampler):
+    space = make_space()
+    obj = target_objective(space)
+    a = build(f"bayes-{sampler}", space, make_baselines(space))
+    drive(a, space, obj, steps=7)
+    b = build(f"bayes-{sampler}", space, make_baselines(space))
+    b.set_state(json.loads(json.dumps(a.get_state())))
+    assert b.study is not a.study
+    ta, tb = a.study.trials, b.study.trials
+    assert [t.number for t in tb] == [t.number for t in ta]
+    assert [t.state for t in tb] == [t.state for t in ta]
+    assert [t.value for t in tb] == [t.value for t in ta]
+    assert [t.params for t in tb] == pytest.approx([t.params for t in ta]) or all(
+        t1.params == pytest.approx(t2.params) for t1, t2 in zip(ta, tb))
+    assert len(tb) == 7  # one Optuna trial per suggestion (no repeats in a continuous space)
+
+
+def test_bayes_tells_optuna_about_failures_and_baselines():
+    from optuna.trial import TrialState
+
+    space = make_space()
+    s = build("bayes-tpe", space, make_baselines(space), budget=6)
+    count = iter(range(6))
+    drive(s, space, None,
+          outcome=lambda i, x: {"result": {METRIC: [1.0, math.nan][next(count) % 2]}})
+    states = [t.state for t in s.study.trials]
+    assert states.count(TrialState.FAIL) == 3 and states.count(TrialState.COMPLETE) == 3
+    # The baselines' Optuna trials hold their encoded parameters.
+    first = s.study.trials[0]
+    enc = space.encode(make_baselines(space)[0])
+    assert [first.params[f"u{i}"] for i in range(space.dim)] == pytest.approx(enc.tolist())
+
+
+# Registry and Tune glue -------------------------------------------------------------------
+def test_make_searcher_builds_every_algorithm_from_a_config():
+    from searchd.config import load_config
+
+    space = make_space()
+    for algo in ("evolution", "random", "bayes"):
+        cfg = load_config(None, ["model.name=gmm-digits", "nfe=5", "space.endpoints=free",
+                                 f"search.algorithm={algo}", "search.budget=40"])
+        s = make_searcher(cfg.search, space, make_baselines(space), METRIC, cfg.mode)
+        assert s.algorithm == algo and s.metric == METRIC and s.mode == "min"
+    assert sorted(SEARCHERS) == ["bayes", "evolution", "random"]
+    with pytest.raises(ValueError, match=r"unknown search algorithm 'cmaes'; known: \['bayes'"):
+        make_searcher(SimpleNamespace(algorithm="cmaes"), space)
+
+
+def test_registry_builds_the_quickstart_space_and_baselines():
+    from searchd.config import load_config
+    from searchd.search.registry import make_baselines as registry_baselines
+    from searchd.search.registry import make_space as registry_space
+
+    cfg = load_config("configs/quickstart.yaml")
+    space = registry_space(cfg, SMIN, SMAX)
+    assert space.dim == 5 and space.n_steps == cfg.steps == 5
+    bases = registry_baselines(cfg, space)
+    assert [b.meta["name"] for b in bases] == [b.label for b in cfg.baselines]
+    np.testing.assert_allclose(bases[0].sigmas, baseline("polynomial", 5, SMIN, SMAX, rho=7))
+    disc = load_config("configs/quickstart.yaml", ["space.kind=discrete",
+                                                   "space.grid=ddpm_linear"])
+    dspace = registry_space(disc, SMIN, SMAX)
+    assert isinstance(dspace, DiscreteSpace)
+    for b in registry_baselines(disc, dspace):
+        dspace.check(b)  # projected onto the grid
+
+
+def test_works_under_tunes_concurrency_limiter_without_ray():
+    space = make_space()
+    obj = target_objective(space)
+    inner = build("evolution", space, make_baselines(space))
+    limited = ConcurrencyLimiter(inner, max_concurrent=8, batch=True)
+    got = drive(limited, space, obj, parallel=8)
+    assert len(got) == 32 and inner.best is not None
+    assert [x.id for x in got] == [x.id for x in drive(
+        build("evolution", space, make_baselines(space)), space, obj, parallel=8)]
