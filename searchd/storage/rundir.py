@@ -1,0 +1,638 @@
+"""``RunDir``: a search's run directory, on a local disk or an object store.
+
+Layout (DESIGN.md, "Storage"; paths relative to the run directory)::
+
+    config.yaml                              resolved configuration, as run
+    evaluations/part-<seq>-<uuid8>-n<rows>.parquet   append-only evaluation rows
+    evaluations/_corrupt/                     parts that failed the integrity check
+    searcher/state-<gen>.json                searcher state after each generation
+    best.json                                winner, baselines, held-out scores
+    report/                                  plots
+    log.txt                                  the driver's log (local runs)
+    LOCK                                     who is running the search (see lock.py)
+
+Writes are atomic. Locally: the bytes go to a hidden temporary file in the same directory
+(``.<name>.tmp-<uuid8>``), are fsync'd, renamed over the final name with ``os.replace``, and
+the directory is fsync'd; a crash leaves the old file (or none) plus an ignorable temporary.
+On an object store a PUT of the final key is itself atomic (the object appears whole or not
+at all), so the final key is written directly; there is no rename.
+
+Part files carry their row count twice: in the file name (``-n<rows>``) and in the Parquet
+key-value metadata; their pages carry CRC checksums. Reading checks the footer, both counts
+and the checksums, and moves a part that fails to ``evaluations/_corrupt/`` with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from searchd.storage.errors import SchemaVersionError, StorageError, one_line
+from searchd.storage.schema import (
+    EVALUATION_SCHEMA,
+    META_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    EvaluationRow,
+    check_version,
+    conform_table,
+    empty_table,
+    rows_to_table,
+    table_schema_version,
+)
+
+logger = logging.getLogger("searchd.storage")
+
+CONFIG_FILE = "config.yaml"
+BEST_FILE = "best.json"
+REPORT_DIR = "report"
+LOG_FILE = "log.txt"
+EVALUATIONS_DIR = "evaluations"
+CORRUPT_DIR = "evaluations/_corrupt"
+SEARCHER_DIR = "searcher"
+LOCK_FILE = "LOCK"
+
+# Key-value metadata of a part file, besides the schema version.
+META_ROWS = b"searchd.rows"
+META_SEQ = b"searchd.part_seq"
+
+PART_RE = re.compile(r"^part-(?P<seq>\d{6,})-(?P<uid>[0-9a-f]{8})-n(?P<rows>\d+)\.parquet$")
+STATE_RE = re.compile(r"^state-(?P<gen>\d+)\.json$")
+TMP_MARK = ".tmp-"
+
+# pyarrow filesystem type names of object stores (atomic PUT, no rename).
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+
+# Query keys of an ``s3://`` URI that ``RunDir`` understands (everything else is refused).
+S3_QUERY_KEYS = ("region", "endpoint_override", "scheme")
+
+_WRITE_CHUNK = 1 << 20
+
+# What checking a part's bytes (already in memory) raises for a corrupt part.
+CORRUPT_ERRORS: tuple[type[BaseException], ...] = (
+    pa.ArrowException, OSError, ValueError, KeyError, TypeError, IndexError,
+)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is a temporary left by an atomic write (``.<name>.tmp-<uuid8>``)."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A part file's name parsed: sequence number, unique suffix, expected row count."""
+
+    relpath: str
+    seq: int
+    rows: int
+
+    @classmethod
+    def parse(cls, relpath: str) -> PartInfo | None:
+        m = PART_RE.match(relpath.rsplit("/", 1)[-1])
+        if m is None:
+            return None
+        return cls(relpath, int(m["seq"]), int(m["rows"]))
+
+
+# Locations ---------------------------------------------------------------------------------
+def open_location(
+    uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+) -> tuple[pafs.FileSystem, str, str]:
+    """The filesystem, the base path inside it, and a display URI for a run location.
+
+    - a local path (or ``file://``): the local filesystem;
+    - ``s3://bucket/path?region=R&endpoint_override=HOST:PORT&scheme=http``: an
+      ``S3FileSystem`` built from the query, with no network call. Without ``region`` and
+      ``endpoint_override`` the bucket's region is looked up over the network (what pyarrow's
+      ``FileSystem.from_uri`` does; offline, that fails after about 7 s);
+    - any other URI (``gs://``, ``hdfs://``, ...): ``pyarrow.fs.FileSystem.from_uri``;
+    - with an explicit ``filesystem``: the path (a URI's scheme and query are dropped) is used
+      in that filesystem as it stands.
+    """
+    text = os.fspath(uri_or_path)
+    if filesystem is not None:
+        if "://" in text:
+            parts = urlsplit(text)
+            text = parts.netloc + parts.path
+        display = text
+        path = text.rstrip("/") or text
+        # A SubTreeFileSystem is unwrapped, so that a local one gets local (fsync'd) writes.
+        while isinstance(filesystem, pafs.SubTreeFileSystem):
+            path = filesystem.base_path.rstrip("/") + "/" + path.lstrip("/")
+            filesystem = filesystem.base_fs
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            path = os.path.abspath(path)
+        return filesystem, path.rstrip("/") or path, display
+    if "://" not in text:
+        path = os.path.abspath(os.path.expanduser(text))
+        return pafs.LocalFileSystem(), path, path
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        path = os.path.abspath(unquote(parts.path))
+        return pafs.LocalFileSystem(), path, path
+    if scheme == "s3":
+        return _open_s3(text)
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError.from_os_error("open", text, e) from e
+    return fs, path.rstrip("/"), text
+
+
+def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    """An ``S3FileSystem`` from an ``s3://`` URI's query (region, endpoint_override, scheme)."""
+    parts = urlsplit(uri)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(S3_QUERY_KEYS))
+    if unknown:
+        raise ValueError(f"{uri}: unknown query key(s) {unknown}; known: {list(S3_QUERY_KEYS)}")
+    opts = {k: v[-1] for k, v in query.items()}
+    bucket = parts.netloc
+    if not bucket:
+        raise ValueError(f"{uri}: no bucket; expected s3://bucket/path")
+    key = parts.path.strip("/")
+    base = f"{bucket}/{key}" if key else bucket
+    display = f"s3://{base}"
+    region = opts.get("region")
+    if not region:
+        if opts.get("endpoint_override"):
+            # S3-compatible servers (MinIO, moto, Ceph) accept the default region.
+            region = "us-east-1"
+        else:
+            try:
+                region = pafs.resolve_s3_region(bucket)
+            except (OSError, pa.ArrowException) as e:
+                raise StorageError(
+                    f"cannot find the region of bucket {bucket!r}; give it in the URI, e.g. "
+                    f"s3://{base}?region=us-east-1 ({one_line(e)})",
+                    path=display,
+                ) from e
+    kwargs: dict[str, Any] = {"region": region, "allow_delayed_open": True}
+    if opts.get("endpoint_override"):
+        kwargs["endpoint_override"] = opts["endpoint_override"]
+    if opts.get("scheme"):
+        if opts["scheme"] not in ("http", "https"):
+            raise ValueError(f"{uri}: scheme must be http or https, got {opts['scheme']!r}")
+        kwargs["scheme"] = opts["scheme"]
+    # allow_delayed_open: a small object is sent as one PutObject when the stream closes
+    # (instead of a multipart upload opened up front): one request, atomic. pyarrow < 21
+    # does not take the option; writes there are multipart uploads (atomic on S3 as well).
+    try:
+        fs = pafs.S3FileSystem(**kwargs)
+    except TypeError:
+        del kwargs["allow_delayed_open"]
+        fs = pafs.S3FileSystem(**kwargs)
+    return fs, base, display
+
+
+def _check_relpath(relpath: str) -> str:
+    """A normalized relative path inside the run directory (no absolute path, no '..')."""
+    rel = relpath.replace(os.sep, "/").strip("/")
+    if relpath.startswith("/") or any(p in ("..",) for p in rel.split("/")):
+        raise ValueError(f"{relpath!r} is not a path inside the run directory")
+    return rel
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (filesystems that cannot fsync a directory are skipped)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# The run directory ----------------------------------------------------------------------------
+class RunDir:
+    """One search's run directory: atomic writes, evaluation parts, searcher states.
+
+    ``RunDir(uri_or_path, filesystem=None)``; see ``open_location`` for the accepted forms.
+    All methods take paths relative to the run directory (``"best.json"``,
+    ``"report/fid.png"``). Write errors raise ``StorageError`` (one line: path and cause);
+    reading a missing file raises ``FileNotFoundError``.
+    """
+
+    def __init__(
+        self, uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+    ) -> None:
+        self.filesystem, self.base, self.uri = open_location(uri_or_path, filesystem)
+        self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        # Object stores: a PUT is atomic and there is no rename (only copy + delete).
+        self.is_object_store = self.filesystem.type_name in OBJECT_STORES
+        self._verified: dict[str, pa.Table] = {}
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    # Paths -------------------------------------------------------------------------------------
+    def full_path(self, relpath: str = "") -> str:
+        """The path of ``relpath`` inside the filesystem (local: an absolute path)."""
+        rel = _check_relpath(relpath)
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def local_path(self, relpath: str = "") -> str | None:
+        """The local path of ``relpath``, or None when the run is not on the local disk."""
+        return self.full_path(relpath) if self.is_local else None
+
+    def display(self, relpath: str = "") -> str:
+        """``relpath`` as a URI (or local path) for messages."""
+        rel = _check_relpath(relpath)
+        return f"{self.uri.rstrip('/')}/{rel}" if rel else self.uri
+
+    # Generic files -----------------------------------------------------------------------------
+    def exists(self, relpath: str = "") -> bool:
+        """Whether ``relpath`` (a file or a directory) exists."""
+        path = self.full_path(relpath)
+        try:
+            return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error("check", self.display(relpath), e) from e
+
+    def listdir(self, relpath: str = "") -> list[str]:
+        """Names in a directory of the run, sorted, without temporaries (empty if missing)."""
+        return sorted(i.base_name for i in self._list(relpath) if not is_temp_name(i.base_name))
+
+    def _list(self, relpath: str) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.full_path(relpath), allow_not_found=True, recursive=False)
+        try:
+            return self.filesystem.get_file_info(sel)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error("list", self.display(relpath), e) from e
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file atomically (see the module docstring); returns ``relpath``."""
+        rel = _check_relpath(relpath)
+        if not rel:
+            raise ValueError("write_bytes needs a file path inside the run directory")
+        if self.is_local:
+            self._write_local(rel, bytes(data))
+        elif self.is_object_store:
+            self._write_object(rel, bytes(data))
+        else:
+            self._write_renamed(rel, bytes(data))
+        return rel
+
+    def write_text(self, relpath: str, text: str) -> str:
+        """Write a UTF-8 text file atomically; returns ``relpath``."""
+        return self.write_bytes(relpath, text.encode("utf-8"))
+
+    def write_json(self, relpath: str, obj: Any, *, indent: int | None = 2) -> str:
+        """Write ``obj`` as JSON atomically; returns ``relpath``.
+
+        Non-finite floats are written as ``Infinity``/``NaN`` (what Python's json reads back).
+        """
+        try:
+            text = json.dumps(obj, indent=indent)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{relpath}: not JSON-serializable: {e}") from None
+        return self.write_text(relpath, text + "\n")
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """The content of a file of the run."""
+        path = self.full_path(relpath)
+        try:
+            with self.filesystem.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            if not self.exists(relpath):
+                raise FileNotFoundError(errno.ENOENT, "no such file", self.display(relpath)) from e
+            raise StorageError.from_os_error("read", self.display(relpath), e) from e
+
+    def read_text(self, relpath: str) -> str:
+        """The content of a UTF-8 text file of the run."""
+        return self.read_bytes(relpath).decode("utf-8")
+
+    def read_json(self, relpath: str) -> Any:
+        """A JSON file of the run, parsed."""
+        return json.loads(self.read_bytes(relpath))
+
+    def delete(self, relpath: str) -> None:
+        """Remove a file of the run (missing is fine)."""
+        path = self.full_path(relpath)
+        try:
+            if self.is_local:
+                os.unlink(path)
+            else:
+                self.filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error("delete", self.display(relpath), e) from e
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename a file of the run (object stores: copy, then delete)."""
+        a, b = self.full_path(src), self.full_path(dst)
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(b), exist_ok=True)
+                os.replace(a, b)
+                _fsync_dir(os.path.dirname(b))
+            else:
+                self.filesystem.move(a, b)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error(
+                "move", f"{self.display(src)} to {self.display(dst)}", e
+            ) from e
+
+    def _write_local(self, rel: str, data: bytes) -> None:
+        """Temporary file in the same directory, write, fsync, rename, fsync the directory."""
+        final = self.full_path(rel)
+        folder, name = os.path.split(final)
+        tmp = os.path.join(folder, f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view[:_WRITE_CHUNK])
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except OSError as e:
+            _remove_quietly(tmp)
+            raise StorageError.from_os_error("write", final, e, hide=tmp) from e
+
+    def _write_object(self, rel: str, data: bytes) -> None:
+        """One PUT of the final key (atomic on S3 and GCS: the object appears whole or not)."""
+        path = self.full_path(rel)
+        try:
+            out = self.filesystem.open_output_stream(path)
+            out.write(data)
+            out.close()
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error("write", self.display(rel), e) from e
+
+    def _write_renamed(self, rel: str, data: bytes) -> None:
+        """Other filesystems (HDFS, fsspec): temporary name, then the filesystem's rename."""
+        final = self.full_path(rel)
+        folder, name = final.rsplit("/", 1)
+        tmp = f"{folder}/.{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            self.filesystem.create_dir(folder, recursive=True)
+            out = self.filesystem.open_output_stream(tmp)
+            out.write(data)
+            out.close()
+            self.filesystem.move(tmp, final)
+        except (OSError, pa.ArrowException) as e:
+            try:
+                self.filesystem.delete_file(tmp)
+            except (OSError, pa.ArrowException):
+                pass
+            raise StorageError.from_os_error("write", self.display(rel), e) from e
+
+    def clean_temp_files(self) -> list[str]:
+        """Remove temporaries left by writes that crashed; returns their relative paths.
+
+        Only the one process that holds the run's lock may call this (``RunLock`` does on
+        acquiring): another process's write in progress would lose its temporary. Object
+        stores leave no temporaries (an interrupted upload never becomes an object).
+        """
+        if self.is_object_store:
+            return []
+        sel = pafs.FileSelector(self.base, allow_not_found=True, recursive=True)
+        try:
+            infos = self.filesystem.get_file_info(sel)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError.from_os_error("list", self.uri, e) from e
+        removed = []
+        for info in infos:
+            if info.type == pafs.FileType.File and is_temp_name(info.base_name):
+                rel = info.path[len(self.base):].lstrip("/")
+                try:
+                    self.delete(rel)
+                except StorageError as e:
+                    logger.warning("could not remove a temporary: %s", e)
+                    continue
+                removed.append(rel)
+        if removed:
+            logger.info("removed %d temporary file(s) of interrupted writes: %s",
+                        len(removed), ", ".join(removed))
+        return sorted(removed)
+
+    # Evaluations -------------------------------------------------------------------------------
+    def list_parts(self) -> list[str]:
+        """Relative paths of the evaluation part files, in write order.
+
+        Temporaries and files that are not named like parts are left out (the latter with a
+        warning); ``evaluations/_corrupt/`` is not listed.
+        """
+        parts: list[PartInfo] = []
+        for info in self._list(EVALUATIONS_DIR):
+            name = info.base_name
+            if info.type != pafs.FileType.File or is_temp_name(name):
+                continue
+            p = PartInfo.parse(f"{EVALUATIONS_DIR}/{name}")
+            if p is None:
+                logger.warning("ignoring %s: not named like an evaluation part",
+                               self.display(f"{EVALUATIONS_DIR}/{name}"))
+                continue
+            parts.append(p)
+        parts.sort(key=lambda p: (p.seq, p.relpath))
+        return [p.relpath for p in parts]
+
+    def append_evaluations(
+        self, rows: Iterable[Mapping[str, Any] | EvaluationRow] | pa.Table
+    ) -> str | None:
+        """Write rows as a new part file; returns its relative path (None for no rows).
+
+        Rows are validated first (``ValueError``, nothing written). When this returns, the
+        part is complete under its final name and, locally, fsync'd: the rows are durable.
+        """
+        if isinstance(rows, pa.Table):
+            table = conform_table(rows, SCHEMA_VERSION, "the appended table")
+        else:
+            table = rows_to_table(rows)
+        n = table.num_rows
+        if n == 0:
+            return None
+        seq = self._next_seq()
+        rel = f"{EVALUATIONS_DIR}/part-{seq:06d}-{uuid.uuid4().hex[:8]}-n{n}.parquet"
+        meta = dict(EVALUATION_SCHEMA.metadata)
+        meta[META_ROWS] = str(n).encode()
+        meta[META_SEQ] = str(seq).encode()
+        sink = pa.BufferOutputStream()
+        pq.write_table(
+            table.replace_schema_metadata(meta),
+            sink,
+            compression="zstd",
+            write_page_checksum=True,
+        )
+        self.write_bytes(rel, sink.getvalue().to_pybytes())
+        self._verified[rel] = table
+        return rel
+
+    def _next_seq(self) -> int:
+        """One more than the highest part number present (listed anew: parts are few)."""
+        seqs = [PartInfo.parse(p).seq for p in self.list_parts()]  # type: ignore[union-attr]
+        return max(seqs, default=0) + 1
+
+    def read_evaluations(self, *, move_corrupt: bool = True) -> pa.Table:
+        """All evaluation rows, part by part in write order, as one ``EVALUATION_SCHEMA`` table.
+
+        Every part is checked (Parquet footer, row count in its name and in its metadata,
+        page checksums, schema). A part that fails is left out of the result and, with
+        ``move_corrupt``, moved to ``evaluations/_corrupt/``, with a warning: its candidates
+        then count as not scored. A part written under a newer schema version raises
+        ``SchemaVersionError``; a read error of the storage itself raises ``StorageError``.
+        """
+        tables = []
+        for rel in self.list_parts():
+            table = self._verified.get(rel)
+            if table is None:
+                table = self._load_part(rel, move_corrupt=move_corrupt)
+                if table is None:
+                    continue
+                self._verified[rel] = table
+            tables.append(table)
+        if not tables:
+            return empty_table()
+        return pa.concat_tables(tables)
+
+    def _load_part(self, rel: str, *, move_corrupt: bool) -> pa.Table | None:
+        """Read and check one part; None (after moving it aside) when it is corrupt."""
+        # Read the bytes first: an I/O error of the storage is not a corrupt file.
+        data = self.read_bytes(rel)
+        try:
+            table = verify_part(data, rel)
+        except SchemaVersionError:
+            raise
+        except CORRUPT_ERRORS as e:
+            self._quarantine(rel, one_line(e), move=move_corrupt)
+            return None
+        return table
+
+    def _quarantine(self, rel: str, reason: str, *, move: bool) -> None:
+        info = PartInfo.parse(rel)
+        lost = f"{info.rows} row(s)" if info else "its rows"
+        dst = f"{CORRUPT_DIR}/{rel.rsplit('/', 1)[-1]}"
+        where = "left in place"
+        if move:
+            try:
+                self.move(rel, dst)
+                where = f"moved to {self.display(dst)}"
+            except StorageError as e:
+                where = f"left in place ({e})"
+        logger.warning(
+            "evaluation part %s is corrupt (%s); %s; %s will be scored again",
+            self.display(rel), reason, where, lost,
+        )
+
+    # Searcher state ----------------------------------------------------------------------------
+    def save_searcher_state(self, generation: int, state: Mapping[str, Any]) -> str:
+        """Save a searcher's plain-data state after ``generation``; returns the relative path."""
+        if int(generation) < 0:
+            raise ValueError(f"generation must be >= 0, got {generation}")
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "generation": int(generation),
+            "time": datetime.now(timezone.utc).isoformat(),
+            "state": state,
+        }
+        return self.write_json(f"{SEARCHER_DIR}/state-{int(generation):06d}.json", doc)
+
+    def searcher_state_generations(self) -> list[int]:
+        """Generations that have a saved searcher state, ascending."""
+        gens = []
+        for name in self.listdir(SEARCHER_DIR):
+            m = STATE_RE.match(name)
+            if m:
+                gens.append(int(m["gen"]))
+        return sorted(gens)
+
+    def latest_searcher_state(self) -> tuple[int, dict[str, Any]] | None:
+        """``(generation, state)`` of the newest readable searcher state, or None.
+
+        A state file that cannot be parsed is moved to ``searcher/corrupt/`` with a warning
+        and the previous one is used (the evaluations after it are replayed by the caller).
+        """
+        names = {int(m["gen"]): n for n in self.listdir(SEARCHER_DIR) if (m := STATE_RE.match(n))}
+        for gen in sorted(names, reverse=True):
+            rel = f"{SEARCHER_DIR}/{names[gen]}"
+            try:
+                doc = json.loads(self.read_bytes(rel))
+                if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+                    raise ValueError("no 'state' object")
+                if doc.get("generation") != gen:
+                    raise ValueError(f"generation {doc.get('generation')!r} != {gen} of its name")
+                version = int(doc.get("schema_version", 0))
+            except ValueError as e:
+                dst = f"{SEARCHER_DIR}/corrupt/{names[gen]}"
+                try:
+                    self.move(rel, dst)
+                    where = f"moved to {self.display(dst)}"
+                except StorageError as err:
+                    where = f"left in place ({err})"
+                logger.warning("searcher state %s is unreadable (%s); %s; using an older one",
+                               self.display(rel), one_line(e), where)
+                continue
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self.display(rel)} was written by a newer searchd (state version "
+                    f"{version}, this searchd reads {SCHEMA_VERSION}); upgrade searchd to resume",
+                    path=self.display(rel),
+                )
+            return gen, doc["state"]
+        return None
+
+
+def verify_part(data: bytes, source: str) -> pa.Table:
+    """Check a part file's bytes and return its rows as an ``EVALUATION_SCHEMA`` table.
+
+    Checks, in order: the Parquet footer parses; the row count in the footer equals the one
+    in the file name (if ``source`` is named like a part) and the one in the key-value
+    metadata; every page's CRC checksum while decoding; the decoded row count; the schema
+    version and the schema. Raises ``ValueError`` or a pyarrow error for a corrupt file and
+    ``SchemaVersionError`` for a version this searchd cannot read.
+    """
+    pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+    footer_rows = pf.metadata.num_rows
+    kv = pf.metadata.metadata or {}
+    if META_ROWS not in kv:
+        raise ValueError("no searchd row count in the file metadata (not a searchd part)")
+    meta_rows = int(kv[META_ROWS])
+    info = PartInfo.parse(source)
+    if info is not None and info.rows != footer_rows:
+        raise ValueError(f"footer has {footer_rows} rows, the file name says {info.rows}")
+    if meta_rows != footer_rows:
+        raise ValueError(f"footer has {footer_rows} rows, the metadata says {meta_rows}")
+    version = table_schema_version(kv)
+    if version is None:
+        raise ValueError(f"no {META_SCHEMA_VERSION.decode()} in the file metadata")
+    check_version(version, source)
+    table = pf.read()
+    if table.num_rows != footer_rows:
+        raise ValueError(f"decoded {table.num_rows} rows, the footer says {footer_rows}")
+    return conform_table(table, version, source)
