@@ -1,0 +1,228 @@
+"""Held-out scoring: FID with bootstrap confidence intervals, and paired differences.
+
+The winner and the baselines of a search are re-scored on seeds the search never saw. Each
+FID gets a bootstrap 95% interval: sample indices are resampled with replacement, the
+generated statistics recomputed from the per-sample features (the reference stays fixed),
+and the interval read from the quantiles of the resampled FIDs (``bootstrap_interval``: by
+default centered on the estimate, since FID's bias makes plain percentiles unreliable). The
+difference of each schedule to a baseline uses the same resampled indices for both (all
+schedules share the noise of each seed), so its interval is that of a paired comparison.
+
+The bootstrap is vectorized. With ``B`` the reference's factor (``B B^T = S_ref``) and
+``G = F B`` (F the per-sample features [n, d]), the matrix whose eigenvalues give
+``tr sqrt(S_b S_ref)`` for a resample with counts ``c`` is
+``(G^T diag(c) G - n m m^T) / (n - 1)`` with ``m = G^T c / n``: one weighted Gram matrix per
+resample (batched matmuls) and one batched ``eigvalsh``, all float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from searchd.evaluation.frechet import FrechetReference, eigvalsh
+from searchd.schedule import Schedule
+
+DEFAULT_RESAMPLES = 500
+# Resamples per batched Gram matrix (bounds memory: chunk * n * d float64 values).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int = 0) -> Tensor:
+    """Multinomial counts [resamples, n] (float64): how often each sample index is drawn
+    when n indices are drawn with replacement, per resample (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    counts = torch.zeros(resamples, n, dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    return counts
+
+
+def bootstrap_fid(
+    features: Tensor | np.ndarray, reference: FrechetReference, counts: Tensor
+) -> Tensor:
+    """FID of each resample [B] of per-sample features [n, d] against a fixed reference.
+
+    Args:
+        features: per-sample features [n, d].
+        reference: the fast-path reference (its factor is reused).
+        counts: resample counts [B, n] (``bootstrap_counts``); each row sums to n.
+    """
+    dev = reference.device
+    f = torch.as_tensor(features).to(dev, torch.float64)
+    n, d = f.shape
+    c = counts.to(dev, torch.float64)
+    if c.shape[1] != n:
+        raise ValueError(f"counts have {c.shape[1]} columns; there are {n} samples")
+    g = f @ reference.factor  # [n, d]
+    out = []
+    chunk = max(1, _CHUNK_ELEMENTS // (n * d))
+    sq_norms = (f * f).sum(1)  # [n]
+    for a in range(0, c.shape[0], chunk):
+        cb = c[a : a + chunk]  # [b, n]
+        mean = cb @ f / n  # [b, d]
+        mean_g = cb @ g / n  # [b, d] = R mean
+        gram = torch.matmul(g.T, cb[:, :, None] * g)  # [b, d, d]
+        m = (gram - n * mean_g[:, :, None] * mean_g[:, None, :]) / (n - 1)
+        ev = eigvalsh(0.5 * (m + m.transpose(1, 2)))
+        tr_cross = ev.clamp_min(0).sqrt().sum(1)
+        tr_gen = (cb @ sq_norms - n * (mean * mean).sum(1)) / (n - 1)
+        diff = mean - reference.mu
+        out.append((diff * diff).sum(1) + tr_gen + reference.trace - 2.0 * tr_cross)
+    return torch.cat(out).cpu()
+
+
+INTERVALS = ("centered", "basic", "percentile")
+
+
+def bootstrap_interval(
+    values: Tensor | np.ndarray, estimate: float, level: float = 0.95, method: str = "centered"
+) -> tuple[float, float]:
+    """A ``level`` confidence interval from bootstrap values of a statistic.
+
+    Methods (q are the bootstrap quantiles at (1 - level) / 2 and (1 + level) / 2):
+
+    * ``centered`` (default): the bootstrap distribution shifted so that its mean is the
+      estimate, ``estimate + q - mean``: the spread of the statistic at this sample size.
+      FID is biased upward by about d / n, and a resample (with its repeated indices) is
+      biased once more, so the plain percentile interval can lie entirely above the
+      estimate; the centered one always contains it and covers the expected FID at n.
+    * ``basic``: ``2 * estimate - q`` (reversed): also subtracts the bootstrap estimate of the
+      bias, so it targets the population distance (infinite samples).
+    * ``percentile``: ``q`` as it is.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = (float(q) for q in np.quantile(v, [alpha, 1.0 - alpha]))
+    if method == "centered":
+        shift = estimate - float(v.mean())
+        return lo + shift, hi + shift
+    if method == "basic":
+        return 2.0 * estimate - hi, 2.0 * estimate - lo
+    if method == "percentile":
+        return lo, hi
+    raise ValueError(f"unknown interval method {method!r}; known: {', '.join(INTERVALS)}")
+
+
+@dataclass
+class HeldoutScore:
+    """One schedule's held-out score.
+
+    Attributes:
+        candidate_id: the schedule's id.
+        status: "ok" or "failed".
+        fid: FID on all held-out samples.
+        fid_ci: bootstrap interval (lo, hi).
+        diff: fid minus the baseline's fid (0 for the baseline itself).
+        diff_ci: paired bootstrap interval of the difference.
+        n_samples, seed_base: the held-out samples.
+        error: why it failed.
+    """
+
+    candidate_id: str
+    status: str
+    fid: float | None
+    fid_ci: tuple[float, float] | None
+    diff: float | None
+    diff_ci: tuple[float, float] | None
+    n_samples: int
+    seed_base: int
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("fid_ci", "diff_ci"):
+            d[k] = None if d[k] is None else [float(v) for v in d[k]]
+        return d
+
+
+def heldout_scores(
+    evaluator: Any,
+    schedules: Sequence[Schedule | Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    search_seeds: Sequence[int] | None = None,
+    interval: str = "centered",
+) -> dict[str, Any]:
+    """Re-score schedules on held-out seeds, with bootstrap intervals and paired differences.
+
+    Args:
+        evaluator: an ``Evaluator`` with a reference (FID).
+        schedules: the schedules (the winner and the baselines).
+        seeds: held-out seeds; must not meet ``search_seeds`` when that is given.
+        baseline_index: which schedule the differences are taken against.
+        level: confidence level of the intervals.
+        resamples: bootstrap resamples.
+        bootstrap_seed: seed of the resampling (the same indices for every schedule).
+        search_seeds: the search's seeds, to check that the held-out ones are disjoint.
+        interval: interval method (``bootstrap_interval``).
+
+    Returns:
+        ``{"level", "resamples", "n_samples", "seed_base", "baseline_id", "scores": [
+        HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
+    """
+    seeds = [int(s) for s in seeds]
+    if search_seeds is not None:
+        overlap = set(seeds) & {int(s) for s in search_seeds}
+        if overlap:
+            raise ValueError(
+                f"held-out seeds overlap the search seeds ({len(overlap)} shared, e.g. "
+                f"{min(overlap)}); held-out scoring needs a disjoint seed range"
+            )
+    if not 0 <= baseline_index < len(schedules):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if evaluator.frechet is None:
+        raise ValueError("held-out scoring needs an evaluator with reference statistics")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    results, feats = evaluator.per_sample_features(list(schedules), seeds)
+    n = len(seeds)
+    counts = bootstrap_counts(n, resamples, bootstrap_seed)
+    boot: list[Tensor | None] = []
+    point: list[float | None] = []
+    for r, f in zip(results, feats):
+        if r.status != "ok" or f is None:
+            boot.append(None)
+            point.append(None)
+            continue
+        point.append(float(evaluator.frechet.distance(*_moments(f))))
+        boot.append(bootstrap_fid(f, evaluator.frechet, counts))
+    base_boot, base_point = boot[baseline_index], point[baseline_index]
+    scores = []
+    for r, b, p in zip(results, boot, point):
+        if b is None:
+            scores.append(
+                HeldoutScore(r.candidate_id, "failed", None, None, None, None, n, seeds[0], r.error)
+            )
+            continue
+        diff = diff_ci = None
+        if base_boot is not None:
+            diff = p - base_point
+            diff_ci = bootstrap_interval(b - base_boot, diff, level, interval)
+        fid_ci = bootstrap_interval(b, p, level, interval)
+        scores.append(HeldoutScore(r.candidate_id, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
+    return {
+        "level": level,
+        "interval": interval,
+        "resamples": resamples,
+        "n_samples": n,
+        "seed_base": seeds[0],
+        "baseline_id": results[baseline_index].candidate_id,
+        "scores": [s.to_dict() for s in scores],
+    }
+
+
+def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    f = torch.as_tensor(features).to(torch.float64)
+    mu = f.mean(0)
+    c = f - mu
+    return mu.numpy(), (c.T @ c / (f.shape[0] - 1)).numpy()
