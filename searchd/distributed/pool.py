@@ -1,0 +1,471 @@
+"""``EvaluatorPool``: the evaluator actors of a search, and the client that Tune trials use.
+
+The driver builds the pool before Tune starts: one ``EvaluatorActor`` per GPU of the
+cluster (``num_gpus_per_worker > 0``), or ``num_workers`` actors on CPU, spread over the
+nodes. It waits until every actor has loaded its evaluator, and keeps the handles for the
+whole search (an actor whose handles are all dropped is destroyed; an actor created inside a
+trial would be captured by the trial's placement group).
+
+``PoolClient`` is the picklable part: the actor handles and the splitting and retry logic.
+A Tune trial receives a client, splits its candidates into balanced contiguous chunks, one
+per actor, and gathers the results in order. If an actor dies during a call (its process is
+killed, its node is lost), Ray restarts it (``max_restarts``) and the client re-sends the
+lost chunk to another actor (or to the restarted one when no other is left), so that every
+candidate gets exactly one result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+from searchd.distributed.actor import EvaluatedCandidate, EvaluatorActor, EvaluatorFactory
+
+logger = logging.getLogger(__name__)
+
+
+def split_balanced(n: int, k: int) -> list[tuple[int, int]]:
+    """``min(n, k)`` contiguous ``[start, stop)`` ranges covering ``range(n)``, sizes differing
+    by at most one (larger ones first)."""
+    if n <= 0:
+        return []
+    k = max(1, min(n, k))
+    q, r = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        stop = start + q + (1 if i < r else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+@ray.remote(num_cpus=0)
+class PoolMembership:
+    """The pool's current actors, for clients that were pickled before the pool grew (Tune
+    trials get their client when the Tuner is built). A client asks once per call; one
+    round trip of about a millisecond. Not restarted if it dies: a restart would bring back
+    the initial list; clients then keep the actors they know."""
+
+    def __init__(self, actors: list[ActorHandle], names: list[str]) -> None:
+        self._version = 0
+        self._actors = list(actors)
+        self._names = list(names)
+
+    def update(self, actors: list[ActorHandle], names: list[str]) -> int:
+        """Publish a new actor list; returns its version."""
+        self._version += 1
+        self._actors, self._names = list(actors), list(names)
+        return self._version
+
+    def get(self, version: int) -> tuple[int, list[ActorHandle], list[str]] | None:
+        """None if ``version`` is current, else ``(version, actors, names)``."""
+        if version == self._version:
+            return None
+        return self._version, self._actors, self._names
+
+
+class PoolClient:
+    """Picklable handle on the evaluator actors: split, send, re-send, gather.
+
+    Args:
+        actors: handles of the evaluator actors.
+        names: their worker names (for messages).
+        max_attempts: sends of one chunk before the call fails (1 = no re-send).
+        restart_timeout_s: how long to wait for a restarting actor when no other is left.
+        membership: the pool's ``PoolMembership`` actor; when given, every call first picks
+            up actors the pool added since (``EvaluatorPool.refresh``).
+    """
+
+    def __init__(
+        self,
+        actors: Sequence[ActorHandle],
+        names: Sequence[str],
+        max_attempts: int = 3,
+        restart_timeout_s: float = 600.0,
+        membership: ActorHandle | None = None,
+    ) -> None:
+        if not actors:
+            raise ValueError("a pool client needs at least one actor")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts = {max_attempts}; it must be >= 1")
+        self._actors = list(actors)
+        self._names = list(names)
+        self.max_attempts = max_attempts
+        self.restart_timeout_s = restart_timeout_s
+        self.resends = 0  # chunks re-sent after an actor died (this client copy only)
+        self._membership = membership
+        self._version = 0
+
+    def _sync(self) -> None:
+        """Pick up the pool's current actors (no-op without a membership actor, or if it
+        cannot answer: the known actors still serve)."""
+        if self._membership is None:
+            return
+        try:
+            update = ray.get(self._membership.get.remote(self._version), timeout=30)
+        except (RayActorError, GetTimeoutError) as e:
+            logger.warning("pool membership unavailable (%s); keeping the %d known actors",
+                           type(e).__name__, len(self._actors))
+            self._membership = None
+            return
+        if update is not None:
+            self._version, actors, names = update
+            self._actors, self._names = list(actors), list(names)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._actors)
+
+    def evaluate(
+        self,
+        candidates: Sequence[Any],
+        seeds: Sequence[int],
+        timeout_s: float | None = None,
+    ) -> list[EvaluatedCandidate]:
+        """Score ``candidates`` on ``seeds`` across the actors; one result per candidate, in
+        order.
+
+        The candidates are split into ``min(len(candidates), num_workers)`` balanced chunks,
+        the first going to a random actor (so that many small calls from concurrent trials
+        spread over the pool) and the next ones to the following actors. A chunk whose actor
+        dies is re-sent, up to ``max_attempts`` sends in all; errors raised by the evaluator
+        itself are not retried and propagate.
+
+        Raises:
+            RayActorError: a chunk's actors died ``max_attempts`` times.
+            TimeoutError: no result came within ``timeout_s`` seconds.
+        """
+        candidates = list(candidates)
+        self._sync()
+        chunks = split_balanced(len(candidates), len(self._actors))
+        if not chunks:
+            return []
+        out: list[EvaluatedCandidate | None] = [None] * len(candidates)
+        first = random.randrange(len(self._actors))
+        died: set[int] = set()
+        pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}
+
+        def send(chunk: int, actor: int, attempt: int) -> None:
+            a, b = chunks[chunk]
+            ref = self._actors[actor].evaluate.remote(candidates[a:b], seeds)
+            pending[ref] = (chunk, actor, attempt)
+
+        for i in range(len(chunks)):
+            send(i, (first + i) % len(self._actors), 1)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not done:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise TimeoutError(f"no result from the evaluator pool within {timeout_s} s")
+            for ref in done:
+                chunk, actor, attempt = pending.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except RayActorError as e:
+                    died.add(actor)
+                    if attempt >= self.max_attempts:
+                        raise
+                    target = self._next_alive(actor, died)
+                    if target in died:  # no other actor left: wait for Ray's restart
+                        self.wait_ready(target)
+                    a, b = chunks[chunk]
+                    logger.warning(
+                        "evaluator %s died while scoring candidates %d..%d (%s); re-sending "
+                        "them to %s (attempt %d of %d)",
+                        self._names[actor], a, b - 1, type(e).__name__, self._names[target],
+                        attempt + 1, self.max_attempts,
+                    )
+                    self.resends += 1
+                    send(chunk, target, attempt + 1)
+                    continue
+                a, b = chunks[chunk]
+                if len(results) != b - a:
+                    raise RuntimeError(
+                        f"evaluator {self._names[actor]} returned {len(results)} results for "
+                        f"{b - a} candidates"
+                    )
+                out[a:b] = results
+        return out  # type: ignore[return-value]
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(evaluator, *args, **kwargs)`` in one actor (``EvaluatorActor.call``) and
+        return its value; re-sent to another actor if that one dies, like ``evaluate``."""
+        self._sync()
+        actor = random.randrange(len(self._actors))
+        died: set[int] = set()
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return ray.get(self._actors[actor].call.remote(fn, *args, **kwargs))
+            except RayActorError as e:
+                died.add(actor)
+                if attempt >= self.max_attempts:
+                    raise
+                target = self._next_alive(actor, died)
+                if target in died:
+                    self.wait_ready(target)
+                logger.warning("evaluator %s died during %s (%s); re-sending it to %s",
+                               self._names[actor], getattr(fn, "__name__", fn),
+                               type(e).__name__, self._names[target])
+                self.resends += 1
+                actor = target
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, actor: int, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait until actor ``actor`` answers ``ready()`` (after a restart, once it has
+        rebuilt its evaluator) and return what it reports.
+
+        A restarting actor refuses calls at once (``ActorUnavailableError``), so this polls.
+
+        Raises:
+            ActorDiedError: the actor is dead for good (no restarts left).
+            TimeoutError: it did not come back within ``timeout_s`` (default
+                ``restart_timeout_s``).
+        """
+        timeout_s = self.restart_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        pause = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"evaluator {self._names[actor]} did not come back within {timeout_s} s"
+                )
+            try:
+                return ray.get(self._actors[actor].ready.remote(), timeout=left)
+            except ActorUnavailableError:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(2 * pause, 1.0)
+            except GetTimeoutError:
+                continue
+
+    def _next_alive(self, actor: int, died: set[int]) -> int:
+        """The next actor after ``actor`` not seen dying in this call; else ``actor`` itself
+        (to be sent to once Ray has restarted it)."""
+        n = len(self._actors)
+        for step in range(1, n + 1):
+            cand = (actor + step) % n
+            if cand not in died:
+                return cand
+        return actor
+
+
+class EvaluatorPool:
+    """The evaluator actors of a search, created and ready before Tune starts.
+
+    Args:
+        factory: picklable zero-argument callable returning the evaluator (built once per
+            actor, in the actor).
+        num_workers: number of actors. None: one per ``num_gpus_per_worker`` GPUs of the
+            cluster when ``num_gpus_per_worker > 0``; else as many as the cluster's CPUs
+            allow at ``cpus_per_worker`` each, leaving ``reserve_cpus`` for Tune's trials.
+        num_gpus_per_worker: GPUs reserved by each actor (0: CPU actors).
+        cpus_per_worker: CPUs reserved by each actor (fractions allowed).
+        max_batch, max_wait_s: request merging in each actor (see ``RequestBatcher``).
+        max_restarts: restarts Ray grants each actor (-1: unlimited).
+        max_attempts: sends of one chunk before a call fails.
+        ready_timeout_s: how long to wait for the actors to load their evaluators.
+        reserve_cpus: CPUs left free for trials when ``num_workers`` is derived on CPU.
+        name_prefix: worker names are ``f"{name_prefix}-{i}"``.
+
+    Ray must be initialized. Keep the pool (or a client) alive for the whole search.
+    """
+
+    def __init__(
+        self,
+        factory: EvaluatorFactory,
+        num_workers: int | None = None,
+        num_gpus_per_worker: float = 0.0,
+        cpus_per_worker: float = 1.0,
+        *,
+        max_batch: int = 4096,
+        max_wait_s: float = 0.005,
+        max_restarts: int = -1,
+        max_attempts: int = 3,
+        ready_timeout_s: float = 600.0,
+        reserve_cpus: float = 0.1,
+        name_prefix: str = "evaluator",
+    ) -> None:
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers = {num_workers}; it must be >= 1 (or None)")
+        if num_gpus_per_worker < 0 or cpus_per_worker < 0:
+            raise ValueError("num_gpus_per_worker and cpus_per_worker must be >= 0")
+        if not ray.is_initialized():
+            raise RuntimeError("EvaluatorPool needs Ray: call ray.init() first")
+        # Put once and keep the reference for the pool's lifetime: every actor (and every
+        # restart of one) builds its evaluator from this object, which may be large.
+        self._factory = ray.put(factory)
+        self._fixed = num_workers
+        self.num_gpus_per_worker = float(num_gpus_per_worker)
+        self.cpus_per_worker = float(cpus_per_worker)
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self._max_restarts = max_restarts
+        self.max_attempts = max_attempts
+        self.ready_timeout_s = ready_timeout_s
+        self.reserve_cpus = reserve_cpus
+        self.name_prefix = name_prefix
+        self._actors: list[ActorHandle] = []
+        self._info: list[dict[str, Any]] = []
+        n = num_workers if num_workers is not None else self.target_workers()
+        if n < 1:
+            raise RuntimeError(self._no_room_message())
+        self._starting: list[tuple[ActorHandle, str, ray.ObjectRef]] = []
+        self._add(n)
+        self._membership = PoolMembership.remote(self._actors, self.names)
+        self._client = PoolClient(self._actors, self.names, max_attempts,
+                                  membership=self._membership)
+
+    # Sizing ------------------------------------------------------------------------------
+    def target_workers(self) -> int:
+        """Actors the cluster has room for now (the ``num_workers=None`` rule)."""
+        res = ray.cluster_resources()
+        if self.num_gpus_per_worker > 0:
+            return int(math.floor(res.get("GPU", 0.0) / self.num_gpus_per_worker + 1e-9))
+        cpus = res.get("CPU", 0.0) - self.reserve_cpus
+        if self.cpus_per_worker == 0:
+            return 1
+        return max(0, int(math.floor(cpus / self.cpus_per_worker + 1e-9)))
+
+    def _no_room_message(self) -> str:
+        return (
+            f"the cluster ({ray.cluster_resources()}) has no room for an evaluator actor of "
+            f"{self.num_gpus_per_worker} GPU and {self.cpus_per_worker} CPU; set num_workers "
+            "or lower the per-worker resources"
+        )
+
+    def _start(self, n: int) -> list[tuple[ActorHandle, str, ray.ObjectRef]]:
+        """Create ``n`` more actors; returns (handle, name, ready() ref) for each."""
+        first = len(self._actors) + len(self._starting)
+        out = []
+        for i in range(n):
+            name = f"{self.name_prefix}-{first + i}"
+            actor = EvaluatorActor.options(
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self.num_gpus_per_worker,
+                scheduling_strategy="SPREAD",
+                max_restarts=self._max_restarts,
+                max_task_retries=0,  # the client re-sends lost chunks itself
+            ).remote(self._factory, name, self._max_batch, self._max_wait_s)
+            out.append((actor, name, actor.ready.remote()))
+        return out
+
+    def _admit(self, started: Sequence[tuple[ActorHandle, str, ray.ObjectRef]],
+               infos: Sequence[dict[str, Any]]) -> None:
+        for (actor, _, _), info in zip(started, infos):
+            self._actors.append(actor)
+            self._info.append(info)
+            logger.info("evaluator %s ready on %s (pid %s) in %.1f s", info["worker"],
+                        info["node"], info["pid"], info["load_s"])
+
+    def _add(self, n: int) -> None:
+        """Create ``n`` more actors and wait until they have built their evaluators."""
+        started = self._start(n)
+        try:
+            infos = ray.get([ref for _, _, ref in started], timeout=self.ready_timeout_s)
+        except GetTimeoutError as e:
+            for actor, _, _ in started:
+                ray.kill(actor, no_restart=True)
+            raise RuntimeError(
+                f"{n} evaluator actor(s) of {self.num_gpus_per_worker} GPU and "
+                f"{self.cpus_per_worker} CPU did not start within {self.ready_timeout_s} s; "
+                f"cluster resources {ray.cluster_resources()}, available "
+                f"{ray.available_resources()}"
+            ) from e
+        self._admit(started, infos)
+
+    def refresh(self, wait: bool = True) -> int:
+        """Grow the pool to what the cluster has room for now (GPU nodes that joined).
+
+        Only a pool sized from the cluster (``num_workers=None``) grows. New actors are
+        published to every client, including those already handed to Tune trials, once
+        they have built their evaluators. With ``wait=False`` this returns at once and the
+        actors still loading are admitted by a later ``refresh`` call (cheap: call it once
+        per generation). Returns the number of actors admitted by this call.
+        """
+        admitted = 0
+        if self._starting:
+            refs = [ref for _, _, ref in self._starting]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            done = [s for s in self._starting if s[2] in set(ready)]
+            if done:
+                self._starting = [s for s in self._starting if s not in done]
+                self._admit(done, ray.get([ref for _, _, ref in done]))
+                admitted += len(done)
+        if self._fixed is None:
+            extra = self.target_workers() - len(self._actors) - len(self._starting)
+            if extra > 0:
+                if wait:
+                    self._add(extra)
+                    admitted += extra
+                else:
+                    self._starting.extend(self._start(extra))
+        if admitted:
+            ray.get(self._membership.update.remote(self._actors, self.names))
+            self._client = PoolClient(self._actors, self.names, self.max_attempts,
+                                      membership=self._membership)
+        return admitted
+
+    # Use ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Worker names, in actor order."""
+        return [i["worker"] for i in self._info]
+
+    @property
+    def actors(self) -> list[ActorHandle]:
+        """The actor handles, in order."""
+        return list(self._actors)
+
+    @property
+    def workers(self) -> list[dict[str, Any]]:
+        """What each actor reported when it became ready (``EvaluatorActor.ready``)."""
+        return [dict(i) for i in self._info]
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    def client(self) -> PoolClient:
+        """The picklable client over the current actors (hand it to Tune trials)."""
+        return self._client
+
+    def evaluate(
+        self, candidates: Sequence[Any], seeds: Sequence[int], timeout_s: float | None = None
+    ) -> list[EvaluatedCandidate]:
+        """``PoolClient.evaluate`` from the driver."""
+        return self._client.evaluate(candidates, seeds, timeout_s)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``PoolClient.call``: ``fn(evaluator, *args, **kwargs)`` in one actor."""
+        return self._client.call(fn, *args, **kwargs)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each actor's batching counters (``BatcherStats`` as dicts)."""
+        return ray.get([a.stats.remote() for a in self._actors])
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart)."""
+        for a in [*self._actors, *(s[0] for s in self._starting)]:
+            ray.kill(a, no_restart=True)
+        if getattr(self, "_membership", None) is not None:
+            ray.kill(self._membership, no_restart=True)
+            self._membership = None
+        self._actors.clear()
+        self._info.clear()
+        self._starting.clear()
+
+    def __enter__(self) -> EvaluatorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
