@@ -78,7 +78,7 @@ def test_overrides_set_scalars_lists_mappings_and_list_entries():
         "run_dir=/tmp/x",
     ])
     assert cfg.search.algorithm == "random" and cfg.search.evolution.population_num == 24
-    assert cfg.search.budget == 24 * 12
+    assert cfg.search.budget == 24 * 8
     assert cfg.samples.per_candidate == 500
     assert cfg.solver.options == {"churn": 0.0, "order": 2}
     assert cfg.baselines[0].params == {"rho": 5} and cfg.baselines[0].label == "polynomial(rho=5)"
@@ -117,9 +117,9 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
     ("space.gap_ratio=0.5", "space.gap_ratio", "0.5", "greater than 1"),
     ("search.evolution.m_prob=1.5", "search.evolution.m_prob", "1.5", "less than or equal to 1"),
     ("search.evolution.select_num=40", "search.evolution.select_num", "40",
-     "<= population_num (32)"),
+     "<= population_num (24)"),
     ("search.evolution.mutation_num=30", "search.evolution.mutation_num", "30",
-     "must be <= population_num (32)"),
+     "must be <= population_num (24)"),
     ("samples.per_candidate=abc", "samples.per_candidate", "'abc'", "valid integer"),
     ("metric.features=clip", "metric.features", "'clip'", "'digits', 'inception' or 'pixels'"),
     ("metric.reference=exact:x", "metric.reference", "'exact:x'", "exact:<n>"),

@@ -1,0 +1,161 @@
+"""What the evaluator actors build from a configuration, and the jobs they run for the
+driver besides scoring (describing the model, exact reference statistics, held-out scoring,
+sample grids).
+
+Everything here runs inside an actor or a Ray task: the driver never loads a model, so a
+search of a GPU checkpoint can be driven from a CPU-only head node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from searchd.config import SearchConfig, validate_config
+from searchd.schedule import Schedule
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+    }[name]
+
+
+def load_model(cfg: SearchConfig):
+    """The configured denoiser, on the configured device."""
+    from searchd.models import load
+
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target: Any = cfg.model.name if cfg.model.spec is None else cfg.model.spec
+    if cfg.model.spec is not None:
+        from searchd.models.zoo import ModelSpec
+
+        spec = cfg.model.spec
+        target = ModelSpec(name=cfg.model.name or spec.path, path=spec.path, kind=spec.kind)
+    return load(target, device=device, dtype=_dtype(cfg.model.dtype))
+
+
+def load_feature_net(cfg: SearchConfig):
+    from searchd.evaluation.features import load_features
+
+    device = cfg.model.device if cfg.model.device != "auto" else None
+    opts = dict(cfg.metric.options.get("features", {}))
+    if device is not None:
+        opts.setdefault("device", device)
+    return load_features(cfg.metric.features, **opts)
+
+
+@dataclass
+class EvaluatorFactory:
+    """Picklable recipe of an actor's evaluator: the resolved configuration and the
+    reference statistics (computed or read once by the driver)."""
+
+    config: dict[str, Any]
+    reference: dict[str, Any] | None = None
+    evaluator_options: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self):
+        from searchd.evaluation import Evaluator
+        from searchd.evaluation.reference import ReferenceStats
+
+        cfg = validate_config(self.config)
+        denoiser = load_model(cfg)
+        features = load_feature_net(cfg)
+        reference = None
+        if self.reference is not None:
+            reference = ReferenceStats.from_dict(self.reference)
+            reference.check(features)
+        kwargs: dict[str, Any] = dict(self.evaluator_options)
+        if cfg.metric.options.get("teacher"):
+            kwargs["teacher"] = cfg.metric.options["teacher"]
+        return Evaluator(
+            denoiser, features, reference, metrics=metrics_for(cfg),
+            solver_options=dict(cfg.solver.options), **kwargs,
+        )
+
+
+def metrics_for(cfg: SearchConfig) -> tuple[str, ...]:
+    """The metrics every candidate gets: the search metric first, then FID if it is not."""
+    names = [cfg.metric.name]
+    if cfg.metric.name != "fid" and cfg.metric.reference is not None:
+        names.append("fid")
+    return tuple(names)
+
+
+# Jobs run by an actor (through EvaluatorPool.call) or a Ray task --------------------------------
+def describe_model(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model facts the driver needs: shape, noise range, grid, cost."""
+    cfg = validate_config(config)
+    d = load_model(cfg)
+    grid = getattr(d, "sigma_grid", None)
+    return {
+        "shape": list(d.shape),
+        "sigma_min": float(d.sigma_min),
+        "sigma_max": float(d.sigma_max),
+        "sigma_grid": None if grid is None else np.asarray(grid.cpu(), np.float64).tolist(),
+        "cost": float(getattr(d, "cost", 1.0)),
+        "name": str(getattr(d, "name", cfg.model.name)),
+    }
+
+
+def exact_reference_stats(config: Mapping[str, Any], n: int, seed_base: int) -> dict[str, Any]:
+    """Reference statistics from ``n`` exact samples of an embedded model (its data
+    distribution), in the configured feature space, as plain data."""
+    from searchd.evaluation.reference import exact_reference
+
+    cfg = validate_config(config)
+    d = load_model(cfg)
+    if not hasattr(d, "sample_data"):
+        raise ValueError(
+            f"metric.reference = 'exact:{n}' needs a model with exact samples (the embedded "
+            f"gmm-digits zoo); {cfg.model.name!r} has none: give a reference .npz"
+        )
+    ref = exact_reference(d, load_feature_net(cfg), range(seed_base, seed_base + n))
+    return ref.to_dict()
+
+
+def _image_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if len(shape) == 3:
+        return shape
+    if len(shape) == 1:
+        side = int(round(np.sqrt(shape[0])))
+        return (1, side, side)
+    return (1, *shape)
+
+
+def final_scores(
+    factory: EvaluatorFactory,
+    schedules: Sequence[Schedule],
+    seeds: Sequence[int],
+    baseline_index: int,
+    ci_level: float,
+    grid_seeds: Sequence[int],
+    grid_indices: Sequence[int],
+    search_seeds: Sequence[int],
+) -> dict[str, Any]:
+    """The end of a search, in one worker: held-out FID of each schedule with a bootstrap CI
+    and its paired difference against ``schedules[baseline_index]`` (same resampled sample
+    indices for both), and sample images [B, C, H, W] of ``schedules[grid_indices]``."""
+    from searchd.evaluation.heldout import heldout_scores
+
+    evaluator = factory()
+    held = heldout_scores(
+        evaluator, list(schedules), list(seeds), baseline_index=baseline_index, level=ci_level,
+        search_seeds=search_seeds,
+    )
+    images = {}
+    if len(grid_seeds):
+        for i in grid_indices:
+            x = evaluator.generate(schedules[i], list(grid_seeds))
+            images[i] = np.asarray(x.detach().cpu(), np.float32)
+    return {"heldout": held, "images": images}

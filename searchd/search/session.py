@@ -1,0 +1,400 @@
+"""One search session: everything between a validated configuration and ``best.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from searchd.config import SearchConfig
+from searchd.schedule import Schedule
+from searchd.search import build
+from searchd.search.driver import (
+    Progress,
+    evaluation_row,
+    format_duration,
+    new_run_id,
+    scratch_dir,
+    setup_logging,
+)
+
+logger = logging.getLogger("searchd")
+
+EXIT_INTERRUPTED = 130
+
+
+class SearchSession:
+    """Runs (or resumes) the search a configuration describes.
+
+    Args:
+        cfg: the validated configuration.
+        resume: continue the run stored in ``cfg.run_dir``.
+        address: Ray address; None: ``$RAY_ADDRESS``, else a local Ray.
+        quiet: no live progress display.
+    """
+
+    def __init__(
+        self, cfg: SearchConfig, *, resume: bool = False, address: str | None = None,
+        quiet: bool = False, force: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.force = force
+        self.resume = resume
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.quiet = quiet or not cfg.report.progress
+        self.metric = cfg.metric.name
+        self.started_ray = False
+
+    # The whole run ------------------------------------------------------------------------
+    def run(self) -> int:
+        from searchd.storage import RunDir, RunLock, StorageError
+
+        cfg = self.cfg
+        t0 = time.monotonic()
+        self.run_dir = RunDir(cfg.run_dir)
+        try:
+            with RunLock(self.run_dir, force=self.force):
+                return self._run_locked(t0)
+        except StorageError as e:
+            print(f"searchd.search: error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            self._shutdown()
+
+    def _run_locked(self, t0: float) -> int:
+        cfg, run = self.cfg, self.run_dir
+        log_path = run.local_path("log.txt")
+        setup_logging(log_path)
+        if self.resume:
+            state = json.loads(run.read_text("run.json"))
+            self.run_id = state["run_id"]
+            logger.info("resuming run %s in %s", self.run_id, cfg.run_dir)
+        else:
+            self.run_id = new_run_id()
+            run.write_text("config.yaml", cfg.to_yaml())
+            run.write_text("run.json", json.dumps({"run_id": self.run_id}))
+        self._say(f"searchd: run {self.run_id} -> {cfg.run_dir}")
+
+        self._start_ray()
+        self.model = self._describe_model()
+        self.reference = self._reference()
+        self._start_pool()
+
+        from searchd.search.registry import make_baselines, make_searcher, make_space
+
+        self.space = make_space(cfg, self.model["sigma_min"], self.model["sigma_max"],
+                                self.model["sigma_grid"])
+        self.baselines = make_baselines(cfg, self.space)
+        self.searcher = make_searcher(cfg.search, self.space, self.baselines, self.metric,
+                                      cfg.mode)
+        self.known = self._restore() if self.resume else {}
+        finished = self._search()
+        if not finished:
+            self._say(
+                f"searchd: search interrupted; {self.n_rows} evaluations are stored. "
+                f"Resume with: python -m searchd.search --resume {cfg.run_dir}"
+            )
+            return EXIT_INTERRUPTED
+        best = self._finish()
+        self._say(f"searchd: done in {format_duration(time.monotonic() - t0)}; "
+                  f"{best} written")
+        return 0
+
+    # Setup --------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        logger.info(text)
+        print(text, flush=True)
+
+    def _start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.started_ray = True
+
+    def _shutdown(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+
+    def _worker_options(self) -> dict[str, Any]:
+        w = self.cfg.workers
+        return {"num_cpus": w.cpus_per_worker, "num_gpus": w.num_gpus_per_worker}
+
+    def _describe_model(self) -> dict[str, Any]:
+        import ray
+
+        task = ray.remote(build.describe_model).options(**self._worker_options())
+        info = ray.get(task.remote(self.cfg.resolve()))
+        logger.info("model: %s", info)
+        return info
+
+    def _reference(self) -> dict[str, Any] | None:
+        cfg, run = self.cfg, self.run_dir
+        from searchd.evaluation.reference import ReferenceStats
+
+        n = cfg.metric.exact_reference
+        if n is not None:
+            if run.exists("reference.npz"):
+                return ReferenceStats.from_bytes(run.read_bytes("reference.npz")).to_dict()
+            import ray
+
+            self._say(f"searchd: reference statistics from {n} exact samples ...")
+            task = ray.remote(build.exact_reference_stats).options(**self._worker_options())
+            ref = ray.get(task.remote(cfg.resolve(), n, cfg.samples.reference_seed_base))
+            run.write_bytes("reference.npz", ReferenceStats.from_dict(ref).to_bytes())
+            return ref
+        if cfg.metric.reference is None:
+            return None
+        return ReferenceStats.load(cfg.metric.reference).to_dict()
+
+    def _start_pool(self) -> None:
+        from searchd.distributed import EvaluatorPool
+
+        w = self.cfg.workers
+        factory = build.EvaluatorFactory(self.cfg.resolve(), self.reference)
+        self.factory = factory
+        self._say("searchd: starting evaluator actors ...")
+        self.pool = EvaluatorPool(
+            factory, num_workers=w.num_workers, num_gpus_per_worker=w.num_gpus_per_worker,
+            cpus_per_worker=w.cpus_per_worker,
+        )
+        nodes = sorted({i["node"] for i in self.pool.workers})
+        self._say(f"searchd: {len(self.pool)} evaluator actor(s) ready on {', '.join(nodes)}")
+
+    # Resume ---------------------------------------------------------------------------------
+    def _restore(self) -> dict[str, Any]:
+        """Restore the searcher from its last state file plus the evaluations after it;
+        return the stored results by candidate id so nothing is scored twice."""
+        from searchd.storage import table_to_rows as rows_from_table
+
+        run = self.run_dir
+        rows = rows_from_table(run.read_evaluations())
+        known = {r["candidate_id"]: r for r in rows}
+        last = run.latest_searcher_state()
+        if last is not None:
+            gen, state = last
+            self.searcher.set_state(state)
+            logger.info("searcher restored from state-%s.json", gen)
+        self.searcher.requeue_pending()
+        self._say(f"searchd: resuming with {len(known)} stored evaluations")
+        return known
+
+    # Search ---------------------------------------------------------------------------------
+    def _search(self) -> bool:
+        from searchd.search.runner import run_tune_search
+
+        cfg = self.cfg
+        ev = cfg.search.evolution
+        per_trial = cfg.search.candidates_per_trial or (
+            ev.population_num if cfg.search.algorithm == "evolution" else 16
+        )
+        total = cfg.search.budget or (ev.population_num * ev.generations
+                                      if cfg.search.algorithm == "evolution" else None)
+        gens = ev.generations if cfg.search.algorithm == "evolution" else None
+        self.progress = Progress(gens, total, self.metric, enabled=not self.quiet)
+        self.baseline_values: dict[str, float] = {}
+        self.n_rows = 0
+        self.batch_index = 0
+        base = cfg.samples.seed_base
+        seeds = list(range(base, base + cfg.samples.per_candidate))
+        tune_dir = scratch_dir("searchd-tune-")
+        try:
+            outcome = run_tune_search(
+                self.searcher, self.space.decode, self.pool.client(), seeds,
+                metric=self.metric, mode=cfg.mode, batch_size=per_trial,
+                on_results=self._on_results, storage_path=tune_dir,
+                name=f"searchd-{self.run_id}", known=self.known,
+            )
+        finally:
+            shutil.rmtree(tune_dir, ignore_errors=True)
+        return bool(outcome.finished)
+
+    def _on_results(self, trial_id: str, schedules: Sequence[Schedule], results: Sequence[Any],
+                    ) -> None:
+        """Append a trial's evaluations to Parquet (durable before the searcher learns of
+        them), save the searcher state, and update the progress display."""
+        gen = max((int(s.meta.get("generation", self.batch_index)) for s in schedules),
+                  default=self.batch_index)
+        rows = []
+        for s, r in zip(schedules, results):
+            if s.id in self.known:
+                continue  # stored by the interrupted run; not written twice
+            rows.append(evaluation_row(self.run_id, s, r, metric=self.metric,
+                                       trial_id=trial_id, generation=gen))
+        if rows:
+            self.run_dir.append_evaluations(rows)
+            self.n_rows += len(rows)
+        # The searcher has not learned this trial's results yet: its state holds them as
+        # pending, and a resume replays them from the rows just written.
+        self.run_dir.save_searcher_state(self.batch_index, self.searcher.get_state())
+        for s, r in zip(schedules, results):
+            if s.meta.get("origin") == "baseline":
+                res = r.result if hasattr(r, "result") else r
+                v = res.metrics.get(self.metric, math.inf) if res.status == "ok" else math.inf
+                self.baseline_values[str(s.meta.get("name", s.id))] = float(v)
+        values = []
+        for r in results:
+            res = r.result if hasattr(r, "result") else r
+            values.append(res.metrics.get(self.metric) if res.status == "ok" else None)
+        n_samples = sum(int((r.result if hasattr(r, "result") else r).n_samples)
+                        for r in results)
+        self.progress.update(gen, values, n_samples, self.baseline_values)
+        self.batch_index += 1
+
+    # Finish ---------------------------------------------------------------------------------
+    def _finish(self) -> str:
+        """Held-out re-scoring of the winner and the baselines, best.json and the plots."""
+        from searchd.storage import table_to_rows as rows_from_table
+
+        cfg = self.cfg
+        rows = [r for r in rows_from_table(self.run_dir.read_evaluations())
+                if r["status"] == "ok" and r["value"] is not None]
+        if not rows:
+            raise RuntimeError("no candidate was scored successfully; see the log")
+        best_row = min(rows, key=lambda r: (r["value"], r["candidate_id"]))
+        winner = Schedule(np.asarray(best_row["sigmas"]), solver=best_row["solver"],
+                          meta={"origin": best_row["origin"]})
+        base_rows = {r["candidate_id"]: r for r in rows if r["origin"] == "baseline"}
+        baselines = [b for b in self.baselines if b.id in base_rows] or list(self.baselines)
+        best_base = min(
+            range(len(baselines)),
+            key=lambda i: base_rows.get(baselines[i].id, {"value": math.inf})["value"],
+        )
+        schedules = [winner, *baselines]
+        s = cfg.samples
+        heldout_seeds = list(range(s.heldout_seed_base, s.heldout_seed_base + s.heldout))
+        n_grid = cfg.report.grid_samples if cfg.report.plots else 0
+        grid_seeds = heldout_seeds[:n_grid]
+        self._say(f"searchd: re-scoring the winner and {len(baselines)} baselines on "
+                  f"{s.heldout} held-out seeds ...")
+        # The actors hold the workers' resources; the last job runs in one fresh worker.
+        self.pool.shutdown()
+        self.pool = None
+        import ray
+
+        task = ray.remote(build.final_scores).options(**self._worker_options())
+        search_seeds = range(s.seed_base, s.seed_base + s.per_candidate)
+        final = ray.get(task.remote(
+            self.factory, schedules, heldout_seeds, 1 + best_base, cfg.report.ci_level,
+            grid_seeds, [0, 1 + best_base], list(search_seeds),
+        ))
+        held = final["heldout"]
+        names = ["searched"] + [str(b.meta.get("name", b.id)) for b in baselines]
+        for name, score in zip(names, held["scores"]):
+            score["name"] = name
+        best = self._best_json(winner, best_row, baselines, base_rows, best_base, held)
+        self.run_dir.write_text("best.json", json.dumps(best, indent=2) + "\n")
+        if cfg.report.plots:
+            self._plots(winner, baselines, best_base, rows, final["images"])
+        self._print_summary(best)
+        return self.run_dir.display("best.json")
+
+    def _best_json(self, winner: Schedule, best_row: dict[str, Any],
+                   baselines: Sequence[Schedule], base_rows: dict[str, Any], best_base: int,
+                   held: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        sig = [float(x) for x in winner.sigmas]
+        out: dict[str, Any] = {
+            "run_id": self.run_id,
+            "model": cfg.model.name or (cfg.model.spec.path if cfg.model.spec else None),
+            "solver": winner.solver,
+            "solver_options": dict(cfg.solver.options),
+            "n_steps": winner.n_steps,
+            "nfe": int(best_row["nfe"]),
+            "schedule": winner.to_dict(),
+            "sigmas": sig,
+            "search": {
+                "metric": self.metric,
+                "features": cfg.metric.features,
+                "value": best_row["value"],
+                "n_samples": best_row["n_samples"],
+                "seed_base": best_row["seed_base"],
+                "algorithm": cfg.search.algorithm,
+                "evaluations": self.n_rows + len(self.known),
+            },
+            "heldout": held,
+            "baselines": {
+                str(b.meta.get("name", b.id)): {
+                    "sigmas": [float(x) for x in b.sigmas],
+                    "search_value": base_rows.get(b.id, {}).get("value"),
+                }
+                for b in baselines
+            },
+            "best_baseline": str(baselines[best_base].meta.get("name")),
+        }
+        grid = self.model.get("sigma_grid")
+        if grid is not None:
+            g = np.asarray(grid)
+            idx = [int(np.argmin(np.abs(np.log(g) - np.log(x)))) for x in sig if x > 0]
+            out["timesteps"] = idx
+        levels = sig[:-1] if winner.final_zero else sig
+        out["usage"] = {
+            "diffusers": (
+                "pipe(..., sigmas=" + json.dumps([round(x, 6) for x in levels]) + ")"
+                + ("  # scheduler with final_sigmas_type='zero'" if winner.final_zero else "")
+            ),
+            "searchd": (
+                "solve(denoiser, noise, np.array(best['sigmas']), solver=best['solver'])"
+            ),
+        }
+        if "timesteps" in out:
+            out["usage"]["diffusers_timesteps"] = f"pipe(..., timesteps={out['timesteps']})"
+        return out
+
+    def _plots(self, winner: Schedule, baselines: Sequence[Schedule], best_base: int,
+               rows: Sequence[dict[str, Any]], images: dict[int, Any]) -> None:
+        from searchd.plots import plot_history, plot_schedules, save_image_grid
+
+        # Plots are drawn in a scratch directory and copied in (atomically, also to s3://).
+        report = scratch_dir("searchd-report-")
+        all_rows = rows
+        plot_history([r["generation"] for r in all_rows], [r["value"] for r in all_rows],
+                     self.baseline_values, os.path.join(report, "metric_per_generation.png"),
+                     metric=self.metric)
+        named = {"searched (best)": winner.sigmas}
+        for b in baselines:
+            named[str(b.meta.get("name", b.id))] = b.sigmas
+        plot_schedules(named, os.path.join(report, "schedules.png"),
+                       title=f"best schedule vs baselines ({winner.solver}, NFE {self.cfg.nfe})")
+        labels = {0: "best", 1 + best_base: "best_baseline"}
+        for i, x in images.items():
+            save_image_grid(x, os.path.join(report, f"samples_{labels[i]}.png"))
+        for name in sorted(os.listdir(report)):
+            with open(os.path.join(report, name), "rb") as f:
+                self.run_dir.write_bytes(f"report/{name}", f.read())
+        shutil.rmtree(report, ignore_errors=True)
+
+    def _print_summary(self, best: dict[str, Any]) -> None:
+        held = best["heldout"]
+        level = int(round(100 * held["level"]))
+        self._say(f"searchd: held-out {self.metric} on {held['n_samples']} samples "
+                  f"(seeds from {held['seed_base']}), {level}% bootstrap CIs; differences are "
+                  f"paired against {best['best_baseline']}:")
+        for sc in held["scores"]:
+            if sc["status"] != "ok":
+                self._say(f"  {sc['name']:<26} failed: {sc['error']}")
+                continue
+            lo, hi = sc["fid_ci"]
+            line = f"  {sc['name']:<26} {sc['fid']:.4f} [{lo:.4f}, {hi:.4f}]"
+            if sc["diff_ci"] is not None and sc["name"] != best["best_baseline"]:
+                dlo, dhi = sc["diff_ci"]
+                line += f"   diff {sc['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+            self._say(line)
