@@ -1,0 +1,203 @@
+"""Real checkpoints by spec: one dispatcher over the diffusers, EDM and generic adapters.
+
+``load_spec(spec, device, dtype)`` loads a ``ModelSpec``-like object (``name``, ``kind``,
+``path``, ``options``; e.g. ``searchd.models.ModelSpec`` or a config's ``model.spec``):
+
+- ``kind: diffusers``: ``path`` a pipeline/model directory or hub id; options are the
+  keywords of ``searchd.models.diffusers.load_diffusers`` (``prompts``, ``guidance_scale``,
+  ``prediction_type``, ``parameterization``, ...);
+- ``kind: edm``: ``path`` an NVlabs pickle; options of ``searchd.models.edm.load_edm``;
+- ``kind: generic``: ``path`` an entry point ``module:function``; options of
+  ``searchd.models.generic.load_entry_point`` (``args``, ``parameterization``, ``shape``,...);
+- a ``name`` of ``NEURAL_ZOO`` (no kind): the shipped digits UNets.
+
+Every kind takes ``options.runtime`` (``searchd.models.runtime.Runtime`` fields: autocast,
+channels_last, compile, batch_size, ...); ``device`` and ``dtype`` come from the caller.
+``KINDS`` and ``neural_zoo_factory`` have the ``Factory`` signature of
+``searchd.models.zoo`` so the registry can adopt them as they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from searchd.models.base import Denoiser
+from searchd.models.diffusers import load_diffusers
+from searchd.models.edm import load_edm
+from searchd.models.generic import load_entry_point
+from searchd.models.runtime import Runtime
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+# The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
+NEURAL_ZOO: dict[str, Path] = {
+    f"digits-unet-{w}": DATA_DIR / f"digits-unet-{w}" for w in ("s", "m", "l")
+}
+
+SpecFactory = Callable[[Any, torch.device, torch.dtype], Denoiser]
+
+
+def _runtime(options: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> Runtime:
+    """The runtime of a spec: its ``options.runtime`` with the caller's device and dtype."""
+    rt_opts = dict(options.pop("runtime", None) or {})
+    rt_opts.setdefault("device", device)
+    rt_opts.setdefault("dtype", dtype)
+    return Runtime.from_options(rt_opts)
+
+
+def _check_options(
+    kind: str, fn: Callable[..., Any], options: Mapping[str, Any], reserved: tuple[str, ...]
+) -> None:
+    """Unknown option keys -> ``ValueError`` naming the allowed ones."""
+    allowed = [p for p in inspect.signature(fn).parameters if p not in reserved]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown options {unknown} for model kind {kind!r}; "
+            f"allowed: {', '.join(allowed)}, runtime"
+        )
+
+
+def _spec_fields(spec: Any) -> tuple[str | None, str | None, str | None, dict[str, Any]]:
+    name = getattr(spec, "name", None)
+    kind = getattr(spec, "kind", None)
+    path = getattr(spec, "path", None)
+    options = dict(getattr(spec, "options", None) or {})
+    return name, kind, None if path is None else str(path), options
+
+
+def load_diffusers_spec(
+    spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Denoiser:
+    """``kind: diffusers``."""
+    name, _, path, options = _spec_fields(spec)
+    if path is None:
+        raise ValueError(f"model {name!r} of kind 'diffusers' needs a path (directory or hub id)")
+    rt = _runtime(options, device, dtype)
+    _check_options("diffusers", load_diffusers, options, ("path", "runtime"))
+    options.setdefault("name", name)
+    return load_diffusers(path, runtime=rt, **options)
+
+
+def load_edm_spec(
+    spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Denoiser:
+    """``kind: edm``."""
+    name, _, path, options = _spec_fields(spec)
+    if path is None:
+        raise ValueError(f"model {name!r} of kind 'edm' needs a path (the .pkl file)")
+    rt = _runtime(options, device, dtype)
+    _check_options("edm", load_edm, options, ("path", "runtime"))
+    options.setdefault("name", name)
+    return load_edm(path, runtime=rt, **options)
+
+
+def load_generic_spec(
+    spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Denoiser:
+    """``kind: generic``: ``path`` is the entry point ``module:function``."""
+    name, _, path, options = _spec_fields(spec)
+    if path is None:
+        raise ValueError(f"model {name!r} of kind 'generic' needs path: 'module:function'")
+    rt = _runtime(options, device, dtype)
+    return load_entry_point(path, options, runtime=rt, name=name)
+
+
+KINDS: dict[str, SpecFactory] = {
+    "diffusers": load_diffusers_spec,
+    "edm": load_edm_spec,
+    "generic": load_generic_spec,
+}
+
+
+class DigitsData:
+    """The data a neural digits model was trained on, as its "exact samples".
+
+    ``sample_data(seeds)`` returns scikit-learn digit number ``seed mod 1797`` for each seed,
+    scaled to [-1, 1] (``x / 8 - 1``), as [len(seeds), 1, 8, 8]. Any 1,797 consecutive seeds
+    give every digit exactly once, so an ``exact:1797`` reference is the exact statistics of
+    the whole dataset, whatever the seed base; larger n repeat the dataset.
+    """
+
+    def __init__(self) -> None:
+        self._images: torch.Tensor | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All digits, float64 [1797, 1, 8, 8] in [-1, 1] (loaded once)."""
+        if self._images is None:
+            from sklearn.datasets import load_digits
+
+            x = torch.from_numpy(load_digits().images).to(torch.float64)
+            self._images = (x / 8.0 - 1.0).unsqueeze(1)
+        return self._images
+
+    def __call__(
+        self,
+        seeds: Any,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        idx = torch.as_tensor([int(s) for s in seeds], dtype=torch.int64)
+        if (idx < 0).any():
+            raise ValueError("seeds must be >= 0")
+        out = self.images[idx % self.images.shape[0]]
+        return out.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def load_neural_zoo(
+    name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **options: Any,
+) -> Denoiser:
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``).
+
+    Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
+    ``metric.reference: exact:1797`` scores against the dataset's own statistics.
+    """
+    if name not in NEURAL_ZOO:
+        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(NEURAL_ZOO)}")
+    path = NEURAL_ZOO[name]
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{name}: weights missing at {path} (run scripts/train_digits_unet.py)")
+    rt = _runtime(options, device, dtype)
+    den = load_diffusers(path, runtime=rt, name=name, **options)
+    den.sample_data = DigitsData()  # type: ignore[attr-defined]
+    return den
+
+
+def neural_zoo_factory(name: str) -> SpecFactory:
+    """A registry factory ``(spec, device, dtype) -> Denoiser`` for one neural zoo member
+    (the spec's options, e.g. ``runtime``, are passed on)."""
+
+    def factory(spec: Any, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        return load_neural_zoo(name, device, dtype, **_spec_fields(spec)[3])
+
+    return factory
+
+
+def load_spec(
+    spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Denoiser:
+    """Load a real checkpoint or a neural zoo member from a spec (see the module docstring).
+
+    Raises ``ValueError`` naming the known kinds (or zoo names) for an unknown one.
+    """
+    name, kind, _, options = _spec_fields(spec)
+    if kind is None:
+        if name in NEURAL_ZOO:
+            return load_neural_zoo(str(name), device, dtype, **options)
+        raise ValueError(
+            f"unknown model {name!r}: give a kind ({', '.join(KINDS)}) or one of "
+            f"{', '.join(sorted(NEURAL_ZOO))}"
+        )
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return KINDS[kind](spec, device, dtype)
