@@ -6,8 +6,8 @@ and a ``RequestBatcher`` that merges the ``evaluate`` requests arriving together
 seeds) into one population-batched call run in a worker thread.
 
 Results come back as ``EvaluatedCandidate``: the evaluator's own result, unchanged, plus the
-``worker`` (the actor's name) and the ``node`` (host name) that scored it, which the Parquet
-rows record. ``CandidateResult`` itself stays plain data that knows nothing of Ray.
+``worker`` (the actor's name) and the ``node`` (host and Ray node) that scored it, which
+the Parquet rows record. ``CandidateResult`` itself stays plain data that knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class EvaluatedCandidate:
     Attributes:
         result: the evaluator's result for the candidate (a ``CandidateResult``).
         worker: name of the actor that scored it (``"evaluator-<i>"``).
-        node: host name of the machine the actor runs on.
+        node: ``"<host name>/<first 12 hex digits of the Ray node id>"``: the machine, and
+            the Ray node on it (several Ray nodes may share one host).
     """
 
     result: Any
@@ -90,22 +91,24 @@ class EvaluatorActor:
             self._restarted = bool(ctx.was_current_actor_reconstructed)
         self._name = name or self._actor_id[:12]
         self._host = socket.gethostname()
+        self._node = f"{self._host}/{self._node_id[:12]}"
         self._batcher = RequestBatcher(self._call, max_batch=max_batch, max_wait_s=max_wait_s)
 
     def _call(self, candidates: list[Any], seeds: Sequence[int]) -> list[EvaluatedCandidate]:
         """One blocking evaluator call over merged requests (runs in the batcher's thread)."""
         results = self._evaluator.evaluate(candidates, seeds)
-        node = f"{self._host}/{self._node_id[:12]}"  # host and Ray node: nodes may share a host
-        return [EvaluatedCandidate(r, self._name, node) for r in results]
+        return [EvaluatedCandidate(r, self._name, self._node) for r in results]
 
     async def ready(self) -> dict[str, Any]:
         """Who and where this actor is, once the evaluator is built.
 
-        Returns ``{"worker", "node", "node_id", "actor_id", "pid", "load_s", "restarted"}``.
+        Returns ``{"worker", "node", "host", "node_id", "actor_id", "pid", "load_s",
+        "restarted"}`` (``node`` as in the results).
         """
         return {
             "worker": self._name,
-            "node": self._host,
+            "node": self._node,
+            "host": self._host,
             "node_id": self._node_id,
             "actor_id": self._actor_id,
             "pid": os.getpid(),
