@@ -249,3 +249,25 @@ def test_embedded_model_population_batching(digits):
     together = fids(ev.evaluate(cands, range(128)))
     alone = [fids(ev.evaluate([c], range(128)))[0] for c in cands]
     np.testing.assert_allclose(together, alone, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_inception_metrics_end_to_end_with_a_standin_network(tmp_path):
+    """FID, sFID and IS through the Inception path (random-weight TorchScript stand-in)."""
+    from searchd.evaluation.standin import make_standin_inception
+
+    make_standin_inception(tmp_path)
+    net = load_features("inception", path=tmp_path, mode="clean")
+    den = GaussianDenoiser()
+    ref = compute_reference([den.sample_data(range(9000, 9024))], net, {"source": "g"},
+                            spatial=True)
+    assert ref.spatial_mu.shape == (2023,)
+    ev = Evaluator(den, net, ref, metrics=("fid", "sfid", "is"), is_splits=2)
+    cands = schedules(steps=3, rhos=(2.0, 7.0))
+    results = ev.evaluate(cands, range(16))
+    for r in results:
+        assert r.status == "ok", r.error
+        assert r.metrics["fid"] > 0 and r.metrics["sfid"] > 0 and r.metrics["is"] >= 1.0
+    # The same candidate alone gives the same numbers.
+    (alone,) = ev.evaluate(cands[1:], range(16))
+    assert alone.metrics == results[1].metrics

@@ -185,7 +185,8 @@ class _Accumulator:
         self._run_features(final=False)
 
     def _run_features(self, final: bool) -> None:
-        block = self.ev.feature_block
+        # The block depends only on n, never on the chunking: no padding when n is small.
+        block = min(self.ev.feature_block, self.n)
         while self.error is None and (self.n_buffered >= block or (final and self.n_buffered > 0)):
             cat = torch.cat(self.samples)
             take = min(block, self.n_buffered)
@@ -247,8 +248,8 @@ class Evaluator:
         solver_options: options for ``solve`` (applied to every candidate).
         batch_size: rows (samples of any candidates) per solver call.
         feature_block: samples per feature-network pass, aligned to the sample index; a
-            last partial block is zero-padded, so the network always sees this batch shape
-            (default: the network's batch size, at most 256).
+            last partial block is zero-padded, so the network always sees one batch shape,
+            min(feature_block, n) (default: the network's batch size, at most 256).
         device: where features and metrics are computed (default: the denoiser's device).
         teacher: the teacher solution for teacher_distance (``Teacher`` or dict).
         kid_subsets, kid_subset_size, kid_seed: KID as clean-fid (100 subsets of <= 1000).
