@@ -5,9 +5,10 @@ authentication (``RAY_AUTH_MODE=token``, the cluster's own token file) and ports
 worker range. One cluster and one search serve the whole module, in the order a user meets
 them:
 
-1. the cluster is a head node alone; the search goes in with ``ray job submit --working-dir .``
-   and starts one evaluator actor there, its run directory in an S3 bucket (moto's S3 server
-   on 127.0.0.1), as a real cluster needs (it must outlive the head node);
+1. the cluster is a head node alone (1 CPU, 1 logical GPU); the search goes in with
+   ``ray job submit --working-dir .`` and starts one evaluator actor per GPU: one, there.
+   Its run directory is in an S3 bucket (moto's S3 server on 127.0.0.1), as a real cluster
+   needs (it must outlive the head node);
 2. a second node joins with ``ray start --address`` while the search runs, and the pool grows
    onto it (``node`` column: generation 0 on the head only, later ones on both nodes);
 3. once the new node has scored candidates, ``ray job stop`` stops the job (SIGINT, through
@@ -46,7 +47,8 @@ GENERATIONS = 24
 POPULATION = 6
 # The quickstart made small; enough generations that the second node joins and loads its
 # actor before the search ends (the job is stopped as soon as it has). The pool is sized from
-# the cluster (num_workers=null): one actor of 0.9 CPU per 1-CPU node.
+# the cluster (num_workers=null) as on a GPU cluster: one actor per GPU (each node advertises
+# one logical GPU; the actors compute on the CPU, model.device=cpu), 0.9 CPU each.
 OVERRIDES = [
     f"search.evolution.population_num={POPULATION}",
     "search.evolution.select_num=3",
@@ -57,6 +59,7 @@ OVERRIDES = [
     "samples.heldout=300",
     "metric.reference=exact:1000",
     "workers.num_workers=null",
+    "workers.num_gpus_per_worker=1",
     "workers.cpus_per_worker=0.9",
     "report.grid_samples=16",
 ]
@@ -127,9 +130,10 @@ def wait_for(cluster: LoopbackCluster, job: str, ready: Any, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
-    """One 1-CPU node (the head); ``grown_run`` adds the second."""
+    """One node (the head) of 1 CPU and 1 logical GPU; ``search`` adds the second, alike."""
     BUDGET.end = time.monotonic() + BUDGET_S
-    c = LoopbackCluster(nodes=1, cpus_per_node=1, startup_timeout_s=BUDGET.left(240))
+    c = LoopbackCluster(nodes=1, cpus_per_node=1, gpus_per_node=1,
+                        startup_timeout_s=BUDGET.left(240))
     try:
         c.start()
         yield c
