@@ -99,6 +99,10 @@ class LoopbackCluster:
     Args:
         nodes: nodes to start (the first is the head).
         cpus_per_node: logical CPUs each node advertises.
+        gpus_per_node: logical GPUs each node advertises (0 by default). Ray schedules by the
+            counts it is told, so a pool sized from GPUs (``num_gpus_per_worker``) takes the
+            same path as on a GPU cluster; with ``model.device=cpu`` its actors compute on
+            the CPU.
         object_store_mb: object store of each node.
         base_dir: where the session files, token and logs go (default: a new /tmp folder,
             short, because Ray's socket paths must stay under 108 characters).
@@ -112,6 +116,7 @@ class LoopbackCluster:
         nodes: int = 2,
         cpus_per_node: int = 1,
         *,
+        gpus_per_node: int = 0,
         object_store_mb: int = 256,
         base_dir: str | os.PathLike[str] | None = None,
         startup_timeout_s: float = 180.0,
@@ -120,6 +125,7 @@ class LoopbackCluster:
             raise ValueError(f"nodes = {nodes}; at least the head is needed")
         self.n_nodes = nodes
         self.cpus_per_node = cpus_per_node
+        self.gpus_per_node = gpus_per_node
         self.object_store_mb = object_store_mb
         self.startup_timeout_s = startup_timeout_s
         self.marker = uuid.uuid4().hex
@@ -176,7 +182,7 @@ class LoopbackCluster:
         log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 (kept open by the child)
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-            f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
+            f"--num-cpus={self.cpus_per_node}", f"--num-gpus={self.gpus_per_node}",
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
             # Workers take OS-assigned ports: two raylets on one machine never share a range.
             "--min-worker-port=0", "--max-worker-port=0",

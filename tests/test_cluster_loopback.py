@@ -1,26 +1,32 @@
-"""A real two-node Ray cluster on this machine, driven the way a user drives a cloud cluster.
+"""A real Ray cluster on this machine, driven the way a user drives a cloud cluster.
 
-Two ``ray start --block`` nodes on loopback addresses (clusters/loopback.py), with token
-authentication; searches go in with ``ray job submit --working-dir .``, and one is stopped
-with ``ray job stop`` and resumed with ``--resume``. Checked:
+``ray start --block`` nodes on loopback addresses (clusters/loopback.py), with token
+authentication (``RAY_AUTH_MODE=token``, the cluster's own token file) and ports below Ray's
+worker range. One cluster and one search serve the whole module, in the order a user meets
+them:
 
-- the search job completes and leaves a complete run directory (config, run.json, every
-  evaluation, best.json, report/);
-- its evaluations were scored on both Ray nodes, as the ``node`` column records;
-- a job stopped mid-way (SIGINT, through RAY_JOB_STOP_SIGNAL in the job's runtime env) and
-  resumed ends with every evaluation stored exactly once, and with the same candidates, values
-  and winner as the uninterrupted run of the same configuration. This run directory is in an
-  S3 bucket (moto's S3 server on 127.0.0.1), as on a real cluster, where it must outlive the
-  head node.
+1. the cluster is a head node alone (1 CPU, 1 logical GPU); the search goes in with
+   ``ray job submit --working-dir .`` and starts one evaluator actor per GPU: one, there.
+   Its run directory is in an S3 bucket (moto's S3 server on 127.0.0.1), as a real cluster
+   needs (it must outlive the head node);
+2. a second node joins with ``ray start --address`` while the search runs, and the pool grows
+   onto it (``node`` column: generation 0 on the head only, later ones on both nodes);
+3. once the new node has scored candidates, ``ray job stop`` stops the job (SIGINT, through
+   RAY_JOB_STOP_SIGNAL in the job's runtime env), and ``--resume`` of the same URI finishes
+   it: every evaluation stored exactly once, a complete run directory;
+4. the thin Tune trials ran on the head node (the Ray state API's actor records).
 
-The cluster is torn down by ending its own processes only (never ``ray stop``, which would end
-every Ray process on the machine). The whole module has a time budget (``BUDGET_S``).
+The configuration is the quickstart made small (6 candidates x 24 generations of 300
+samples), so the module's time goes mostly to what any cluster job costs: job and driver
+start-up, actors, and the final held-out re-scoring. The cluster is torn down by ending its
+own processes only (never ``ray stop``, which would end every Ray process on the machine).
+Every wait is bounded by the module's time budget (``BUDGET_S``); a wait that runs out fails
+with the job's log, no speed is asserted.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 import time
@@ -34,32 +40,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clusters"))
 from loopback import LoopbackCluster, marked_pids  # noqa: E402
 
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.slow,
-    # Starts a two-node Ray cluster and runs three searches through `ray job submit` (6 min
-    # on a loaded 2-core machine). Opt in until it has run green in CI on its own.
-    pytest.mark.skipif(
-        os.environ.get("SEARCHD_CLUSTER_TESTS") != "1",
-        reason="set SEARCHD_CLUSTER_TESTS=1 to run the loopback cluster test",
-    ),
-]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BUDGET_S = 900.0  # the whole module, cluster start and teardown included
-GENERATIONS = 8
-POPULATION = 8
-# The quickstart at a small size: 8 generations of 8 candidates, 500 samples each; two
-# evaluator actors of 0.9 CPU, so one fits on each 1-CPU node.
+GENERATIONS = 24
+POPULATION = 6
+# The quickstart made small; enough generations that the second node joins and loads its
+# actor before the search ends (the job is stopped as soon as it has). The pool is sized from
+# the cluster (num_workers=null) as on a GPU cluster: one actor per GPU (each node advertises
+# one logical GPU; the actors compute on the CPU, model.device=cpu), 0.9 CPU each.
 OVERRIDES = [
     f"search.evolution.population_num={POPULATION}",
-    "search.evolution.select_num=4",
-    "search.evolution.mutation_num=4",
+    "search.evolution.select_num=3",
+    "search.evolution.mutation_num=3",
     "search.evolution.crossover_num=2",
     f"search.evolution.generations={GENERATIONS}",
-    "samples.per_candidate=500",
-    "samples.heldout=1000",
-    "metric.reference=exact:2000",
-    "workers.num_workers=2",
+    "samples.per_candidate=300",
+    "samples.heldout=300",
+    "metric.reference=exact:1000",
+    "workers.num_workers=null",
+    "workers.num_gpus_per_worker=1",
     "workers.cpus_per_worker=0.9",
     "report.grid_samples=16",
 ]
@@ -112,17 +112,28 @@ def parts(run_dir: Path | str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in run.list_parts()) if run.exists() else []
 
 
-def run_job(cluster: LoopbackCluster, command: list[str]) -> tuple[str, str]:
-    """Submit ``command`` as a job and wait for it; returns (status, log)."""
-    job = cluster.submit(command, working_dir=ROOT, env_vars=dict(JOB_ENV, **AWS_ENV))
-    status = cluster.wait_job(job, timeout_s=BUDGET.left(420))
-    return status, cluster.job_logs(job)
+def submit(cluster: LoopbackCluster, command: list[str]) -> str:
+    return cluster.submit(command, working_dir=ROOT, env_vars=dict(JOB_ENV, **AWS_ENV))
+
+
+def wait_for(cluster: LoopbackCluster, job: str, ready: Any, what: str) -> None:
+    """Poll ``ready()`` until true; fail with the job's log if the job ends first or the
+    budget runs out."""
+    deadline = time.monotonic() + BUDGET.left(420)
+    while not ready():
+        status = cluster.job(job)["status"]
+        assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), (
+            f"job {status} before {what}:\n" + cluster.job_logs(job)[-4000:])
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
+    """One node (the head) of 1 CPU and 1 logical GPU; ``search`` adds the second, alike."""
     BUDGET.end = time.monotonic() + BUDGET_S
-    c = LoopbackCluster(nodes=2, cpus_per_node=1, startup_timeout_s=BUDGET.left(240))
+    c = LoopbackCluster(nodes=1, cpus_per_node=1, gpus_per_node=1,
+                        startup_timeout_s=BUDGET.left(240))
     try:
         c.start()
         yield c
@@ -156,28 +167,133 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[k] = v
 
 
+def node_rows(run_uri: str, node_ids: list[str]) -> list[tuple[int, str | None]]:
+    """(generation, Ray node id) of every stored evaluation."""
+    return [(r["generation"], ray_node_of(r["node"], node_ids)) for r in read_rows(run_uri)]
+
+
 @pytest.fixture(scope="module")
-def full_run(cluster: LoopbackCluster, tmp_path_factory: pytest.TempPathFactory
-             ) -> dict[str, Any]:
-    """The search run start to end as one job."""
-    run_dir = tmp_path_factory.mktemp("cluster") / "full"
-    status, log = run_job(cluster, search_command(run_dir))
-    return {"dir": run_dir, "status": status, "log": log}
+def search(cluster: LoopbackCluster, s3_endpoint: str) -> dict[str, Any]:
+    """The module's search, from submission to the end of its resumed job (see the module's
+    docstring); what each step left, for the tests to check."""
+    from searchd.storage import RunDir
+
+    run_uri = (f"s3://{BUCKET}/runs/grown?region=us-east-1&endpoint_override={s3_endpoint}"
+               "&scheme=http")
+    head = [n["node_id"] for n in cluster.nodes()]
+    assert len(head) == 1
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}  # seconds since submission, printed (pytest -s)
+    job = submit(cluster, search_command(run_uri))
+    wait_for(cluster, job, lambda: "1 evaluator actor(s) ready" in cluster.job_logs(job),
+             "the evaluator pool on the head")
+    marks["pool on the head"] = time.monotonic() - t0
+    cluster.add_node()
+    marks["second node alive"] = time.monotonic() - t0
+    node_ids = [n["node_id"] for n in cluster.nodes()]
+    assert len(node_ids) == 2
+
+    # Stop the job once the pool has grown and the new node has scored a generation.
+    seen = {"parts": 0, "grown": False}
+
+    def grown() -> bool:
+        n = len(parts(run_uri))
+        if n != seen["parts"]:
+            seen["parts"] = n
+            seen["grown"] = any(node not in (None, head[0])
+                                for _, node in node_rows(run_uri, node_ids))
+        return seen["grown"]
+
+    wait_for(cluster, job, grown, "evaluations on the node that joined")
+    marks[f"grown (generations stored: {seen['parts']})"] = time.monotonic() - t0
+    stop = cluster.stop_job(job, timeout=BUDGET.left(180))
+    marks["stopped"] = time.monotonic() - t0
+    stopped = {"stop": stop, "status": cluster.job(job)["status"],
+               "log": cluster.job_logs(job), "parts": parts(run_uri),
+               "best": RunDir(run_uri).exists("best.json")}
+    resumed = submit(cluster, search_command(resume=run_uri))
+    status = cluster.wait_job(resumed, timeout_s=BUDGET.left(420))
+    marks["resumed job ended"] = time.monotonic() - t0
+    print("loopback search:", ", ".join(f"{k} {v:.0f} s" for k, v in marks.items()))
+    return {"uri": run_uri, "head": head[0], "nodes": node_ids, "job": job,
+            "stopped": stopped, "status": status, "log": cluster.job_logs(resumed)}
 
 
-def test_search_job_completes_with_a_complete_run_dir(full_run: dict[str, Any]) -> None:
-    run_dir = full_run["dir"]
-    assert full_run["status"] == "SUCCEEDED", full_run["log"][-6000:]
-    for name in ("config.yaml", "run.json", "best.json"):
-        assert (run_dir / name).is_file(), name
-    assert list((run_dir / "report").glob("*.png")), "report/ has no plot"
-    rows = read_rows(run_dir)
-    assert len(rows) == GENERATIONS * POPULATION
-    assert len({r["candidate_id"] for r in rows}) == len(rows)
-    per_gen = collections.Counter(r["generation"] for r in rows)
-    assert per_gen == {g: POPULATION for g in range(GENERATIONS)}
+def test_pool_grows_onto_a_node_that_joins_mid_search(search: dict[str, Any]) -> None:
+    """Both nodes share this machine's host name, so the ``node`` column must name the Ray
+    node (its id) for the placement to show."""
+    node_ids, head = search["nodes"], search["head"]
+    rows = read_rows(search["uri"])
+    values = sorted({r["node"] for r in rows})
+    named = {v: ray_node_of(v, node_ids) for v in values}
+    assert all(named.values()), (
+        f"node column values {values} do not name Ray nodes {node_ids}: record the actor's "
+        "Ray node id (ray.get_runtime_context().get_node_id()) in each evaluation"
+    )
+    # The search started on the head alone: generation 0 was scored there only.
+    assert {named[r["node"]] for r in rows if r["generation"] == 0} == {head}
+    # The running job's pool grew onto the new node (before the stop) ...
+    stopped_log = search["stopped"]["log"]
+    assert "evaluator pool grew to 2 actor(s)" in stopped_log, stopped_log[-4000:]
+    assert set(named.values()) == set(node_ids), f"evaluations only on {set(named.values())}"
+    # ... and the resumed job used both nodes from its start.
+    last = max(r["generation"] for r in rows)
+    assert {named[r["node"]] for r in rows if r["generation"] == last} == set(node_ids)
+    per_worker = collections.defaultdict(set)
+    for r in rows:
+        per_worker[r["worker"]].add(named[r["node"]])
+    assert all(len(n) == 1 for n in per_worker.values()), dict(per_worker)
+
+
+def test_tune_trials_run_on_the_head_node(cluster: LoopbackCluster,
+                                          search: dict[str, Any]) -> None:
+    """The trials are pinned to the head (``node:__internal_head__``): Tune's experiment
+    directory is the driver's, and the trials take no slot of an evaluator node."""
+    job_id = cluster.job(search["job"])["job_id"]
+    got = cluster._request("GET", "/api/v0/actors?limit=1000&detail=true")
+    actors = [a for a in got["data"]["result"]["result"] if a.get("job_id") == job_id]
+    by_class = collections.defaultdict(set)
+    for a in actors:
+        by_class[a["class_name"]].add(a["node_id"])
+    trials = {c: n for c, n in by_class.items() if "ImplicitFunc" in c}
+    assert trials, f"no Tune trial actor among {dict(by_class)}"
+    assert set().union(*trials.values()) == {search["head"]}, dict(by_class)
+    # ... while the evaluator actors were on both nodes.
+    assert by_class["EvaluatorActor"] == set(search["nodes"]), dict(by_class)
+
+
+def test_stopped_job_resumes_with_every_evaluation_once(search: dict[str, Any]) -> None:
+    from searchd.storage import RunDir
+
+    run, stopped = RunDir(search["uri"]), search["stopped"]
+    assert stopped["stop"].returncode == 0, stopped["stop"].stdout + stopped["stop"].stderr
+    assert stopped["status"] == "STOPPED"
+    assert len(stopped["parts"]) < GENERATIONS, "the job finished before it was stopped"
+    assert not stopped["best"]
+    # SIGINT let the search end cleanly: it says how to resume.
+    assert "--resume" in stopped["log"], stopped["log"][-4000:]
+
+    # The stopped job's files are kept as they were; the resumed job added the rest.
+    log = search["log"]
+    assert set(stopped["parts"]) <= set(parts(search["uri"])), log[-4000:]
+    rows = read_rows(search["uri"])
+    ids = [r["candidate_id"] for r in rows]
+    assert len(ids) == GENERATIONS * POPULATION, log[-4000:]
+    assert len(set(ids)) == len(ids), [i for i, n in collections.Counter(ids).items() if n > 1]
+    assert collections.Counter(r["generation"] for r in rows) == {
+        g: POPULATION for g in range(GENERATIONS)
+    }
     assert all(r["status"] == "ok" for r in rows)
-    best = json.loads((run_dir / "best.json").read_text())
+    # It started from what the stopped job stored (one part per generation).
+    assert f"resuming with {len(stopped['parts']) * POPULATION} stored evaluations" in log, (
+        log[-4000:])
+    # The resumed job ended well and left a complete run directory.
+    assert search["status"] == "SUCCEEDED", log[-6000:]
+    for name in ("config.yaml", "run.json", "best.json"):
+        assert run.exists(name), name
+    assert any(name.endswith(".png") for name in run.listdir("report"))
+    best = run.read_json("best.json")
+    assert best["search"]["evaluations"] == GENERATIONS * POPULATION
     assert best["search"]["value"] == min(r["value"] for r in rows)
 
 
@@ -192,80 +308,3 @@ def ray_node_of(value: str, node_ids: list[str]) -> str | None:
         if len(hits) == 1:
             return hits[0]
     return None
-
-
-def test_evaluations_record_both_ray_nodes(cluster: LoopbackCluster,
-                                           full_run: dict[str, Any]) -> None:
-    """Both nodes share this machine's host name, so the ``node`` column must name the Ray
-    node (its id) for the placement to show."""
-    assert full_run["status"] == "SUCCEEDED", full_run["log"][-3000:]
-    node_ids = [n["node_id"] for n in cluster.nodes()]
-    assert len(node_ids) == 2
-    rows = read_rows(full_run["dir"])
-    values = sorted({r["node"] for r in rows})
-    named = {v: ray_node_of(v, node_ids) for v in values}
-    assert all(named.values()), (
-        f"node column values {values} do not name Ray nodes {node_ids}: record the actor's "
-        "Ray node id (ray.get_runtime_context().get_node_id()) in each evaluation"
-    )
-    assert set(named.values()) == set(node_ids), f"evaluations only on {set(named.values())}"
-    per_worker = {r["worker"]: named[r["node"]] for r in rows}
-    assert len(set(per_worker.values())) == 2, per_worker
-
-
-def test_stopped_job_resumes_with_every_evaluation_once(
-    cluster: LoopbackCluster, full_run: dict[str, Any], s3_endpoint: str
-) -> None:
-    from searchd.storage import RunDir
-
-    run_uri = (f"s3://{BUCKET}/runs/stopped?region=us-east-1&endpoint_override={s3_endpoint}"
-               "&scheme=http")
-    run = RunDir(run_uri)
-    job = cluster.submit(search_command(run_uri), working_dir=ROOT,
-                         env_vars=dict(JOB_ENV, **AWS_ENV))
-
-    # Stop it once two generations are stored (so the resumed searcher must restore bred
-    # candidates, not only the first random ones) and while the search still runs.
-    deadline = time.monotonic() + BUDGET.left(420)
-    while len(parts(run_uri)) < 2:
-        status = cluster.job(job)["status"]
-        assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), (
-            f"job {status} before two generations were stored:\n"
-            + cluster.job_logs(job)[-4000:])
-        assert time.monotonic() < deadline, "no two generations stored in time"
-        time.sleep(0.2)
-    stop = cluster.stop_job(job, timeout=BUDGET.left(180))
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert cluster.job(job)["status"] == "STOPPED"
-    stopped_log = cluster.job_logs(job)
-    stored = parts(run_uri)
-    assert len(stored) < GENERATIONS, "the job finished before it was stopped"
-    assert not run.exists("best.json")
-    # SIGINT let the search end cleanly: it says how to resume.
-    assert "--resume" in stopped_log, stopped_log[-4000:]
-
-    status, log = run_job(cluster, search_command(resume=run_uri))
-    # The stopped job's files are kept as they were; the resumed job added the rest.
-    assert set(stored) <= set(parts(run_uri)), log[-4000:]
-    rows = read_rows(run_uri)
-    ids = [r["candidate_id"] for r in rows]
-    assert len(ids) == GENERATIONS * POPULATION, log[-4000:]
-    assert len(set(ids)) == len(ids), [i for i, n in collections.Counter(ids).items() if n > 1]
-    assert collections.Counter(r["generation"] for r in rows) == {
-        g: POPULATION for g in range(GENERATIONS)
-    }
-    # The same search as the uninterrupted run: same candidates, same values, same winner.
-    # Values agree to rounding only: the float64 feature sums of a candidate are added up in
-    # another order when the actors split and merge the batches differently (seen: 7e-14).
-    assert full_run["status"] == "SUCCEEDED", full_run["log"][-3000:]
-    full = {r["candidate_id"]: r["value"] for r in read_rows(full_run["dir"])}
-    resumed = {r["candidate_id"]: r["value"] for r in rows}
-    assert resumed.keys() == full.keys()
-    assert resumed == pytest.approx(full, rel=1e-9)
-    best = run.read_json("best.json")
-    best_full = json.loads((full_run["dir"] / "best.json").read_text())
-    assert best["schedule"] == best_full["schedule"]
-    assert best["search"]["evaluations"] == GENERATIONS * POPULATION
-    # And the resumed job ended well, its report written next to the evaluations.
-    assert status == "SUCCEEDED", log[-6000:]
-    assert any(name.endswith(".png") for name in run.listdir("report"))

@@ -19,10 +19,11 @@ function has returned. So ``on_results`` (the driver's Parquet append) finishes 
 searcher learns of any candidate of that trial: a candidate never counts as done without
 its row.
 
-A trial reserves a small fraction of a CPU and no GPU (Tune rejects ``{"cpu": 0}``); the
-evaluator actors hold the resources. With ``reuse_actors=True``, one trial in flight and
-Tune's result loggers off, a trial costs Tune about 35-50 ms on 2 cores (about 1.3 s with two
-or more trials in flight, which defeats actor reuse); see docs/notes-distributed.md.
+A trial reserves a small fraction of a CPU and no GPU (Tune rejects ``{"cpu": 0}``), on the
+head node (``HEAD_NODE_RESOURCE``); the evaluator actors hold the resources. With
+``reuse_actors=True``, one trial in flight and Tune's result loggers off, a trial costs
+Tune about 35-50 ms on 2 cores (about 1.3 s with two or more trials in flight, which defeats
+actor reuse); see docs/notes-distributed.md.
 
 On SIGINT, ``Tuner.fit()`` returns normally with a partial result; ``RunOutcome.finished``
 is True only if the searcher returned FINISHED and every trial it handed out completed.
@@ -55,6 +56,11 @@ logger = logging.getLogger(__name__)
 PAYLOAD_KEY = "_searchd_payload"
 # CPU a trial reserves: Tune rejects 0; the actors hold the real resources.
 TRIAL_CPUS = 0.01
+# Every head node has this resource (1.0); a trial asking for a sliver of it runs on the head,
+# next to the driver: Tune's experiment directory is the driver's local scratch directory
+# (a trial on another node would fail Tune's storage check), and the thin trials never take
+# a CPU slot of a GPU node.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 OnResults = Callable[[str, list[Schedule], list[EvaluatedCandidate]], None]
 OnError = Callable[[str, list[dict[str, Any]], str], None]
@@ -273,6 +279,7 @@ def run_tune_search(
     keep_stats: bool = False,
     known: Mapping[str, Any] | None = None,
     trial_cpus: float = TRIAL_CPUS,
+    on_head: bool = True,
     tune_loggers: bool = False,
 ) -> RunOutcome:
     """Run ``searcher`` under Ray Tune until it returns FINISHED (or is interrupted).
@@ -302,6 +309,8 @@ def run_tune_search(
             dict) of candidates scored before (a resumed run): not scored again; the stored
             result is reported, and passed to ``on_results``, in their place.
         trial_cpus: CPU fraction a trial reserves (> 0).
+        on_head: run the trials on the head node (``HEAD_NODE_RESOURCE``), where the driver
+            and Tune's scratch experiment directory are.
         tune_loggers: keep Tune's CSV/JSON/TensorBoard result loggers (default off: the run
             directory is the record, and they cost time per trial).
     """
@@ -319,9 +328,12 @@ def run_tune_search(
         str(cid): r if isinstance(r, EvaluatedCandidate) else result_from_row(r)
         for cid, r in (known or {}).items()
     }
+    resources: dict[str, float] = {"cpu": trial_cpus}
+    if on_head:
+        resources[HEAD_NODE_RESOURCE] = 0.001
     trainable = tune.with_resources(
         make_trainable(decode, pool_client, seeds, metric, mode, keep_stats, stored),
-        {"cpu": trial_cpus},
+        resources,
     )
     callback = _ResultsCallback(on_results, on_error)
     tuner = tune.Tuner(

@@ -258,6 +258,20 @@ class SearchSession:
                         for r in results)
         self.progress.update(gen, values, n_samples, self.baseline_values)
         self.batch_index += 1
+        self._grow_pool()
+
+    def _grow_pool(self) -> None:
+        """Between trials: start actors for capacity that joined (GPU nodes the autoscaler
+        added) and admit those that have loaded; never waits, never stops the search."""
+        try:
+            added = self.pool.refresh(wait=False)
+        except Exception as e:  # an actor that died while loading: the others serve
+            logger.warning("evaluator pool refresh failed: %s: %s", type(e).__name__, e)
+            return
+        if added:
+            nodes = sorted({i["node"] for i in self.pool.workers})
+            self._say(f"searchd: evaluator pool grew to {len(self.pool)} actor(s) on "
+                      f"{', '.join(nodes)}")
 
     # Finish ---------------------------------------------------------------------------------
     def _finish(self) -> str:
