@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from searchd.report import main as report_main
 from searchd.storage import RunDir, table_to_rows
 from searchd.storage.rundir import is_temp_name
 
@@ -210,13 +211,19 @@ def run_killed(args: list[str], fault: str, out: Path) -> tuple[Driver, str]:
     # Its Ray processes outlived it until the test killed them; none is left now.
     assert d.leftovers and not session_pids(d.proc.pid)
     how = next(ln for ln in text.splitlines() if "SEARCHD_FAULT: SIGKILL" in ln)
-    print(f"{fault}: killed after {d.wall_s:.1f} s; {len(d.leftovers)} Ray processes "
-          f"of its session killed; {how}")
+    d.summary = (f"{fault}: killed after {d.wall_s:.1f} s; {len(d.leftovers)} Ray processes "
+                 f"of its session killed; {how}")
     return d, text
 
 
+def say(capsys, text: str) -> None:
+    """Print past pytest's capture (with -s: the test's timings)."""
+    with capsys.disabled():
+        print(text)
+
+
 def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
-    uninterrupted, tmp_path
+    uninterrupted, tmp_path, capsys
 ):
     """One run killed three times (between generations, in the middle of one, during a
     Parquet write), resumed after each kill, finishes exactly as the uninterrupted run."""
@@ -226,16 +233,24 @@ def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
     # Kill 1, between generations: generation 0 stored (rows, then the searcher state with
     # its candidates pending), generation 1 not built yet.
     d1, _ = run_killed([*TINY, "--run-dir", str(run)], "after_generation:1", tmp_path / "1.txt")
+    say(capsys, d1.summary)
     s1 = stored(run)
     assert len(s1["parts"]) == 1 and s1["states"] == [0] and s1["temps"] == []
     assert {r["generation"] for r in s1["rows"]} == {0} and len(s1["rows"]) == POPULATION
     check_stored_rows(s1["rows"], uninterrupted)
     assert (run / "LOCK").exists() and not (run / "best.json").exists()
+    # The report reads the killed run as it is (no lock taken, nothing moved).
+    assert report_main([str(run), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert f"state: interrupted (stale lock of pid {d1.proc.pid} " in text
+    assert f"{POPULATION} evaluations (0 not ok) in 1 part file(s)" in text
+    assert (run / "LOCK").exists() and stored(run)["parts"] == s1["parts"]
 
     # Kill 2, in the middle of a generation: the resumed search re-reports generation 0
     # from the Parquet (no scoring), builds generation 1 from the restored searcher, and is
     # killed while an evaluator scores it: nothing of generation 1 is stored.
     d2, out2 = run_killed(resume, "mid_generation:2", tmp_path / "2.txt")
+    say(capsys, d2.summary)
     assert f"resuming with {POPULATION} stored evaluations" in out2
     s2 = stored(run)
     assert s2["parts"] == s1["parts"] and s2["temps"] == []
@@ -248,6 +263,7 @@ def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
     # kill 2) and stored; generation 2 is scored and its part written to a temporary file,
     # not renamed.
     d3, out3 = run_killed(resume, "after_tmp_write:2", tmp_path / "3.txt")
+    say(capsys, d3.summary)
     assert f"resuming with {POPULATION} stored evaluations" in out3
     s3 = stored(run)
     assert len(s3["parts"]) == 2 and s3["parts"][0] == s1["parts"][0]
@@ -266,7 +282,7 @@ def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
     log = (run / "log.txt").read_text()
     assert f"took over the stale lock of pid {d3.proc.pid} " in log
     assert f"removed 1 temporary file(s) of interrupted writes: evaluations/{tmp}" in log
-    print(f"final resume: {r.wall_s:.1f} s")
+    say(capsys, f"final resume: {r.wall_s:.1f} s")
 
     # The run directory is intact: every part passes its checks, none set aside, no
     # temporaries, the lock released, the first parts kept as they were.
@@ -285,6 +301,13 @@ def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
         assert got["candidates"].get(cid) == want, cid
     assert got == uninterrupted
     assert json.loads((run / "best.json").read_text())["search"]["evaluations"] == len(ids)
+
+    # The report of the finished run: its winner on top, its generations, its plots redrawn.
+    assert report_main([str(run), "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "state: finished" in text and got["best_id"] in text.split("Top 1 candidates")[1]
+    assert f"{GENERATIONS * POPULATION} evaluations (0 not ok) in {GENERATIONS} part" in text
+    assert (run / "report" / "schedules.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_unknown_fault_point_is_refused_before_ray(tmp_path):

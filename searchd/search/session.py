@@ -424,25 +424,21 @@ class SearchSession:
 
     def _plots(self, winner: Schedule, baselines: Sequence[Schedule], best_base: int,
                rows: Sequence[dict[str, Any]], images: dict[int, Any]) -> None:
-        from searchd.plots import plot_history, plot_schedules, save_image_grid
+        from searchd.plots import save_image_grid
+        from searchd.report import copy_into_run, draw_plots
 
-        # Plots are drawn in a scratch directory and copied in (atomically, also to s3://).
+        # Plots are drawn in a scratch directory and copied in (atomically, also to s3://);
+        # python -m searchd.report redraws the first two the same way.
         report = scratch_dir("searchd-report-")
-        all_rows = rows
-        plot_history([r["generation"] for r in all_rows], [r["value"] for r in all_rows],
-                     self.baseline_values, os.path.join(report, "metric_per_generation.png"),
-                     metric=self.metric)
         named = {"searched (best)": winner.sigmas}
         for b in baselines:
             named[str(b.meta.get("name", b.id))] = b.sigmas
-        plot_schedules(named, os.path.join(report, "schedules.png"),
-                       title=f"best schedule vs baselines ({winner.solver}, NFE {self.cfg.nfe})")
+        draw_plots(report, rows, self.baseline_values, named, self.metric,
+                   f"best schedule vs baselines ({winner.solver}, NFE {self.cfg.nfe})")
         labels = {0: "best", 1 + best_base: "best_baseline"}
         for i, x in images.items():
             save_image_grid(x, os.path.join(report, f"samples_{labels[i]}.png"))
-        for name in sorted(os.listdir(report)):
-            with open(os.path.join(report, name), "rb") as f:
-                self.run_dir.write_bytes(f"report/{name}", f.read())
+        copy_into_run(self.run_dir, report, sorted(os.listdir(report)))
         shutil.rmtree(report, ignore_errors=True)
 
     def _print_summary(self, best: dict[str, Any]) -> None:
