@@ -271,7 +271,7 @@ class SearchSession:
             self._fault_calls = self._actor_calls()
 
         def watch() -> None:
-            while True:
+            while getattr(self, "pool", None) is not None:  # ends with the actor pool
                 time.sleep(0.01)
                 if self.n_trials == n - 1 and self._fault_calls is not None:
                     if self._actor_calls() > self._fault_calls:
