@@ -462,4 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the output piped into head, less, ...: not an error
+        sys.stderr.close()
+        sys.exit(0)
