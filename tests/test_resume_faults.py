@@ -84,8 +84,9 @@ def session_pids(sid: int) -> list[int]:
 
 def kill_session(sid: int) -> list[int]:
     """SIGKILL the process group ``sid`` and then every process left in session ``sid`` (the
-    driver started with ``start_new_session``: its pid is both). Returns the pids killed."""
-    killed = []
+    driver started with ``start_new_session``: its pid is both). Returns the pids that the
+    per-pid pass had to kill (those outside the process group: Ray's workers and actors)."""
+    killed: set[int] = set()
     try:
         os.killpg(sid, signal.SIGKILL)
     except ProcessLookupError:
@@ -93,11 +94,11 @@ def kill_session(sid: int) -> list[int]:
     for _ in range(300):
         left = session_pids(sid)
         if not left:
-            return killed
+            return sorted(killed)
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                killed.add(pid)
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
@@ -212,7 +213,7 @@ def run_killed(args: list[str], fault: str, out: Path) -> tuple[Driver, str]:
     assert d.leftovers and not session_pids(d.proc.pid)
     how = next(ln for ln in text.splitlines() if "SEARCHD_FAULT: SIGKILL" in ln)
     d.summary = (f"{fault}: killed after {d.wall_s:.1f} s; {len(d.leftovers)} Ray processes "
-                 f"of its session killed; {how}")
+                 f"outside its process group killed by pid; {how}")
     return d, text
 
 
