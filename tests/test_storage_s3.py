@@ -182,3 +182,25 @@ def test_s3_run_connects_to_loopback_only(s3, tmp_path):
     assert any(f"htons({s3['endpoint'].split(':')[1]})" in c for c in inet), calls
     outside = [c for c in inet if not _loopback_only(c)]
     assert outside == [], "connections outside loopback:\n" + "\n".join(outside)
+
+
+def test_report_reads_an_s3_run_and_writes_its_plots_there(s3, capsys):
+    from test_report import write_run
+
+    from searchd.report import main
+
+    uri = _uri(s3, "runs/report")
+    made = write_run(uri, finished=True)
+    assert main([uri, "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"s3://{BUCKET}/runs/report" in out and "state: finished" in out
+    assert made["ok"][0]["candidate_id"] in out.split("Top 2 candidates")[1]
+    keys = _keys(s3, "runs/report/report/")
+    assert keys == ["runs/report/report/metric_per_generation.png",
+                    "runs/report/report/schedules.png"]
+    body = s3["client"].get_object(Bucket=BUCKET, Key=keys[1])["Body"].read()
+    assert body.startswith(b"\x89PNG")
+    # An S3 prefix that holds no run: one line, exit 2.
+    assert main([_uri(s3, "runs/nothing-here")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs/nothing-here" in err

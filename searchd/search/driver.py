@@ -140,9 +140,11 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def preflight(cfg: SearchConfig) -> None:
     """Cheap checks of names and files, so that bad input fails before Ray starts."""
+    from searchd import faults
     from searchd.evaluation.features import FEATURES
     from searchd.models import known_models
 
+    faults.configured()  # a SEARCHD_FAULT that names no fault point is refused here
     if cfg.model.name is not None and cfg.model.spec is None:
         if cfg.model.name not in known_models():
             raise ValueError(

@@ -8,12 +8,14 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from searchd import faults
 from searchd.config import SearchConfig
 from searchd.schedule import Schedule
 from searchd.search import build
@@ -52,6 +54,8 @@ class SearchSession:
         self.quiet = quiet or not cfg.report.progress
         self.metric = cfg.metric.name
         self.started_ray = False
+        self.first_state_index = 0  # number of the first searcher state this session writes
+        self.known: dict[str, Any] = {}
 
     # The whole run ------------------------------------------------------------------------
     def run(self) -> int:
@@ -61,18 +65,24 @@ class SearchSession:
         t0 = time.monotonic()
         self.run_dir = RunDir(cfg.run_dir)
         try:
-            with RunLock(self.run_dir, force=self.force):
-                return self._run_locked(t0)
+            # The lock stays out of ``self``: Tune pickles the session with its callback.
+            with RunLock(self.run_dir, force=self.force) as lock:
+                return self._run_locked(t0, lock)
         except StorageError as e:
             print(f"searchd.search: error: {e}", file=sys.stderr)
             return 1
         finally:
             self._shutdown()
 
-    def _run_locked(self, t0: float) -> int:
+    def _run_locked(self, t0: float, lock: Any) -> int:
         cfg, run = self.cfg, self.run_dir
         log_path = run.local_path("log.txt")
         setup_logging(log_path)
+        if lock.taken_over is not None:
+            logger.info("took over the stale lock of %s", lock.taken_over.describe())
+        if lock.removed_temps:
+            logger.info("removed %d temporary file(s) of interrupted writes: %s",
+                        len(lock.removed_temps), ", ".join(lock.removed_temps))
         if self.resume:
             state = json.loads(run.read_text("run.json"))
             self.run_id = state["run_id"]
@@ -192,7 +202,10 @@ class SearchSession:
         if last is not None:
             gen, state = last
             self.searcher.set_state(state)
-            logger.info("searcher restored from state-%s.json", gen)
+            logger.info("searcher restored from state-%06d.json", gen)
+            # State files continue after the newest one: a resumed run never overwrites a
+            # state of the run it continues (a second interruption resumes from the newest).
+            self.first_state_index = max(run.searcher_state_generations()) + 1
         self.searcher.requeue_pending()
         self._say(f"searchd: resuming with {len(known)} stored evaluations")
         return known
@@ -210,9 +223,11 @@ class SearchSession:
                                       if cfg.search.algorithm == "evolution" else None)
         gens = ev.generations if cfg.search.algorithm == "evolution" else None
         self.progress = Progress(gens, total, self.metric, enabled=not self.quiet)
-        self.baseline_values: dict[str, float] = {}
+        self.baseline_values = self._stored_baseline_values()
         self.n_rows = 0
-        self.batch_index = 0
+        self.batch_index = self.first_state_index
+        self.n_trials = 0  # trials whose results reached this session
+        self._arm_mid_generation_fault()
         base = cfg.samples.seed_base
         seeds = list(range(base, base + cfg.samples.per_candidate))
         tune_dir = scratch_dir("searchd-tune-")
@@ -227,10 +242,54 @@ class SearchSession:
             shutil.rmtree(tune_dir, ignore_errors=True)
         return bool(outcome.finished)
 
+    def _stored_baseline_values(self) -> dict[str, float]:
+        """Search values of the baselines stored by the run this session resumes (a resumed
+        search may never see generation 0 again)."""
+        names = {b.id: str(b.meta.get("name", b.id)) for b in self.baselines}
+        out: dict[str, float] = {}
+        for cid, row in self.known.items():
+            if cid in names and row.get("origin") == "baseline":
+                v = row.get("value")
+                out[names[cid]] = float(v) if row.get("status") == "ok" and v is not None \
+                    else math.inf
+        return out
+
+    # Fault injection (searchd/faults.py) -----------------------------------------------------
+    def _actor_calls(self) -> int:
+        """Evaluator calls started so far, over all actors."""
+        return sum(int(st["calls"]) for st in self.pool.stats())
+
+    def _arm_mid_generation_fault(self) -> None:
+        """``SEARCHD_FAULT=mid_generation:n``: a thread that SIGKILLs this process as soon as
+        an actor starts scoring the n-th trial of this session (before its rows are stored)."""
+        self._mid_generation_fault = faults.armed("mid_generation")
+        self._fault_calls: int | None = None
+        n = self._mid_generation_fault
+        if n is None:
+            return
+        if n == 1:
+            self._fault_calls = self._actor_calls()
+
+        def watch() -> None:
+            while getattr(self, "pool", None) is not None:  # ends with the actor pool
+                time.sleep(0.01)
+                if self.n_trials == n - 1 and self._fault_calls is not None:
+                    if self._actor_calls() > self._fault_calls:
+                        faults.kill("mid_generation", n, "an evaluator actor is scoring "
+                                    f"trial {n} of this session; none of its rows stored")
+
+        threading.Thread(target=watch, name="searchd-fault-watch", daemon=True).start()
+
     def _on_results(self, trial_id: str, schedules: Sequence[Schedule], results: Sequence[Any],
                     ) -> None:
         """Append a trial's evaluations to Parquet (durable before the searcher learns of
         them), save the searcher state, and update the progress display."""
+        if self._mid_generation_fault == self.n_trials + 1:
+            # SEARCHD_FAULT=mid_generation:n: the results came before the watcher saw the
+            # scoring start; die here, before any of them is stored.
+            faults.kill("mid_generation", self._mid_generation_fault,
+                        "the trial's results reached the driver before the actors' counters "
+                        "showed its scoring; none of them stored")
         gen = max((int(s.meta.get("generation", self.batch_index)) for s in schedules),
                   default=self.batch_index)
         rows = []
@@ -245,6 +304,10 @@ class SearchSession:
         # The searcher has not learned this trial's results yet: its state holds them as
         # pending, and a resume replays them from the rows just written.
         self.run_dir.save_searcher_state(self.batch_index, self.searcher.get_state())
+        self.n_trials += 1
+        faults.hit("after_generation")  # SEARCHD_FAULT=after_generation[:n] (faults.py)
+        if self._mid_generation_fault == self.n_trials + 1:
+            self._fault_calls = self._actor_calls()  # the next trial's scoring not started
         for s, r in zip(schedules, results):
             if s.meta.get("origin") == "baseline":
                 res = r.result if hasattr(r, "result") else r
@@ -375,25 +438,21 @@ class SearchSession:
 
     def _plots(self, winner: Schedule, baselines: Sequence[Schedule], best_base: int,
                rows: Sequence[dict[str, Any]], images: dict[int, Any]) -> None:
-        from searchd.plots import plot_history, plot_schedules, save_image_grid
+        from searchd.plots import save_image_grid
+        from searchd.report import copy_into_run, draw_plots
 
-        # Plots are drawn in a scratch directory and copied in (atomically, also to s3://).
+        # Plots are drawn in a scratch directory and copied in (atomically, also to s3://);
+        # python -m searchd.report redraws the first two the same way.
         report = scratch_dir("searchd-report-")
-        all_rows = rows
-        plot_history([r["generation"] for r in all_rows], [r["value"] for r in all_rows],
-                     self.baseline_values, os.path.join(report, "metric_per_generation.png"),
-                     metric=self.metric)
         named = {"searched (best)": winner.sigmas}
         for b in baselines:
             named[str(b.meta.get("name", b.id))] = b.sigmas
-        plot_schedules(named, os.path.join(report, "schedules.png"),
-                       title=f"best schedule vs baselines ({winner.solver}, NFE {self.cfg.nfe})")
+        draw_plots(report, rows, self.baseline_values, named, self.metric,
+                   f"best schedule vs baselines ({winner.solver}, NFE {self.cfg.nfe})")
         labels = {0: "best", 1 + best_base: "best_baseline"}
         for i, x in images.items():
             save_image_grid(x, os.path.join(report, f"samples_{labels[i]}.png"))
-        for name in sorted(os.listdir(report)):
-            with open(os.path.join(report, name), "rb") as f:
-                self.run_dir.write_bytes(f"report/{name}", f.read())
+        copy_into_run(self.run_dir, report, sorted(os.listdir(report)))
         shutil.rmtree(report, ignore_errors=True)
 
     def _print_summary(self, best: dict[str, Any]) -> None:

@@ -123,7 +123,8 @@ class RunLock:
 
     ``with RunLock(run): ...`` acquires on entry (raising ``LockError`` if another search
     holds the run), removes temporaries of interrupted writes, and releases on exit.
-    ``taken_over`` is the stale record that was replaced, if any.
+    ``taken_over`` is the stale record that was replaced, if any; ``removed_temps`` the
+    temporaries of interrupted writes that acquiring removed (relative paths).
     """
 
     settle_s = 0.3  # object stores: wait before reading our record back
@@ -140,6 +141,7 @@ class RunLock:
         self.heartbeat_s = heartbeat_s
         self.info: LockInfo | None = None
         self.taken_over: LockInfo | None = None
+        self.removed_temps: list[str] = []  # temporaries of interrupted writes removed
         self._fd: int | None = None
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -165,7 +167,7 @@ class RunLock:
         else:
             self._acquire_object()
         try:
-            self.run.clean_temp_files()
+            self.removed_temps = self.run.clean_temp_files()
         except BaseException:
             self.release()
             raise

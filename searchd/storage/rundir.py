@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from searchd import faults
 from searchd.storage.errors import SchemaVersionError, StorageError, one_line
 from searchd.storage.schema import (
     EVALUATION_SCHEMA,
@@ -379,6 +380,9 @@ class RunDir:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if rel.startswith(f"{EVALUATIONS_DIR}/part-"):
+                # SEARCHD_FAULT=after_tmp_write[:n]: a real SIGKILL here (searchd/faults.py).
+                faults.hit("after_tmp_write")
             os.replace(tmp, final)
             _fsync_dir(folder)
         except OSError as e:

@@ -1,0 +1,94 @@
+"""Fault injection: ``SEARCHD_FAULT`` makes the process kill itself (SIGKILL) at a named point.
+
+This is how the resume tests crash a search at a precise moment; it is a real ``kill -9``
+of the running process (no cleanup, no ``finally``, no flush of anything not yet written),
+not a simulation. Unset (the default), every hook is a dictionary lookup and nothing else.
+
+``SEARCHD_FAULT=<point>[:<n>]`` kills the process the ``n``-th time (default 1) it reaches
+``<point>``, counted in this process:
+
+- ``after_tmp_write``: an evaluation part's temporary file (``evaluations/.part-...tmp-...``)
+  is written and fsync'd, and not yet renamed into place (local run directories; an object
+  store writes the final key in one PUT and has no such moment);
+- ``mid_generation``: an evaluator actor has started scoring the candidates of the ``n``-th
+  trial (one trial is one generation of the evolutionary search), and none of that trial's
+  rows is stored yet. The driver watches the actors' counters to see the scoring start; if
+  the trial's results reach the driver first, it is killed there, before storing them;
+- ``after_generation``: the ``n``-th trial's rows and the searcher state after it are stored,
+  and the searcher has not yet learned of the results (the next generation is not built).
+
+Example: ``SEARCHD_FAULT=after_tmp_write:2 python -m searchd.search --config ...`` dies while
+writing the second evaluation part; ``python -m searchd.search --resume RUN_DIR`` then
+continues the run. A value that names no point is refused by the driver before anything
+starts (exit code 2).
+
+This module imports only the standard library (``searchd.storage`` uses it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+ENV = "SEARCHD_FAULT"
+
+POINTS: dict[str, str] = {
+    "after_tmp_write": "an evaluation part's temporary file is written, before its rename",
+    "mid_generation": "an evaluator is scoring the n-th trial, none of its rows stored",
+    "after_generation": "the n-th trial's rows and searcher state are stored",
+}
+
+_hits: dict[str, int] = {}
+
+
+def parse(text: str) -> tuple[str, int]:
+    """``"<point>[:<n>]"`` -> ``(point, n)``; ``ValueError`` (one line) for anything else."""
+    allowed = f"allowed: <point>[:<n>] with point one of {sorted(POINTS)} and n >= 1"
+    point, _, count = text.strip().partition(":")
+    if point not in POINTS:
+        raise ValueError(f"{ENV} = {text!r} names no fault point; {allowed}")
+    if not count:
+        return point, 1
+    try:
+        n = int(count)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{ENV} = {text!r}: the count must be an integer >= 1; {allowed}")
+    return point, n
+
+
+def configured() -> tuple[str, int] | None:
+    """The fault ``SEARCHD_FAULT`` asks for, or None (unset or empty)."""
+    text = os.environ.get(ENV, "")
+    return parse(text) if text.strip() else None
+
+
+def armed(point: str) -> int | None:
+    """``n`` if ``SEARCHD_FAULT`` names ``point`` (this process dies at its ``n``-th hit)."""
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    name, n = parse(text)
+    return n if name == point else None
+
+
+def hit(point: str) -> None:
+    """Count one arrival at ``point``; SIGKILL this process at the ``n``-th one if armed."""
+    n = armed(point)
+    if n is None:
+        return
+    _hits[point] = _hits.get(point, 0) + 1
+    if _hits[point] == n:
+        kill(point, n)
+
+
+def kill(point: str, n: int, detail: str | None = None) -> None:
+    """Say so on stderr (``detail``: what exactly was happening), then SIGKILL this process
+    (never returns)."""
+    try:
+        sys.stderr.write(f"searchd: {ENV}: SIGKILL at {point}:{n} ({detail or POINTS[point]})\n")
+        sys.stderr.flush()
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
