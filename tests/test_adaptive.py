@@ -191,3 +191,55 @@ def test_torchscript_export_matches(k8):
         assert torch.equal(torch.jit.script(one)(f), one(f))
         s = torch.full((4,), g[1], dtype=torch.float64)
         assert torch.equal(torch.jit.script(delta)(1, noise, s, f), delta(1, noise, s, f))
+
+
+# The product: files, TorchScript, paired held-out scoring ----------------------------------------
+def test_train_save_load_and_score_a_predictor(k8, tmp_path):
+    from searchd.adaptive.product import (
+        load_predictor,
+        predictor_heldout,
+        sample_features,
+        save_predictor,
+        train_predictor,
+    )
+    from searchd.evaluation import Evaluator
+    from searchd.evaluation.reference import exact_reference
+    from searchd.schedule import Schedule
+
+    g = Schedule(baseline("polynomial", 4, k8.sigma_min, k8.sigma_max), solver="dpmpp_2m")
+    model, record = train_predictor(k8, g, range(4), kind="delta", teacher_steps=4,
+                                    oracle={"iters": 2}, fit={"epochs": 5, "hidden": 8})
+    assert record["oracle_loss"] < record["global_loss"] and record["n_train"] == 4
+    info = save_predictor(model, tmp_path, {"gain": "n/a"})
+    assert info["kind"] == "delta" and info["global_sigmas"] == list(g.sigmas)
+    back = load_predictor(tmp_path)
+    scripted = torch.jit.load(str(tmp_path / info["torchscript"]))
+    noise = make_noise(range(10, 14), k8.shape, dtype=torch.float64)
+    with torch.no_grad():
+        a = solve(k8, noise, model.policy())
+        assert torch.equal(a, solve(k8, noise, back.policy()))
+        s = torch.full((4,), g.sigmas[1], dtype=torch.float64)
+        d = k8(noise, s)
+        assert torch.equal(scripted(1, noise, s, d), model(1, noise, s, d))
+    with pytest.raises(ValueError, match="no predictor at"):
+        load_predictor(tmp_path / "missing")
+
+    ev = Evaluator(k8, "digits", exact_reference(k8, load_features_digits(), range(500, 564)))
+    seeds = list(range(100, 108))
+    # An untrained predictor is the global schedule: zero difference, on the same noise.
+    zero = DeltaPredictor(g.sigmas, k8.sigma_min, 64)
+    out = predictor_heldout(ev, zero, g, seeds, resamples=10)
+    assert out["scores"][1]["diff"] == 0.0 and out["scores"][1]["diff_ci"] == [0.0, 0.0]
+    # Our feature path is the evaluator's.
+    _, feats = ev.per_sample_features([g], seeds)
+    with torch.no_grad():
+        x = solve(k8, ev.noise(seeds), np.array(g.sigmas))
+    assert torch.equal(sample_features(ev, x), feats[0])
+    scored = predictor_heldout(ev, model, g, seeds, resamples=10)
+    assert scored["scores"][1]["status"] == "ok" and scored["scores"][1]["diff"] != 0.0
+
+
+def load_features_digits():
+    from searchd.evaluation import load_features
+
+    return load_features("digits")

@@ -134,6 +134,7 @@ class OneShotPredictor(nn.Module):
             raise ValueError(f"inputs = {inputs!r}; allowed: {list(INPUTS)}")
         self.head = OffsetHead(global_sigmas, sigma_min)
         self.inputs = inputs
+        self.sigma_min, self.hidden = float(sigma_min), int(hidden)
         self.dim = int(dim)
         self.net = _mlp(self.dim, int(hidden), max(self.head.n_free, 1))
 
@@ -161,6 +162,7 @@ class DeltaPredictor(nn.Module):
     def __init__(self, global_sigmas: Any, sigma_min: float, dim: int, hidden: int = 64) -> None:
         super().__init__()
         self.head = OffsetHead(global_sigmas, sigma_min)
+        self.sigma_min, self.hidden = float(sigma_min), int(hidden)
         self.dim = int(dim)
         self.n_steps = self.head.n_steps
         self.net = _mlp(2 * self.dim + self.n_steps + 1, int(hidden), max(self.head.n_free, 1))
