@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,10 @@ def save_predictor(model: Any, directory: str | Path, meta: Mapping[str, Any] | 
         args["inputs"] = model.inputs
     blob = {"kind": kind, "args": args, "state_dict": model.state_dict()}
     _atomic_write(d / "predictor.pt", lambda p: torch.save(blob, p))
-    scripted = torch.jit.script(model.eval())
+    with warnings.catch_warnings():
+        # torch >= 2.5 marks TorchScript deprecated; it is still what loads anywhere.
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model.eval())
     _atomic_write(d / "predictor.ts", lambda p: scripted.save(str(p)))
     info = {
         "kind": kind, "weights": "predictor.pt", "torchscript": "predictor.ts",
