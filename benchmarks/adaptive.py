@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from searchd.adaptive import first_denoised, fit_delta, fit_one_shot, oracle_schedules
+from searchd.adaptive.product import sample_features
 from searchd.evaluation import Evaluator
 from searchd.evaluation.heldout import bootstrap_counts, scores_from_features
 from searchd.evaluation.reference import exact_reference
@@ -51,21 +52,6 @@ REFERENCE_SEED_BASE = 2_000_000
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sample_features(ev: Evaluator, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample features [n, d] of samples [n, *shape], blocked and padded exactly as the
-    evaluator's accumulator does (blocks of min(feature_block, n), a padded last block)."""
-    n = x.shape[0]
-    block = min(ev.feature_block, n)
-    out = []
-    for a in range(0, n, block):
-        images = x[a : a + block].reshape(-1, *ev.image_shape)
-        take = images.shape[0]
-        if take < block:
-            images = torch.cat([images, images.new_zeros((block - take, *images.shape[1:]))])
-        out.append(ev.features.extract(images, ev._outputs)["features"][:take].cpu())
-    return torch.cat(out)
 
 
 def teacher_distance(x: torch.Tensor, teacher: torch.Tensor) -> np.ndarray:
@@ -344,14 +330,14 @@ def main() -> None:
     p.add_argument("--model", default="gmm-digits-k64")
     p.add_argument("--solver", default="dpmpp_2m")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8])
-    p.add_argument("--train", type=int, default=128, help="training noises (oracle targets)")
-    p.add_argument("--global-train", type=int, default=32, help="noises for the global LD3")
-    p.add_argument("--eval", type=int, default=160, help="evaluation noises")
+    p.add_argument("--train", type=int, default=512, help="training noises (oracle targets)")
+    p.add_argument("--global-train", type=int, default=64, help="noises for the global LD3")
+    p.add_argument("--eval", type=int, default=384, help="evaluation noises")
     p.add_argument("--teacher-steps", type=int, default=24)
-    p.add_argument("--ld3-iters", type=int, default=25)
-    p.add_argument("--oracle-iters", type=int, default=10)
+    p.add_argument("--ld3-iters", type=int, default=60)
+    p.add_argument("--oracle-iters", type=int, default=16)
     p.add_argument("--oracle-lr", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--reference", type=int, default=10000)
     p.add_argument("--resamples", type=int, default=300)

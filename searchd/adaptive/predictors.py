@@ -137,9 +137,13 @@ class OneShotPredictor(nn.Module):
         self.sigma_min, self.hidden = float(sigma_min), int(hidden)
         self.dim = int(dim)
         self.net = _mlp(self.dim, int(hidden), max(self.head.n_free, 1))
+        # Input standardization (set from the training features by fit_one_shot).
+        self.register_buffer("in_mean", torch.zeros(self.dim))
+        self.register_buffer("in_std", torch.ones(self.dim))
 
     def raw(self, feature: Tensor) -> Tensor:
-        out = self.net(feature.reshape(feature.shape[0], -1).to(torch.float32))
+        f = feature.reshape(feature.shape[0], -1).to(torch.float32)
+        out = self.net((f - self.in_mean) / self.in_std)
         return out[:, : self.head.n_free]
 
     def forward(self, feature: Tensor) -> Tensor:
@@ -165,7 +169,11 @@ class DeltaPredictor(nn.Module):
         self.sigma_min, self.hidden = float(sigma_min), int(hidden)
         self.dim = int(dim)
         self.n_steps = self.head.n_steps
-        self.net = _mlp(2 * self.dim + self.n_steps + 1, int(hidden), max(self.head.n_free, 1))
+        n_in = 2 * self.dim + self.n_steps + 1
+        self.net = _mlp(n_in, int(hidden), max(self.head.n_free, 1))
+        # Input standardization (set from the training states by fit_delta).
+        self.register_buffer("in_mean", torch.zeros(n_in))
+        self.register_buffer("in_std", torch.ones(n_in))
 
     def features(self, step: int, x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
         b = x.shape[0]
@@ -173,8 +181,9 @@ class DeltaPredictor(nn.Module):
         xs = (x.reshape(b, -1).to(torch.float64) / torch.sqrt(1 + s * s)).to(torch.float32)
         hot = torch.zeros(b, self.n_steps, dtype=torch.float32, device=x.device)
         hot[:, step] = 1.0
-        return torch.cat([xs, denoised.reshape(b, -1).to(torch.float32), hot,
-                          torch.log(s).to(torch.float32)], dim=1)
+        f = torch.cat([xs, denoised.reshape(b, -1).to(torch.float32), hot,
+                       torch.log(s).to(torch.float32)], dim=1)
+        return (f - self.in_mean) / self.in_std
 
     def raw(self, step: int, x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
         """Raw output [B, 1] for level ``step + 1``."""
@@ -269,6 +278,12 @@ def _fit(net: nn.Module, loss_fn: Any, n: int, *, epochs: int, lr: float, weight
             "n_val": n_val}
 
 
+def _spread(f: Tensor) -> Tensor:
+    """Per-column standard deviation of training inputs, floored (constant columns: 1)."""
+    std = f.std(0) if f.shape[0] > 1 else torch.ones_like(f[0])
+    return torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
 def first_denoised(denoiser: Denoiser, noise: Tensor, sigma_max: float) -> Tensor:
     """``D(z sigma_max, sigma_max)``: the first evaluation of every solver [B, *shape]."""
     s = torch.full((noise.shape[0],), float(sigma_max), dtype=noise.dtype, device=noise.device)
@@ -302,6 +317,8 @@ def fit_one_shot(
     target = model.head.target_offsets(torch.as_tensor(np.asarray(oracle_sigmas)))
     feats = (first_denoised(denoiser, noise, float(model.head.sigmas[0])) if inputs == "denoised"
              else noise).reshape(noise.shape[0], -1).to(torch.float32)
+    model.in_mean.copy_(feats.mean(0))
+    model.in_std.copy_(_spread(feats))
 
     def loss(rows: Tensor) -> Tensor:
         u = model.head.offsets(model.raw(feats[rows]))
@@ -342,7 +359,12 @@ def fit_delta(
         solve(denoiser, noise, replay, solver=solver, **dict(solver_options or {}))
     n_free = model.head.n_free
     b = noise.shape[0]
-    feats = torch.stack([model.features(i, *replay.records[i]) for i in range(n_free)])  # [F,B,.]
+    with torch.no_grad():
+        feats = torch.stack([model.features(i, *replay.records[i]) for i in range(n_free)])
+        flat = feats.reshape(-1, feats.shape[-1])
+        model.in_mean.copy_(flat.mean(0))
+        model.in_std.copy_(_spread(flat))
+        feats = (feats - model.in_mean) / model.in_std  # [steps, B, inputs], standardized
 
     def loss(rows: Tensor) -> Tensor:
         total = 0.0
