@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> None:
                                      epochs=args.epochs, hidden=args.hidden)
         t_fit = time.perf_counter() - t0
 
+        # Control: one global schedule moved by the mean oracle offset of the training
+        # noises (what a predictor that ignores its input would learn at best).
+        with torch.no_grad():
+            u_mean = one.head.target_offsets(torch.as_tensor(o_train.sigmas)).mean(0)
+            shifted = g.copy()
+            shifted[1 : 1 + u_mean.numel()] = g[1 : 1 + u_mean.numel()] * np.exp(u_mean.numpy())
         # Samples on the evaluation seeds.
         poly = baseline("polynomial", n_steps, den.sigma_min, den.sigma_max)
         results, feats = ev.per_sample_features([Schedule(g, solver=args.solver),
@@ -129,6 +135,8 @@ def run(args: argparse.Namespace) -> None:
             x = {
                 "global (LD3)": solve(den, z_eval, g, solver=args.solver),
                 "polynomial rho 7": solve(den, z_eval, poly, solver=args.solver),
+                "global + mean oracle offset (control)": solve(den, z_eval, shifted,
+                                                                solver=args.solver),
                 "oracle (fitted per noise)": solve(den, z_eval, o_eval.sigmas, solver=args.solver),
                 "one-shot predictor": solve(den, z_eval, one.policy(), solver=args.solver),
                 "delta predictor": solve(den, z_eval, delta.policy(), solver=args.solver),
@@ -247,7 +255,11 @@ def write(args, rows, spreads, timings, seconds: float, feature_gap: float) -> N
         f"Heun {args.teacher_steps} steps (polynomial rho 7); teacher distance = mean L2 norm.",
         "- **Global best**: LD3 (log-SNR start, Adam lr 0.1, "
         f"{args.ld3_iters} iterations, pixel MSE) on the training noises. The polynomial "
-        "(EDM, rho 7) row is for scale.",
+        "(EDM, rho 7) row is for scale. The control row is one global schedule: the LD3 "
+        "schedule moved by the mean (over training noises) of the oracle's offsets, i.e. the "
+        "best a predictor that ignores its input could learn; a predictor that beats it "
+        "adapts per sample, one that only beats LD3 may just have found a better global "
+        "schedule.",
         "- **Oracle**: each evaluation noise's own schedule, by "
         f"{args.oracle_iters} Adam steps (lr {args.oracle_lr}, cosine) through the solver "
         "against the teacher's sample *of that noise*, from the global schedule. It is "
@@ -304,7 +316,8 @@ def write(args, rows, spreads, timings, seconds: float, feature_gap: float) -> N
         "with one shared level (the fixed schedule's case) and with a level per sample (the "
         "adaptive case: this mixture then takes its slower per-row path; a neural denoiser "
         "costs the same either way). Predictor: the network alone (one-shot: one forward; "
-        "delta: N - 1 forwards). Sampling: a whole `solve`.",
+        "delta: N - 1 forwards). Sampling: a whole `solve` (median of 3; on this shared "
+        "machine these vary by 2x or more between runs).",
         "",
         "| NFE | call, shared level | call, per-sample level | one-shot net | delta nets | "
         "one-shot / call | delta / call | sampling: fixed / one-shot / delta |",
