@@ -17,6 +17,7 @@ from searchd.adaptive.predictors import (
     OffsetHead,
     OneShotPredictor,
     ReplayPolicy,
+    fine_tune,
     first_denoised,
     fit_delta,
     fit_one_shot,
@@ -24,5 +25,6 @@ from searchd.adaptive.predictors import (
 
 __all__ = [
     "DeltaPredictor", "OffsetHead", "OneShotPredictor", "OracleResult", "ReplayPolicy",
-    "batched_sigmas", "first_denoised", "fit_delta", "fit_one_shot", "oracle_schedules",
+    "batched_sigmas", "fine_tune", "first_denoised", "fit_delta", "fit_one_shot",
+    "oracle_schedules",
 ]

@@ -256,18 +256,22 @@ class ReplayPolicy(SchedulePolicy):
 
 # Training -------------------------------------------------------------------------------------
 def _fit(net: nn.Module, loss_fn: Any, n: int, *, epochs: int, lr: float, weight_decay: float,
-         val_fraction: float, seed: int) -> dict[str, Any]:
-    """Full-batch AdamW on rows ``0..n-1``, keeping the weights of the best validation loss."""
+         val_fraction: float, seed: int, baseline: float = math.inf) -> dict[str, Any]:
+    """Full-batch AdamW on rows ``0..n-1``, keeping the weights of the best validation loss
+    (the weights as given count with validation loss ``baseline``)."""
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n, generator=g)
     n_val = int(round(n * val_fraction)) if n > 4 else 0
     val, train = perm[:n_val], perm[n_val:]
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    best = (math.inf, {k: v.detach().clone() for k, v in net.state_dict().items()}, 0)
+    best = (baseline, {k: v.detach().clone() for k, v in net.state_dict().items()}, 0)
     for epoch in range(epochs):
         opt.zero_grad()
         loss_fn(train).backward()
+        for p in params:
+            if p.grad is not None:
+                p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
         with torch.no_grad():
             v = float(loss_fn(val if n_val else train))
@@ -377,3 +381,45 @@ def fit_delta(
     record = _fit(model, loss, b, epochs=epochs, lr=lr, weight_decay=weight_decay,
                   val_fraction=val_fraction, seed=seed)
     return model.eval(), record
+
+
+def fine_tune(
+    model: OneShotPredictor | DeltaPredictor,
+    denoiser: Denoiser,
+    noise: Tensor,
+    teacher_samples: Tensor,
+    solver: str = "dpmpp_2m",
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    solver_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a predictor end to end: its policy through ``solve`` against the teacher.
+
+    The loss is the mean over noises of the mean squared difference between the sample of
+    the predictor's policy and the teacher's sample on the same noise (the oracle's loss,
+    with the schedule now a function of the sample). Gradients flow through the policy's
+    levels into the network. Full batch; the epoch with the best validation loss (a seeded
+    ``val_fraction`` of the noises; epoch 0 = the model as given) is kept. In place.
+    """
+    opts = dict(solver_options or {})
+    target = teacher_samples.detach()
+
+    def loss(rows: Tensor) -> Tensor:
+        x = solve(denoiser, noise[rows], model.policy(), solver=solver, **opts)
+        return (x - target[rows]).flatten(1).square().mean(1).to(torch.float64).mean()
+
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(noise.shape[0], generator=g)
+    n_val = int(round(noise.shape[0] * val_fraction)) if noise.shape[0] > 4 else 0
+    val = perm[:n_val] if n_val else perm
+    with torch.no_grad():
+        start = float(loss(val))
+    record = _fit(model, loss, noise.shape[0], epochs=epochs, lr=lr,
+                  weight_decay=weight_decay, val_fraction=val_fraction, seed=seed,
+                  baseline=start)
+    record["val_loss_start"] = start
+    return record
