@@ -243,3 +243,19 @@ def load_features_digits():
     from searchd.evaluation import load_features
 
     return load_features("digits")
+
+
+def test_fine_tune_through_the_solver_lowers_the_teacher_loss(k8):
+    from searchd.adaptive import fine_tune
+
+    g = baseline("polynomial", 4, k8.sigma_min, k8.sigma_max)
+    seeds = list(range(4))
+    noise = make_noise(seeds, k8.shape, dtype=torch.float64)
+    teacher = TeacherCache(k8).samples(seeds, TeacherSettings(n_steps=8))
+    model = OneShotPredictor(g, k8.sigma_min, 64, hidden=8)
+    rec = fine_tune(model, k8, noise, teacher, epochs=2, lr=0.05, val_fraction=0.0)
+    assert rec["val_loss"] < rec["val_loss_start"] and rec["best_epoch"] >= 1
+    with torch.no_grad():
+        x = solve(k8, noise, model.policy())
+    loss = float((x - teacher).flatten(1).square().mean(1).mean())
+    assert loss == pytest.approx(rec["val_loss"], rel=1e-9)
