@@ -208,8 +208,10 @@ def test_train_save_load_and_score_a_predictor(k8, tmp_path):
 
     g = Schedule(baseline("polynomial", 4, k8.sigma_min, k8.sigma_max), solver="dpmpp_2m")
     model, record = train_predictor(k8, g, range(4), kind="delta", teacher_steps=4,
-                                    oracle={"iters": 2}, fit={"epochs": 5, "hidden": 8})
+                                    oracle={"iters": 2}, fit={"epochs": 5, "hidden": 8},
+                                    tune={"epochs": 1, "val_fraction": 0.0})
     assert record["oracle_loss"] < record["global_loss"] and record["n_train"] == 4
+    assert record["tune"]["val_loss"] <= record["tune"]["val_loss_start"]
     info = save_predictor(model, tmp_path, {"gain": "n/a"})
     assert info["kind"] == "delta" and info["global_sigmas"] == list(g.sigmas)
     back = load_predictor(tmp_path)

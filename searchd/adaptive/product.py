@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 
 from searchd.adaptive.oracle import oracle_schedules
-from searchd.adaptive.predictors import DeltaPredictor, OneShotPredictor, fit_delta, fit_one_shot
+from searchd.adaptive.predictors import (
+    DeltaPredictor,
+    OneShotPredictor,
+    fine_tune,
+    fit_delta,
+    fit_one_shot,
+)
 from searchd.evaluation.heldout import DEFAULT_RESAMPLES, scores_from_features
 from searchd.schedule import Schedule
 from searchd.solvers import solve
@@ -123,6 +129,7 @@ def train_predictor(
     teacher_cache: Any = None,
     oracle: Mapping[str, Any] | None = None,
     fit: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
 ) -> tuple[OneShotPredictor | DeltaPredictor, dict[str, Any]]:
     """A predictor of ``kind`` for ``global_schedule``, trained on the seeds' oracle schedules.
 
@@ -135,6 +142,8 @@ def train_predictor(
         teacher_solver, teacher_steps, teacher_cache: the teacher (polynomial schedule).
         oracle: keywords of ``oracle_schedules`` (iters, lr, ...).
         fit: keywords of ``fit_one_shot`` / ``fit_delta`` (epochs, hidden, ...).
+        tune: if given, keywords of ``fine_tune`` (epochs, lr, ...): the fitted predictor is
+            then trained end to end through the solver against the same teacher samples.
 
     Returns:
         (predictor, record): the record holds the oracle's mean losses and the fit's.
@@ -166,7 +175,12 @@ def train_predictor(
     else:
         model, rec = fit_delta(den, noise, result.sigmas, global_schedule.sigmas, solver,
                                **dict(fit or {}))
+    tuned = None
+    if tune is not None:
+        tuned = fine_tune(model, den, noise, target, solver, **dict(tune))
+        model.eval()
     record = {
+        "tune": tuned,
         "kind": kind, "solver": solver, "n_train": len(seeds), "first_seed": seeds[0],
         "teacher": settings.to_dict(), "oracle": dict(oracle or {}),
         "oracle_loss": float(result.loss.mean()),
