@@ -185,38 +185,77 @@ def heldout_scores(
     if interval not in INTERVALS:
         raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
     results, feats = evaluator.per_sample_features(list(schedules), seeds)
+    return scores_from_features(
+        evaluator.frechet,
+        [f if r.status == "ok" else None for r, f in zip(results, feats)],
+        [r.candidate_id for r in results],
+        seeds,
+        baseline_index=baseline_index,
+        level=level,
+        resamples=resamples,
+        bootstrap_seed=bootstrap_seed,
+        interval=interval,
+        errors=[r.error for r in results],
+    )
+
+
+def scores_from_features(
+    frechet: FrechetReference,
+    features: Sequence[Tensor | np.ndarray | None],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    interval: str = "centered",
+    errors: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
+    """``heldout_scores`` from per-sample features [n, d] already computed (row i: seed i).
+
+    For samplers that are not one ``Schedule`` (per-sample schedules, schedule policies):
+    their features on the same seeds are scored, and differenced against the baseline's,
+    exactly as ``heldout_scores`` does for schedules. ``None`` marks a failed entry.
+    """
+    seeds = [int(s) for s in seeds]
     n = len(seeds)
+    if not 0 <= baseline_index < len(features):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    errors = list(errors) if errors is not None else [None] * len(features)
     counts = bootstrap_counts(n, resamples, bootstrap_seed)
     boot: list[Tensor | None] = []
     point: list[float | None] = []
-    for r, f in zip(results, feats):
-        if r.status != "ok" or f is None:
+    for f in features:
+        if f is None:
             boot.append(None)
             point.append(None)
             continue
-        point.append(float(evaluator.frechet.distance(*_moments(f))))
-        boot.append(bootstrap_fid(f, evaluator.frechet, counts))
+        if len(f) != n:
+            raise ValueError(f"features have {len(f)} rows; there are {n} seeds")
+        point.append(float(frechet.distance(*_moments(f))))
+        boot.append(bootstrap_fid(f, frechet, counts))
     base_boot, base_point = boot[baseline_index], point[baseline_index]
     scores = []
-    for r, b, p in zip(results, boot, point):
+    for cid, b, p, err in zip(ids, boot, point, errors):
         if b is None:
-            scores.append(
-                HeldoutScore(r.candidate_id, "failed", None, None, None, None, n, seeds[0], r.error)
-            )
+            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err))
             continue
         diff = diff_ci = None
         if base_boot is not None:
             diff = p - base_point
             diff_ci = bootstrap_interval(b - base_boot, diff, level, interval)
         fid_ci = bootstrap_interval(b, p, level, interval)
-        scores.append(HeldoutScore(r.candidate_id, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
+        scores.append(HeldoutScore(cid, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
     return {
         "level": level,
         "interval": interval,
         "resamples": resamples,
         "n_samples": n,
         "seed_base": seeds[0],
-        "baseline_id": results[baseline_index].candidate_id,
+        "baseline_id": ids[baseline_index],
         "scores": [s.to_dict() for s in scores],
     }
 

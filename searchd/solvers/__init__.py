@@ -5,6 +5,8 @@ probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``noise * si
 along ``sigmas`` ([N+1], or per sample [B, N+1]) and returns the sample at the last level:
 the denoised sample when the schedule ends in 0, the sample at that level as it stands
 otherwise. ``nfe(solver, n_steps, final_zero)`` is the number of denoiser calls it makes.
+In place of a fixed schedule, ``sigmas`` may be a ``SchedulePolicy`` that chooses each
+next level from the state reached (per-sample adaptive schedules, ``searchd.adaptive``).
 
 Solvers: euler, heun, dpmpp_2m, dpmpp_3m, unipc (bh2), ipndm, deis (tAB). ``SOLVERS`` maps
 each name to its ``SolverSpec`` (options, theoretical order, cost). Decisions are recorded in
@@ -20,9 +22,12 @@ from torch import Tensor
 
 from searchd.models.base import Denoiser
 from searchd.solvers._core import Trajectory, trajectory
+from searchd.solvers.policy import SchedulePolicy
 from searchd.solvers.registry import SOLVERS, Option, SolverSpec
 
-__all__ = ["SOLVERS", "Option", "SolverSpec", "Trajectory", "get", "nfe", "solve"]
+__all__ = [
+    "SOLVERS", "Option", "SchedulePolicy", "SolverSpec", "Trajectory", "get", "nfe", "solve",
+]
 
 
 def get(solver: str) -> SolverSpec:
@@ -35,7 +40,7 @@ def get(solver: str) -> SolverSpec:
 def solve(
     denoiser: Denoiser,
     noise: Tensor,
-    sigmas: Tensor | np.ndarray | Any,
+    sigmas: Tensor | np.ndarray | SchedulePolicy | Any,
     *,
     solver: str = "dpmpp_2m",
     model_ids: Tensor | np.ndarray | Any | None = None,
@@ -48,6 +53,8 @@ def solve(
         noise: unit Gaussian noise [B, *shape]; its dtype and device are the sample's.
         sigmas: strictly decreasing noise levels, [N+1] or per sample [B, N+1]; all rows end
             in 0 or none does. A tensor keeps its autograd graph (gradients flow to it).
+            Or a ``SchedulePolicy``: the levels are chosen while sampling, from the state
+            reached (``searchd.solvers.policy``); the denoiser calls are the same.
         solver: a name of ``SOLVERS``.
         model_ids: None, or model index per step [N] or per sample and step [B, N]; each
             denoiser call of step i then gets ``model_id=<int64 [B]>`` (column i).

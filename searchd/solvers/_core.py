@@ -9,7 +9,6 @@ else, so it runs exactly the code (and the kernels) of a per-sample schedule wit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,44 +18,130 @@ from torch import Tensor
 from searchd.models.base import Denoiser
 
 
-@dataclass(frozen=True)
 class Trajectory:
-    """One call of ``solve``: the denoiser, the schedule and the models, checked.
+    """One call of ``solve``: the denoiser, the schedule (or policy) and the models, checked.
+
+    Solvers read the levels through ``sigmas`` / ``positive`` / ``lam`` *after* the first
+    denoiser call of a step (``denoise(x, i)``), and use only levels up to ``i + 1`` then:
+    with a ``SchedulePolicy`` that call is when level ``i + 1`` gets chosen. Unknown later
+    levels read as NaN. A fixed schedule is complete from the start, and its ``sigmas`` is
+    the checked array itself (so fixed schedules run exactly the code they always did).
 
     Attributes:
         denoiser: ``D(x [B, *shape], sigma [B]) -> x0_hat [B, *shape]``.
-        sigmas: float64 noise levels [B, N+1], strictly decreasing per row (keeps autograd).
         model_ids: model index per sample and step [B, N] (int64), or None.
         final_zero: every row ends in 0 (the last step denoises); else no row does.
         dtype: dtype of the samples (and of the sigma handed to the denoiser).
+        n_steps: steps N.
+        policy: the ``SchedulePolicy`` choosing the levels, or None (fixed schedule).
     """
 
-    denoiser: Denoiser
-    sigmas: Tensor
-    model_ids: Tensor | None
-    final_zero: bool
-    dtype: torch.dtype
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        sigmas: Tensor,
+        model_ids: Tensor | None,
+        final_zero: bool,
+        dtype: torch.dtype,
+        n_steps: int | None = None,
+        policy: Any = None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.model_ids = model_ids
+        self.final_zero = final_zero
+        self.dtype = dtype
+        self.policy = policy
+        self.n_steps = sigmas.shape[1] - 1 if n_steps is None else int(n_steps)
+        self._batch = sigmas.shape[0]
+        self._levels: list[Tensor] = []  # a policy's levels so far, [B] each
+        self._sigmas: Tensor | None = None if policy is not None else sigmas
+        self._lam: Tensor | None = None
 
+    # Levels -------------------------------------------------------------------------------
     @property
-    def n_steps(self) -> int:
-        return self.sigmas.shape[1] - 1
+    def sigmas(self) -> Tensor:
+        """float64 noise levels [B, N+1] (keeps autograd); levels not chosen yet are NaN."""
+        if self._sigmas is None:
+            cols = list(self._levels)
+            if len(cols) < self.n_steps + 1:
+                nan = torch.full_like(cols[0].detach(), float("nan"))
+                cols += [nan] * (self.n_steps + 1 - len(cols))
+            self._sigmas = torch.stack(cols, dim=1)
+        return self._sigmas
 
     @property
     def positive(self) -> Tensor:
         """The levels that are > 0 [B, N+1] or [B, N] (logs and divisions are safe on them)."""
         return self.sigmas[:, :-1] if self.final_zero else self.sigmas
 
+    @property
+    def lam(self) -> Tensor:
+        """``lambda = -log(sigma)`` of the levels > 0 [B, N+1] or [B, N] (never log(0))."""
+        if self._lam is None:
+            self._lam = -torch.log(self.positive)
+        return self._lam
+
+    def _append(self, new: Tensor) -> None:
+        """Check the levels a policy chose and add them."""
+        known = len(self._levels)
+        if not isinstance(new, Tensor) or new.ndim != 2 or new.shape[0] != self._batch:
+            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+            raise ValueError(
+                f"a schedule policy must return float levels [B, m] with B = "
+                f"{self._batch}; got {shape}"
+            )
+        new = new.to(torch.float64)
+        if new.shape[1] < 1 or known + new.shape[1] > self.n_steps + 1:
+            raise ValueError(
+                f"a schedule policy returned {new.shape[1]} levels after {known}; "
+                f"it must return 1 to {self.n_steps + 1 - known} (N = {self.n_steps})"
+            )
+        vals = new.detach().cpu().numpy()
+        prev = self._levels[-1].detach().cpu().numpy() if known else None
+        for j in range(vals.shape[1]):
+            col, level = vals[:, j], known + j
+            lowest = 0.0 if (self.final_zero and level == self.n_steps) else None
+            bad = ~np.isfinite(col) | (col <= 0 if lowest is None else col != 0)
+            if prev is not None:
+                bad |= ~(col < prev)
+            if bad.any():
+                r = int(np.argmax(bad))
+                what = "0 (final_zero)" if lowest is not None else "finite, > 0"
+                raise ValueError(
+                    f"schedule policy: sigmas[{r}, {level}] = {float(col[r])!r}; it must be "
+                    f"{what} and below sigmas[{r}, {level - 1}]"
+                )
+            prev = col
+        self._levels.extend(new[:, j] for j in range(new.shape[1]))
+        self._sigmas = self._lam = None
+
+    def begin(self, noise: Tensor) -> None:
+        """Ask the policy for its first levels (a fixed schedule has them all)."""
+        if self.policy is not None:
+            self._append(self.policy.start(noise))
+
     def denoise(self, x: Tensor, step: int, level: int | None = None) -> Tensor:
         """Call the denoiser for step ``step`` at ``sigmas[:, level]`` (default: ``step``).
 
         Every call of a step passes that step's models (``model_id``), including the extra
-        evaluation of a two-stage step at the next level.
+        evaluation of a two-stage step at the next level. With a policy, the first call of a
+        step makes level ``step + 1`` known (the policy's choice, or 0 for a final 0).
         """
         level = step if level is None else level
-        sigma = self.sigmas[:, level].to(self.dtype)
+        if self.policy is not None and len(self._levels) <= level:
+            raise RuntimeError(f"level {level} is not known yet (solver reads ahead)")
+        sigma = (self._levels[level] if self.policy is not None else self.sigmas[:, level])
+        sigma = sigma.to(self.dtype)
         if self.model_ids is None:
-            return self.denoiser(x, sigma)
-        return self.denoiser(x, sigma, model_id=self.model_ids[:, step])
+            out = self.denoiser(x, sigma)
+        else:
+            out = self.denoiser(x, sigma, model_id=self.model_ids[:, step])
+        if self.policy is not None and level == step and len(self._levels) == step + 1:
+            if self.final_zero and step == self.n_steps - 1:
+                self._append(torch.zeros_like(self._levels[0].detach()).unsqueeze(1))
+            else:
+                self._append(self.policy.advance(step, x, self.sigmas[:, : step + 1], out))
+        return out
 
 
 def as_coef(c: Tensor, x: Tensor) -> Tensor:
@@ -161,15 +246,30 @@ def check_model_ids(model_ids: Any, batch: int, n_steps: int, device: torch.devi
 
 
 def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any) -> Trajectory:
-    """Check everything ``solve`` receives and bundle it."""
+    """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy)."""
+    from searchd.solvers.policy import SchedulePolicy
+
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
         raise ValueError("noise must be a floating-point tensor [B, *shape]")
     batch = noise.shape[0]
-    sig, final_zero = check_sigmas(sigmas, batch, noise.device)
-    ids = None
-    if model_ids is not None:
-        ids = check_model_ids(model_ids, batch, sig.shape[1] - 1, noise.device)
-    return Trajectory(denoiser, sig, ids, final_zero, noise.dtype)
+    if isinstance(sigmas, SchedulePolicy):
+        n = sigmas.n_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"schedule policy n_steps = {n!r}; it must be an integer >= 1")
+        ids = None
+        if model_ids is not None:
+            ids = check_model_ids(model_ids, batch, int(n), noise.device)
+        empty = torch.empty((batch, 0), dtype=torch.float64, device=noise.device)
+        traj = Trajectory(denoiser, empty, ids, bool(sigmas.final_zero), noise.dtype,
+                          n_steps=int(n), policy=sigmas)
+    else:
+        sig, final_zero = check_sigmas(sigmas, batch, noise.device)
+        ids = None
+        if model_ids is not None:
+            ids = check_model_ids(model_ids, batch, sig.shape[1] - 1, noise.device)
+        traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype)
+    traj.begin(noise)
+    return traj
 
 
 def lagrange_weights(nodes: Sequence[Tensor], moments: Sequence[Tensor]) -> list[Tensor]:

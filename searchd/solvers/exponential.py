@@ -38,11 +38,6 @@ def kernel_moments(h: Tensor, k: int) -> list[Tensor]:
     return moments
 
 
-def _log_levels(traj: Trajectory) -> Tensor:
-    """``lambda = -log(sigma)`` of the levels > 0 [B, N+1] or [B, N] (never log(0))."""
-    return -torch.log(traj.positive)
-
-
 def dpmpp_2m(traj: Trajectory, x: Tensor) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), deterministic, as k-diffusion's ``sample_dpmpp_2m``.
 
@@ -50,13 +45,14 @@ def dpmpp_2m(traj: Trajectory, x: Tensor) -> Tensor:
     ``D + (D - D_prev) / (2 r)``, ``r = h_prev / h``, and integrated with weight
     ``1 - e^{-h}``. Second order; 1 evaluation per step.
     """
-    sig, lam, n = traj.sigmas, _log_levels(traj), traj.n_steps
+    n = traj.n_steps
     denoised_prev = h_prev = None
     for i in range(n):
         denoised = traj.denoise(x, i)
         if traj.final_zero and i == n - 1:
             # Step to sigma = 0: the data prediction.
             return denoised
+        sig, lam = traj.sigmas, traj.lam
         h = lam[:, i + 1] - lam[:, i]
         ratio = sig[:, i + 1] / sig[:, i]
         m0 = -torch.expm1(-h)
@@ -89,7 +85,7 @@ def dpmpp_3m(traj: Trajectory, x: Tensor) -> Tensor:
 
 def _exponential_adams(traj: Trajectory, x: Tensor, order: int) -> Tensor:
     """Exponential Adams-Bashforth in lambda with Lagrange interpolation of ``D``."""
-    sig, lam, n = traj.sigmas, _log_levels(traj), traj.n_steps
+    n = traj.n_steps
     history: list[Tensor] = []  # data predictions, newest first
     for i in range(n):
         denoised = traj.denoise(x, i)
@@ -97,6 +93,7 @@ def _exponential_adams(traj: Trajectory, x: Tensor, order: int) -> Tensor:
         if traj.final_zero and i == n - 1:
             # Step to sigma = 0: the data prediction.
             return denoised
+        sig, lam = traj.sigmas, traj.lam
         k = len(history)
         h = lam[:, i + 1] - lam[:, i]
         nodes = [lam[:, i - j] - lam[:, i] for j in range(k)]
@@ -118,7 +115,7 @@ def unipc(traj: Trajectory, x: Tensor, order: int = 2, lower_order_final: bool =
     (bh2 with order 2 is diffusers' default and the authors' choice for guided sampling;
     see docs/notes-solvers.md for why not 3 here).
     """
-    sig, lam, n = traj.sigmas, _log_levels(traj), traj.n_steps
+    n = traj.n_steps
 
     def step_order(i: int) -> int:
         p = min(order, i + 1)
@@ -133,6 +130,7 @@ def unipc(traj: Trajectory, x: Tensor, order: int = 2, lower_order_final: bool =
         if traj.final_zero and i == n - 1:
             # Step to sigma = 0: the data prediction.
             return denoised
+        sig, lam = traj.sigmas, traj.lam
         if x_prev is not None:
             # UniC corrector of the step i-1 -> i, with the new evaluation.
             x = _unipc_update(sig, lam, i - 1, x_prev, history[:p_prev], p_prev, denoised)

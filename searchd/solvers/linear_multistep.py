@@ -52,10 +52,10 @@ def ipndm(traj: Trajectory, x: Tensor, order: int = 4, variable_step: bool = Fal
     ``int_{s_i}^{s_{i+1}} l_j(s) ds`` for the Lagrange basis over ``s_i, ..., s_{i-k+1}``,
     of order ``order`` on any smooth schedule. 1 evaluation per step.
     """
-    sig = traj.sigmas
     residuals: list[Tensor] = []  # x_j - D_j, newest first
     for i in range(traj.n_steps):
         denoised = traj.denoise(x, i)
+        sig = traj.sigmas
         residuals = [x - denoised, *residuals][:order]
         k = len(residuals)
         dsig = sig[:, i + 1] - sig[:, i]
@@ -79,14 +79,14 @@ def deis(traj: Trajectory, x: Tensor, order: int = 3) -> Tensor:
     ``u = sqrt(t)``, in which ``sigma`` is analytic down to ``sigma = 0``. 1 evaluation per
     step.
     """
-    sig = traj.sigmas
-    t = vp_time(traj.positive)
-    u = torch.sqrt(t)
-    if traj.final_zero:
-        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
     residuals: list[Tensor] = []  # x_j - D_j, newest first
     for i in range(traj.n_steps):
         denoised = traj.denoise(x, i)
+        sig = traj.sigmas
+        t = vp_time(traj.positive)
+        u = torch.sqrt(t)
+        if traj.final_zero:
+            u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
         residuals = [x - denoised, *residuals][:order]
         k = len(residuals)
         if k == 1:

@@ -13,10 +13,10 @@ def euler(traj: Trajectory, x: Tensor) -> Tensor:
     Written as ``x' = (s'/s) x + (1 - s'/s) D``, which is the Euler step
     ``x + (s' - s) (x - D) / s`` and, for ``s' = 0``, returns ``D``.
     """
-    sig = traj.sigmas
     for i in range(traj.n_steps):
-        s, s_next = sig[:, i], sig[:, i + 1]
         denoised = traj.denoise(x, i)
+        sig = traj.sigmas
+        s, s_next = sig[:, i], sig[:, i + 1]
         # Euler step.
         ratio = s_next / s
         x = combine([(ratio, x), (1 - ratio, denoised)])
@@ -29,10 +29,10 @@ def heun(traj: Trajectory, x: Tensor) -> Tensor:
     Two evaluations per step, except the step to ``sigma = 0``, which is an Euler step
     (it returns the denoiser's output), hence ``2N - 1`` evaluations with a final 0.
     """
-    sig = traj.sigmas
     for i in range(traj.n_steps):
-        s, s_next = sig[:, i], sig[:, i + 1]
         denoised = traj.denoise(x, i)
+        sig = traj.sigmas
+        s, s_next = sig[:, i], sig[:, i + 1]
         # Euler step.
         ratio = s_next / s
         x_euler = combine([(ratio, x), (1 - ratio, denoised)])
