@@ -83,7 +83,9 @@ class _ModelPart:
             raise ValueError("a model space needs at least one zoo member; got 0 latencies")
         for i, v in enumerate(lat):
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"latency_ms[{i}] = {v!r}; latencies must be finite and > 0")
+                raise ValueError(
+                    f"latency_ms[{i}] = {float(v)!r}; latencies must be finite and > 0"
+                )
         if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms)
                 and budget_ms > 0):
             raise ValueError(f"budget_ms = {budget_ms!r}; it must be a finite number > 0")
