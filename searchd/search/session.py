@@ -189,7 +189,9 @@ class SearchSession:
                "per_worker": [{**r, "worker": w["worker"], "node": w["node"]}
                               for r, w in zip(reports, self.pool.workers)]}
         self.factory.latency_ms = lat  # the held-out worker reuses them
-        self.run_dir.write_text("run.json", json.dumps({"run_id": self.run_id, "zoo": zoo}))
+        state = json.loads(self.run_dir.read_text("run.json"))
+        state["zoo"] = zoo
+        self.run_dir.write_text("run.json", json.dumps(state))
         self._say("searchd: zoo latency (ms per sample per call, median of "
                   f"{len(reports)} actor(s)): " + ", ".join(
                       f"{n} {v:.4g}" for n, v in zip(zoo["members"], lat)))
