@@ -9,15 +9,17 @@ candidate budget, candidates per trial, the run directory); it loads back unchan
 
 Sections (see ``docs/notes-search.md`` for the reasoning):
 
-- ``model``: ``name`` (zoo name) or ``spec`` (``path``, ``kind``, ``options``); ``device``;
-  ``dtype``.
+- ``model``: ``name`` (zoo name) or ``spec`` (``path``, ``kind``, ``options``) or ``zoo`` (the
+  members of a model schedule, smallest to largest); ``device``; ``dtype``.
 - ``solver``: ``name`` (a solver of ``searchd.solvers``), ``options``.
 - ``nfe`` or ``steps``: the budget of network evaluations, or the number of steps.
-- ``space``: ``kind`` continuous | discrete; ``warp`` logsnr | rho (``rho``); ``endpoints``
+- ``space``: ``kind`` continuous | discrete | models | joint; ``budget_ms`` / ``budget_nfe``
+  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
   fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
   overrides; ``grid`` (discrete).
 - ``search``: ``algorithm`` evolution | random | bayes; ``seed``; ``budget`` (candidates);
-  ``candidates_per_trial``; ``evolution`` (O2TDM's parameters); ``bayes`` (sampler).
+  ``candidates_per_trial``; ``evolution`` (O2TDM's parameters); ``bayes`` (sampler);
+  ``predictor`` (OMS-DPM's pre-screen of offspring, evolution only).
 - ``baselines``: schedule families with their parameters.
 - ``metric``: ``name`` fid | kid | teacher_distance; ``features`` digits | inception |
   pixels; ``reference`` (an ``.npz`` path or ``exact:<n>``).
@@ -149,6 +151,8 @@ class ModelConfig(Section):
 
     name: str | None = None  # zoo name, e.g. "gmm-digits"
     spec: ModelSpec | None = None  # or a checkpoint
+    zoo: list[str] | None = None  # or the members of a model schedule (the last: reference)
+    latency_batch_size: int | None = Field(None, ge=1)  # zoo latency; null: evaluator batch
     device: str = "cpu"  # cpu | cuda | cuda:<i> | mps | auto
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
 
@@ -161,8 +165,15 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_model(self) -> ModelConfig:
-        if (self.name is None) == (self.spec is None):
-            raise FieldError("name", self.name, "give exactly one of model.name and model.spec")
+        given = [k for k in ("name", "spec", "zoo") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise FieldError("name", self.name,
+                             "give exactly one of model.name, model.spec and model.zoo")
+        if self.zoo is not None:
+            if len(self.zoo) < 2:
+                raise FieldError("zoo", self.zoo, "a model schedule needs >= 2 zoo members")
+            if len(set(self.zoo)) != len(self.zoo):
+                raise FieldError("zoo", self.zoo, "zoo members must be distinct")
         return self
 
 
@@ -184,7 +195,11 @@ class SolverConfig(Section):
 class SpaceConfig(Section):
     """The search space (searchd.schedules.spaces)."""
 
-    kind: Literal["continuous", "discrete"] = "continuous"
+    kind: Literal["continuous", "discrete", "models", "joint"] = "continuous"
+    # models: fixed timesteps, a zoo member per step; joint: timesteps (continuous) + members
+    budget_ms: float | None = Field(None, gt=0)  # model schedules: ms per sample, or
+    budget_nfe: float | None = Field(None, gt=0)  # NFE-equivalents of the slowest member
+    timesteps: dict[str, Any] = {"family": "polynomial", "params": {"rho": 7}}  # kind models
     warp: Literal["logsnr", "rho"] = "logsnr"  # continuous: coordinate of uniform gaps
     rho: float = Field(7.0, gt=0)  # exponent of warp "rho" (sigma^(1/rho))
     endpoints: Literal["fixed", "free"] = "fixed"  # free: the top/bottom levels are searched
@@ -202,8 +217,26 @@ class SpaceConfig(Section):
             raise ValueError(f"allowed grids: {', '.join(sorted(GRIDS))} (or null)")
         return v
 
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: dict[str, Any]) -> dict[str, Any]:
+        BaselineConfig(**v)  # the fixed timesteps of kind "models": a baseline family
+        return v
+
+    @property
+    def model_schedule(self) -> bool:
+        return self.kind in ("models", "joint")
+
     @model_validator(mode="after")
     def _range(self) -> SpaceConfig:
+        if self.model_schedule and (self.budget_ms is None) == (self.budget_nfe is None):
+            raise FieldError("budget_ms", self.budget_ms,
+                             f"space.kind = {self.kind!r} needs exactly one of budget_ms "
+                             "(ms per sample) and budget_nfe (NFE of the slowest member)")
+        if not self.model_schedule and (self.budget_ms is not None
+                                        or self.budget_nfe is not None):
+            raise FieldError("budget_ms", self.budget_ms or self.budget_nfe,
+                             "latency budgets apply to space.kind models or joint only")
         if self.sigma_min is not None and self.sigma_max is not None:
             if not self.sigma_min < self.sigma_max:
                 raise FieldError("sigma_min", self.sigma_min,
@@ -244,6 +277,16 @@ class BayesConfig(Section):
     n_startup_trials: int = Field(10, ge=0)  # random trials before the model takes over
 
 
+class PredictorSection(Section):
+    """OMS-DPM's predictor: pre-screens each generation's offspring (evolution only)."""
+
+    enabled: bool = False
+    top_fraction: float = Field(0.5, gt=0, le=1)  # offspring drawn 1/top_fraction x, best kept
+    min_train: int = Field(16, ge=2)  # scored candidates before the predictor is used
+    hidden: int = Field(32, ge=1)  # GRU and MLP width
+    steps: int = Field(300, ge=1)  # optimizer steps per (re)training
+
+
 class SearchSection(Section):
     """Which algorithm, its parameters, and the candidate budget."""
 
@@ -253,9 +296,14 @@ class SearchSection(Section):
     candidates_per_trial: int | None = Field(None, ge=1)  # per Tune trial; null: population
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig)
     bayes: BayesConfig = Field(default_factory=BayesConfig)
+    predictor: PredictorSection = Field(default_factory=PredictorSection)
 
     @model_validator(mode="after")
     def _defaults(self) -> SearchSection:
+        if self.predictor.enabled and self.algorithm != "evolution":
+            raise FieldError("predictor.enabled", True,
+                             f"the predictor pre-screens evolution's offspring; algorithm is "
+                             f"{self.algorithm!r}")
         ev = self.evolution
         if self.budget is None:
             self.budget = ev.population_num * ev.generations
@@ -435,6 +483,12 @@ class SearchConfig(Section):
             raise FieldError("search.budget", self.search.budget,
                              f"must be >= the number of baselines ({n_base})")
         self._check_seed_ranges()
+        if (self.model.zoo is not None) != self.space.model_schedule:
+            raise FieldError("space.kind", self.space.kind,
+                             "model.zoo goes with space.kind models or joint, and they need it")
+        if self.space.kind == "joint" and self.space.grid is not None:
+            raise FieldError("space.grid", self.space.grid,
+                             "a joint space searches continuous timesteps; set null")
         if self.model.device.startswith("cuda") and self.workers.num_gpus_per_worker == 0:
             raise FieldError("workers.num_gpus_per_worker", 0.0,
                              f"must be > 0 for model.device = {self.model.device!r}")

@@ -35,6 +35,10 @@ def load_model(cfg: SearchConfig):
     device = cfg.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.zoo is not None:
+        from searchd.models.compose import compose
+
+        return compose(cfg.model.zoo, device=device, dtype=_dtype(cfg.model.dtype))
     target: Any = cfg.model.name if cfg.model.spec is None else cfg.model.spec
     if cfg.model.spec is not None:
         from searchd.models.zoo import ModelSpec
@@ -62,6 +66,9 @@ class EvaluatorFactory:
     config: dict[str, Any]
     reference: dict[str, Any] | None = None
     evaluator_options: dict[str, Any] = field(default_factory=dict)
+    # A zoo's member latencies: None measures them when the evaluator is built (on the
+    # actor's device, at its batch size); given (from the run), they are reused as they are.
+    latency_ms: list[float] | None = None
 
     def __call__(self):
         from searchd.evaluation import Evaluator
@@ -77,10 +84,21 @@ class EvaluatorFactory:
         kwargs: dict[str, Any] = dict(self.evaluator_options)
         if cfg.metric.options.get("teacher"):
             kwargs["teacher"] = cfg.metric.options["teacher"]
-        return Evaluator(
+        evaluator = Evaluator(
             denoiser, features, reference, metrics=metrics_for(cfg),
             solver_options=dict(cfg.solver.options), **kwargs,
         )
+        if cfg.model.zoo is not None:
+            if self.latency_ms is not None:
+                denoiser.set_latency(self.latency_ms, {"source": "run"})
+            else:
+                denoiser.measure_latency(cfg.model.latency_batch_size or evaluator.batch_size)
+        return evaluator
+
+
+def zoo_latency(evaluator: Any) -> dict[str, Any]:
+    """The zoo's latencies as this actor measured them at start-up (``EvaluatorPool.call``)."""
+    return evaluator.denoiser.latency_report()
 
 
 def metrics_for(cfg: SearchConfig) -> tuple[str, ...]:
@@ -104,6 +122,7 @@ def describe_model(config: Mapping[str, Any]) -> dict[str, Any]:
         "sigma_grid": None if grid is None else np.asarray(grid.cpu(), np.float64).tolist(),
         "cost": float(getattr(d, "cost", 1.0)),
         "name": str(getattr(d, "name", cfg.model.name)),
+        "zoo": list(getattr(d, "names", [])) if cfg.model.zoo is not None else None,
     }
 
 

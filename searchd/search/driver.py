@@ -150,6 +150,15 @@ def preflight(cfg: SearchConfig) -> None:
             raise ValueError(
                 f"model.name = {cfg.model.name!r} is not a known model; known: {known_models()}"
             )
+    for i, member in enumerate(cfg.model.zoo or []):
+        if member not in known_models():
+            raise ValueError(
+                f"model.zoo.{i} = {member!r} is not a known model; known: {known_models()}"
+            )
+    if cfg.space.kind in ("models", "joint"):
+        from searchd.models.compose import calls_per_step
+
+        calls_per_step(cfg.solver.name, cfg.n_steps, cfg.space.final_zero)
     if cfg.metric.features not in FEATURES:
         raise ValueError(
             f"metric.features = {cfg.metric.features!r}; known feature networks: {sorted(FEATURES)}"

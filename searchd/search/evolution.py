@@ -18,6 +18,7 @@ the order in which results arrive, nor on how many workers produced them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 from searchd.schedule import Schedule
 from searchd.schedules.spaces import Space, with_meta
 from searchd.search.base import FINISHED, Next, ScheduleSearcher, rng_from_state, rng_state
+from searchd.search.predictor import PredictorConfig, SchedulePredictor, kendall_tau
 
 # O2TDM bounds each variation loop at 10 x the number of candidates wanted.
 RETRY_FACTOR = 10
@@ -48,6 +50,13 @@ class EvolutionSearcher(ScheduleSearcher):
         mutation_scale: step size of a mutation (see the space's ``mutate``).
         random_fill: fill later generations with random candidates up to population_num.
         max_candidates: optional cap on the number of candidates over the whole search.
+        predictor_top_fraction: None (off), or the OMS-DPM pre-screen: every later
+            generation's offspring are drawn ``1 / top_fraction`` times as many (mutants,
+            crossover children and random fill alike), ranked by a ``SchedulePredictor``
+            trained on every candidate scored so far, and only the predicted best
+            ``population_num`` go to the actors. Active once ``predictor_min_train``
+            candidates have finite values.
+        predictor_config: the predictor's sizes and training (``PredictorConfig``).
     """
 
     algorithm = "evolution"
@@ -69,8 +78,23 @@ class EvolutionSearcher(ScheduleSearcher):
         mutation_scale: float = 0.1,
         random_fill: bool = True,
         max_candidates: int | None = None,
+        predictor_top_fraction: float | None = None,
+        predictor_min_train: int = 16,
+        predictor_config: PredictorConfig | None = None,
     ) -> None:
         super().__init__(space, metric, mode)
+        if predictor_top_fraction is not None and not 0 < predictor_top_fraction <= 1:
+            raise ValueError(
+                f"predictor_top_fraction = {predictor_top_fraction}; it must be in (0, 1]"
+            )
+        if predictor_min_train < 2:
+            raise ValueError(f"predictor_min_train = {predictor_min_train}; it must be >= 2")
+        self.predictor_top_fraction = predictor_top_fraction
+        self.predictor_min_train = predictor_min_train
+        self.predictor_config = predictor_config or PredictorConfig()
+        # Per screened generation: sizes, and the predictor's scores of the kept candidates
+        # (their Kendall tau against the actual values is filled in once they are scored).
+        self._pred_log: list[dict[str, Any]] = []
         if population_num < 1 or max_epochs < 1:
             raise ValueError("population_num and max_epochs must be >= 1")
         if not 1 <= select_num <= population_num:
@@ -143,13 +167,61 @@ class EvolutionSearcher(ScheduleSearcher):
                 add(s, origin=s.meta["origin"], parents=[])
             self._fill_random(add, out)
             return out
-        parents = [Schedule.from_dict(h["schedule"]) for h in self.ranked()[: self.select_num]]
+        self._score_predictions()
+        ranked = self.ranked()
+        parents = [Schedule.from_dict(h["schedule"]) for h in ranked[: self.select_num]]
+        screen = (self.predictor_top_fraction is not None and parents
+                  and len(ranked) >= self.predictor_min_train)
+        scale = 1.0 / self.predictor_top_fraction if screen else 1.0
         if parents:
-            self._vary(add, out, self.mutation_num, lambda: self._mutant(parents))
-            self._vary(add, out, self.crossover_num, lambda: self._child(parents))
+            self._vary(add, out, int(math.ceil(self.mutation_num * scale)),
+                       lambda: self._mutant(parents))
+            self._vary(add, out, int(math.ceil(self.crossover_num * scale)),
+                       lambda: self._child(parents))
         if self.random_fill or not parents:
-            self._fill_random(add, out)
+            self._fill_random(add, out, int(math.ceil(self.population_num * scale)))
+        if screen and len(out) > self.population_num:
+            out = self._screen(g, out, ranked)
         return out
+
+    # Predictor (OMS-DPM) -------------------------------------------------------------------
+    def _screen(self, g: int, pool: list[Schedule], ranked: list[dict[str, Any]]
+                ) -> list[Schedule]:
+        """Keep the ``population_num`` offspring the predictor ranks best; the others are
+        forgotten (not marked as proposed), so they may come back later."""
+        train = [Schedule.from_dict(h["schedule"]) for h in ranked]
+        values = [self.loss(h["value"]) for h in ranked]
+        pred = SchedulePredictor(int(getattr(self.space, "n_models", 1)), self.seed,
+                                 self.predictor_config).fit(train, values, round=g)
+        scores = pred.score(pool)
+        order = sorted(range(len(pool)), key=lambda k: (scores[k], k))
+        kept = sorted(order[: self.population_num])
+        for k in order[self.population_num:]:
+            self._seen.discard(pool[k].id)
+        self._pred_log.append({
+            "generation": g, "n_train": len(train), "pool": len(pool), "kept": len(kept),
+            "scores": {pool[k].id: float(scores[k]) for k in kept}, "tau": None,
+        })
+        return [pool[k] for k in kept]
+
+    def _score_predictions(self) -> None:
+        """Kendall tau of the last screening's predictions against the values its kept
+        candidates then got (held-out: the predictor never saw them)."""
+        if not self._pred_log or self._pred_log[-1]["tau"] is not None:
+            return
+        last = self._pred_log[-1]
+        values = {h["id"]: self.loss(h["value"]) for h in self._history}
+        ids = [i for i in last["scores"] if i in values and math.isfinite(values[i])]
+        if len(ids) >= 2:
+            tau = kendall_tau([last["scores"][i] for i in ids], [values[i] for i in ids])
+            last["tau"] = None if math.isnan(tau) else tau
+
+    @property
+    def predictor_log(self) -> list[dict[str, Any]]:
+        """Per screened generation: generation, n_train, pool, kept, and the Kendall tau of
+        the predictions of the kept candidates against their values (None until scored)."""
+        self._score_predictions()
+        return [{k: v for k, v in e.items() if k != "scores"} for e in self._pred_log]
 
     def _vary(self, add: Any, out: list[Schedule], wanted: int, make: Any) -> None:
         """Add up to ``wanted`` new candidates from ``make`` within the retry bound."""
@@ -160,8 +232,8 @@ class EvolutionSearcher(ScheduleSearcher):
             child, meta = make()
             add(child, **meta)
 
-    def _fill_random(self, add: Any, out: list[Schedule]) -> None:
-        wanted = self.population_num - len(out)
+    def _fill_random(self, add: Any, out: list[Schedule], size: int | None = None) -> None:
+        wanted = (size or self.population_num) - len(out)
         self._vary(add, out, wanted, lambda: (self.space.sample(self._rng),
                                               {"origin": "random", "parents": []}))
 
@@ -186,12 +258,15 @@ class EvolutionSearcher(ScheduleSearcher):
             "generation": self._generation,
             "queue": [s.to_dict() for s in self._queue],
             "sizes": list(self._sizes),
+            "predictor_log": [dict(e) for e in self._pred_log],
             "params": {
                 "population_num": self.population_num, "select_num": self.select_num,
                 "mutation_num": self.mutation_num, "crossover_num": self.crossover_num,
                 "m_prob": self.m_prob, "max_epochs": self.max_epochs, "seed": self.seed,
                 "mutation_scale": self.mutation_scale, "random_fill": self.random_fill,
                 "max_candidates": self.max_candidates,
+                "predictor_top_fraction": self.predictor_top_fraction,
+                "predictor_min_train": self.predictor_min_train,
             },
         }
 
@@ -200,3 +275,4 @@ class EvolutionSearcher(ScheduleSearcher):
         self._generation = int(state["generation"])
         self._queue = [Schedule.from_dict(d) for d in state["queue"]]
         self._sizes = [int(n) for n in state["sizes"]]
+        self._pred_log = [dict(e) for e in state.get("predictor_log", [])]

@@ -8,7 +8,7 @@ read the configuration; searchers and spaces take plain arguments.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +28,10 @@ def _evolution(
     search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
 ) -> ScheduleSearcher:
     from searchd.search.evolution import EvolutionSearcher
+    from searchd.search.predictor import PredictorConfig
 
     ev = search.evolution
+    pr = search.predictor
     return EvolutionSearcher(
         space, metric, mode,
         population_num=ev.population_num, select_num=ev.select_num,
@@ -37,6 +39,9 @@ def _evolution(
         max_epochs=ev.generations, seed=search.seed, seeds=seeds,
         mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
         max_candidates=search.budget,
+        predictor_top_fraction=pr.top_fraction if pr.enabled else None,
+        predictor_min_train=pr.min_train,
+        predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps),
     )
 
 
@@ -89,15 +94,20 @@ def make_space(
     sigma_min: float,
     sigma_max: float,
     grid: Sequence[float] | np.ndarray | None = None,
+    zoo: Mapping[str, Any] | None = None,
 ) -> Space:
     """The search space of a configuration over a model's noise range (and grid).
 
     ``space.sigma_min``/``space.sigma_max`` in the configuration override the model's range.
     A discrete space uses ``space.grid`` (a named grid) or else the model's ``grid``.
+    Model-schedule spaces (kind models/joint) need ``zoo``: ``{"members": [names],
+    "latency_ms": [ms per sample per call]}`` as the actors measured them.
     """
     sc = config.space
     lo = sc.sigma_min if sc.sigma_min is not None else sigma_min
     hi = sc.sigma_max if sc.sigma_max is not None else sigma_max
+    if sc.kind in ("models", "joint"):
+        return _model_space(config, lo, hi, zoo)
     if sc.kind == "continuous":
         return ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
@@ -114,13 +124,61 @@ def make_space(
                          solver=config.solver.name)
 
 
+def _model_space(config: SearchConfig, lo: float, hi: float,
+                 zoo: Mapping[str, Any] | None) -> Space:
+    from searchd.models.compose import budget_ms
+    from searchd.schedules.model_spaces import JointSpace, ModelSpace
+
+    sc = config.space
+    if zoo is None:
+        raise ValueError(f"space.kind = {sc.kind!r} needs the zoo's measured latencies")
+    lat = [float(v) for v in zoo["latency_ms"]]
+    names = [str(n) for n in zoo["members"]]
+    budget = budget_ms(lat, ms=sc.budget_ms, nfe=sc.budget_nfe)
+    if sc.kind == "models":
+        t = sc.timesteps
+        sig = baseline(t["family"], config.steps, lo, hi, sc.final_zero, **dict(t.get("params")
+                                                                                 or {}))
+        return ModelSpace(sig, lat, budget, solver=config.solver.name, names=names)
+    times = ContinuousSpace(
+        config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho, sc.endpoints == "free",
+        gap_ratio=sc.gap_ratio, endpoint_range=sc.endpoint_range, solver=config.solver.name,
+    )
+    return JointSpace(times, lat, budget, names=names)
+
+
+def _model_baselines(config: SearchConfig, space: Any) -> list[Schedule]:
+    """Single-member schedules that fit the budget (and the slowest member's, repaired): of
+    the fixed timesteps (kind models), or of every configured family (kind joint)."""
+    from searchd.schedules.model_spaces import JointSpace, single_model_schedules
+
+    if isinstance(space, JointSpace):
+        families = [(b.label + "/", b.family, dict(b.params)) for b in config.baselines]
+    else:
+        t = config.space.timesteps
+        families = [("", t["family"], dict(t.get("params") or {}))]
+    out: list[Schedule] = []
+    for prefix, family, params in families:
+        sig = baseline(family, space.n_steps, space.sigma_min, space.sigma_max,
+                       space.final_zero, **params)
+        times = Schedule(sig, solver=space.solver)
+        for member, s in single_model_schedules(space, times):
+            meta = {"origin": "baseline", "family": family, "name": prefix + member,
+                    "params": params, "member": member}
+            out.append(space.check(with_meta(s, **meta)))
+    return out
+
+
 def make_baselines(config: SearchConfig, space: Space) -> list[Schedule]:
     """The configured baseline schedules, fitted to ``space``.
 
     Continuous families are sampled over the space's range; on a discrete space every
     baseline is projected onto the grid (nearest free levels in log sigma), and the
-    ``discrete`` family uses the space's grid unless it names one.
+    ``discrete`` family uses the space's grid unless it names one. On a model-schedule
+    space the baselines are the single-member schedules that fit the budget.
     """
+    if config.space.kind in ("models", "joint"):
+        return _model_baselines(config, space)
     out: list[Schedule] = []
     for b in config.baselines:
         params: dict[str, Any] = dict(b.params)

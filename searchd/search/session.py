@@ -97,11 +97,12 @@ class SearchSession:
         self.model = self._describe_model()
         self.reference = self._reference()
         self._start_pool()
+        self.zoo = self._zoo_latency()
 
         from searchd.search.registry import make_baselines, make_searcher, make_space
 
         self.space = make_space(cfg, self.model["sigma_min"], self.model["sigma_max"],
-                                self.model["sigma_grid"])
+                                self.model["sigma_grid"], zoo=self.zoo)
         self.baselines = make_baselines(cfg, self.space)
         self.searcher = make_searcher(cfg.search, self.space, self.baselines, self.metric,
                                       cfg.mode)
@@ -175,11 +176,46 @@ class SearchSession:
             return None
         return ReferenceStats.load(cfg.metric.reference).to_dict()
 
+    def _stored_zoo(self) -> dict[str, Any] | None:
+        if self.cfg.model.zoo is None or not self.resume:
+            return None
+        return json.loads(self.run_dir.read_text("run.json")).get("zoo")
+
+    def _zoo_latency(self) -> dict[str, Any] | None:
+        """A zoo's member latencies: measured by every actor at start-up (median across
+        actors), recorded in run.json; a resume reuses the recorded ones, so its space (and
+        budget repairs) are those of the interrupted run."""
+        if self.cfg.model.zoo is None:
+            return None
+        stored = self._stored_zoo()
+        if stored is not None:
+            return stored
+        import ray
+
+        reports = ray.get([a.call.remote(build.zoo_latency) for a in self.pool.actors])
+        lat = [float(np.median([r["latency_ms"][i] for r in reports]))
+               for i in range(len(reports[0]["latency_ms"]))]
+        zoo = {"members": list(reports[0]["members"]), "latency_ms": lat,
+               "per_worker": [{**r, "worker": w["worker"], "node": w["node"]}
+                              for r, w in zip(reports, self.pool.workers)]}
+        self.factory.latency_ms = lat  # the held-out worker reuses them
+        state = json.loads(self.run_dir.read_text("run.json"))
+        state["zoo"] = zoo
+        self.run_dir.write_text("run.json", json.dumps(state))
+        self._say("searchd: zoo latency (ms per sample per call, median of "
+                  f"{len(reports)} actor(s)): " + ", ".join(
+                      f"{n} {v:.4g}" for n, v in zip(zoo["members"], lat)))
+        return zoo
+
     def _start_pool(self) -> None:
         from searchd.distributed import EvaluatorPool
 
         w = self.cfg.workers
-        factory = build.EvaluatorFactory(self.cfg.resolve(), self.reference)
+        stored = self._stored_zoo()
+        factory = build.EvaluatorFactory(
+            self.cfg.resolve(), self.reference,
+            latency_ms=None if stored is None else list(stored["latency_ms"]),
+        )
         self.factory = factory
         self._say("searchd: starting evaluator actors ...")
         self.pool = EvaluatorPool(
@@ -347,8 +383,8 @@ class SearchSession:
         if not rows:
             raise RuntimeError("no candidate was scored successfully; see the log")
         best_row = min(rows, key=lambda r: (r["value"], r["candidate_id"]))
-        winner = Schedule(np.asarray(best_row["sigmas"]), solver=best_row["solver"],
-                          meta={"origin": best_row["origin"]})
+        winner = Schedule(np.asarray(best_row["sigmas"]), best_row.get("model_ids"),
+                          solver=best_row["solver"], meta={"origin": best_row["origin"]})
         base_rows = {r["candidate_id"]: r for r in rows if r["origin"] == "baseline"}
         baselines = [b for b in self.baselines if b.id in base_rows] or list(self.baselines)
         best_base = min(
@@ -417,6 +453,15 @@ class SearchSession:
             },
             "best_baseline": str(baselines[best_base].meta.get("name")),
         }
+        if self.zoo is not None:
+            out["model_ids"] = [int(m) for m in winner.model_ids]
+            out["zoo"] = {
+                "members": list(self.zoo["members"]),
+                "latency_ms": list(self.zoo["latency_ms"]),
+                "budget_ms": float(self.space.budget_ms),
+                "winner_ms": float(self.space.latency(winner)),
+                "winner_models": [self.zoo["members"][m] for m in winner.model_ids],
+            }
         grid = self.model.get("sigma_grid")
         if grid is not None:
             g = np.asarray(grid)
