@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -152,7 +153,8 @@ class SearchSession:
             # A checkpoint that cannot be loaded (a missing file, NVlabs' code not importable,
             # a bad option): one line, not a remote traceback.
             cause = getattr(e, "cause", None)
-            if isinstance(cause, (ValueError, ImportError, OSError, TypeError, KeyError)):
+            if isinstance(cause, (ValueError, ImportError, OSError, TypeError, KeyError,
+                                  pickle.UnpicklingError)):
                 raise ModelLoadError(
                     f"cannot load the model ({build.model_label(self.cfg)}): "
                     f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
