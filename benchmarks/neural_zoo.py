@@ -88,37 +88,36 @@ def weights_digest(name: str, folder: Path | None) -> str:
     ).hexdigest()[:16]
 
 
-def measure(name: str, folder: Path | None, feats, ref: FeatureStats, nfes: list[int],
-            n: int) -> dict:
-    """One member's numbers: confidence and classes at Heun 35 NFE, FID per NFE."""
-    t0 = time.perf_counter()
+def member_facts(name: str, folder: Path | None) -> dict:
+    """Cost and (zoo members) size and training record of one member."""
     den = load_diffusers(folder, name=name) if folder is not None else load(name)
-    heun = sample(den, CONFIDENCE_SAMPLES, "heun", HEUN_STEPS)
-    assert nfe("heun", HEUN_STEPS) == 35
-    conf, hist = confidence(feats, heun)
-    print(f"{name}: confident {conf}, classes {hist.tolist()}", flush=True)
-    training = None
+    out: dict = {"cost": float(getattr(den, "cost", 1.0)), "training": None}
     if folder is not None:
         meta = json.loads((folder / "searchd.json").read_text())
         tr = meta["training"]
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-        training = [name, meta["parameters"], size, tr["total_iterations"], tr["batch"],
-                    tr["total_cpu_minutes"], tr["minutes"], tr["final_loss"]]
-    row = []
-    for k in nfes:
-        row.append(fid(feats, sample(den, n, "dpmpp_2m", k), ref))
-        print(f"{name}: dpmpp_2m NFE {k}: FID {row[-1]:.3f}", flush=True)
-    row.append(fid(feats, heun, ref))
-    seconds = time.perf_counter() - t0
-    print(f"{name}: heun NFE 35: FID {row[-1]:.3f} ({seconds:.0f} s)", flush=True)
-    return {
-        "confident": {str(t): v for t, v in conf.items()},
-        "classes": hist.tolist(),
-        "cost": float(getattr(den, "cost", 1.0)),
-        "fid": row,
-        "seconds": seconds,
-        "training": training,
-    }
+        out["training"] = [name, meta["parameters"], size, tr["total_iterations"], tr["batch"],
+                           tr["total_cpu_minutes"], tr["minutes"], tr["final_loss"]]
+    return out
+
+
+def measure(name: str, folder: Path | None, part: str, feats, ref: FeatureStats,
+            n: int) -> dict:
+    """One part of a member's numbers: ``heun`` (1,000 samples at Heun 35 NFE: confidence,
+    classes, FID) or an NFE of DPM-Solver++(2M) (FID of ``n`` samples)."""
+    t0 = time.perf_counter()
+    den = load_diffusers(folder, name=name) if folder is not None else load(name)
+    if part == "heun":
+        assert nfe("heun", HEUN_STEPS) == 35
+        x = sample(den, CONFIDENCE_SAMPLES, "heun", HEUN_STEPS)
+        conf, hist = confidence(feats, x)
+        out = {"confident": {str(t): v for t, v in conf.items()}, "classes": hist.tolist(),
+               "fid": fid(feats, x, ref)}
+    else:
+        out = {"fid": fid(feats, sample(den, n, "dpmpp_2m", int(part)), ref)}
+    out["seconds"] = time.perf_counter() - t0
+    print(f"{name} {part}: {out}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -130,9 +129,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--cache", type=Path, default=None,
-                   help="JSON of per-member results, reused when the weights are unchanged "
-                   "(members can then be measured one at a time)")
+    p.add_argument("--cache", default=None,
+                   help="JSON files (comma-separated) of measured parts, reused when the weights "
+                   "are unchanged; new parts are written to the first")
+    p.add_argument("--parts", default=None,
+                   help="measure only these parts (heun and/or NFE values) into --cache and "
+                   "write no table: to split the work over processes")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     members = [m.strip() for m in args.members.split(",") if m.strip()]
@@ -148,24 +150,36 @@ def main(argv: list[str] | None = None) -> str:
     pick = torch.randperm(data_t.shape[0], generator=torch.Generator().manual_seed(0))
     floor = fid(feats, data_t[pick[: min(args.n, data_t.shape[0])]], ref)
     floor_heun = fid(feats, data_t[pick[:CONFIDENCE_SAMPLES]], ref)
-    cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
+    caches = [Path(c) for c in (args.cache or "").split(",") if c]
+    cache: dict = {}
+    for c in caches:
+        if c.exists():
+            cache.update(json.loads(c.read_text()))
+    parts = ["heun", *map(str, nfes)] if args.parts is None else args.parts.split(",")
     conf_rows, fid_rows, train_rows = [], [], []
     for name in members:
         folder = (args.zoo_dir or NEURAL_ZOO[name].parent) / name if name in NEURAL_ZOO else None
-        key = f"{name}|{weights_digest(name, folder)}|n={args.n}|nfe={nfes}"
-        if key in cache:
-            r = cache[key]
-            print(f"{name}: from {args.cache}", flush=True)
-        else:
-            r = measure(name, folder, feats, ref, nfes, args.n)
-            cache[key] = r
-            if args.cache is not None:
-                args.cache.write_text(json.dumps(cache, indent=1) + "\n")
-        conf = {float(t): v for t, v in r["confident"].items()}
-        conf_rows.append((name, conf, np.asarray(r["classes"]), r["cost"]))
-        fid_rows.append((name, r["fid"], r["seconds"]))
-        if r.get("training") is not None:
-            train_rows.append(tuple(r["training"]))
+        digest = weights_digest(name, folder)
+        got = {}
+        for part in parts:
+            key = f"{name}|{digest}|{part}|n={CONFIDENCE_SAMPLES if part == 'heun' else args.n}"
+            if key not in cache:
+                cache[key] = measure(name, folder, part, feats, ref, args.n)
+                if caches:
+                    caches[0].write_text(json.dumps(cache, indent=1) + "\n")
+            got[part] = cache[key]
+        if args.parts is not None:
+            continue  # a partial run (one process of several): the table comes from a full one
+        facts = member_facts(name, folder)
+        h = got["heun"]
+        conf = {float(t): v for t, v in h["confident"].items()}
+        conf_rows.append((name, conf, np.asarray(h["classes"]), facts["cost"]))
+        row = [got[str(k)]["fid"] for k in nfes] + [h["fid"]]
+        fid_rows.append((name, row, sum(r["seconds"] for r in got.values())))
+        if facts["training"] is not None:
+            train_rows.append(tuple(facts["training"]))
+    if args.parts is not None:
+        return ""
 
     lines = [
         f"Machine: {platform.machine()} CPU, torch {torch.__version__}, "
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"FID floor: {min(args.n, data_t.shape[0])} real digits (a random subset) against all "
         f"1,797: {floor:.3f} ({CONFIDENCE_SAMPLES}, the Heun column's sample count: "
-        f"{floor_heun:.3f}). Seconds: wall time per member on a shared machine (load).",
+        f"{floor_heun:.3f}). Seconds: wall time of a member's parts, summed (a shared "
+        "machine under load).",
         "",
         "## Members: size and training (scripts/train_digits_unet.py, one CPU thread)",
         "",
