@@ -141,15 +141,28 @@ class Section(BaseModel):
 class ModelSpec(Section):
     """A checkpoint outside the embedded zoo."""
 
-    path: str  # file, directory or hub id of the checkpoint
-    kind: str  # adapter in searchd.models (e.g. "edm", "diffusers")
-    options: dict[str, Any] = {}  # adapter-specific (e.g. prediction type, class label)
+    path: str  # file, directory, hub id, or module:function (kind generic)
+    kind: str  # adapter in searchd.models: diffusers | edm | generic | gmm
+    options: dict[str, Any] = {}  # adapter-specific (e.g. prompts, guidance_scale, runtime)
+
+    @field_validator("kind", "path")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
 
 
 class ModelConfig(Section):
-    """Which model, on which device, in which precision."""
+    """Which model, on which device, in which precision.
 
-    name: str | None = None  # zoo name, e.g. "gmm-digits"
+    ``name`` is a zoo name (``gmm-digits``, ``digits-unet-s``) or the shorthand
+    ``kind:path`` (``diffusers:checkpoints/ddpm``, ``edm:model.pkl``,
+    ``generic:pkg.mod:make``), which the configuration resolves to ``spec`` (the long form,
+    which also takes ``options``).
+    """
+
+    name: str | None = None  # zoo name, e.g. "gmm-digits", or "kind:path"
     spec: ModelSpec | None = None  # or a checkpoint
     zoo: list[str] | None = None  # or the members of a model schedule (the last: reference)
     latency_batch_size: int | None = Field(None, ge=1)  # zoo latency; null: evaluator batch
@@ -174,6 +187,13 @@ class ModelConfig(Section):
                 raise FieldError("zoo", self.zoo, "a model schedule needs >= 2 zoo members")
             if len(set(self.zoo)) != len(self.zoo):
                 raise FieldError("zoo", self.zoo, "zoo members must be distinct")
+        if self.name is not None and ":" in self.name:
+            kind, _, path = self.name.partition(":")
+            if not kind or not path:
+                raise FieldError("name", self.name, "a checkpoint is 'kind:path', e.g. "
+                                 "'diffusers:checkpoints/ddpm' or 'edm:model.pkl'")
+            self.spec = ModelSpec(kind=kind, path=path)
+            self.name = None
         return self
 
 

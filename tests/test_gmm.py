@@ -272,8 +272,8 @@ def test_zoo_names_alias_costs_and_errors():
     assert load("gmm-digits", dtype=F64).dtype == F64
     with pytest.raises(ValueError, match=r"unknown model 'gmm-digitz'.*gmm-digits-k"):
         load("gmm-digitz")
-    with pytest.raises(ValueError, match="unknown model kind 'edm'.*gmm"):
-        load(ModelSpec(kind="edm", path="x.pt"))
+    with pytest.raises(ValueError, match="unknown model kind 'sdxl'.*gmm"):
+        load(ModelSpec(kind="sdxl", path="x.pt"))
 
 
 # Helpers -----------------------------------------------------------------------------------

@@ -190,7 +190,11 @@ class _Accumulator:
         while self.error is None and (self.n_buffered >= block or (final and self.n_buffered > 0)):
             cat = torch.cat(self.samples)
             take = min(block, self.n_buffered)
-            images = cat[:take].reshape(take, *self.ev.image_shape)
+            if self.ev.decode is not None:
+                with torch.no_grad():
+                    images = self.ev.decode(cat[:take])
+            else:
+                images = cat[:take].reshape(take, *self.ev.image_shape)
             self.samples = [cat[take:]]
             self.n_buffered -= take
             if take < block:
@@ -284,8 +288,15 @@ class Evaluator:
             denoiser = load(denoiser)
         self.denoiser = denoiser
         self.sample_shape = tuple(int(s) for s in denoiser.shape)
-        self.image_shape = _image_shape(self.sample_shape)
         self.sample_device = torch.device(getattr(denoiser, "device", "cpu"))
+        # Latent models: features are taken of decode(x) (images in [-1, 1]), not of x.
+        self.decode = getattr(denoiser, "decode", None)
+        if self.decode is not None:
+            with torch.no_grad():
+                probe = self.decode(torch.zeros((1, *self.sample_shape), device=self.sample_device))
+            self.image_shape = tuple(int(s) for s in probe.shape[1:])
+        else:
+            self.image_shape = _image_shape(self.sample_shape)
         self.sample_dtype = getattr(denoiser, "dtype", torch.float32)
         self.device = torch.device(device) if device is not None else self.sample_device
         if isinstance(features, str):

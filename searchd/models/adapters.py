@@ -20,6 +20,7 @@ channels_last, compile, batch_size, ...); ``device`` and ``dtype`` come from the
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,20 @@ from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
 from searchd.models.runtime import Runtime
+from searchd.models.zoo import NEURAL_ZOO_NAMES, known_kinds
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
-NEURAL_ZOO: dict[str, Path] = {
-    f"digits-unet-{w}": DATA_DIR / f"digits-unet-{w}" for w in ("s", "m", "l")
-}
+NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAMES}
+
+# Options of kind "generic" (searchd.models.generic.load_entry_point).
+GENERIC_OPTIONS = (
+    "args", "parameterization", "shape", "call", "guidance_scale", "cost",
+    "num_classes", "labels", "one_hot", "null_label",
+)
+# A hub id: "org/name" (one slash, no path-like start).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 SpecFactory = Callable[[Any, torch.device, torch.dtype], Denoiser]
 
@@ -181,6 +189,66 @@ def neural_zoo_factory(name: str) -> SpecFactory:
         return load_neural_zoo(name, device, dtype, **_spec_fields(spec)[3])
 
     return factory
+
+
+def check_spec(
+    kind: str, path: str, options: Mapping[str, Any] | None = None, *, check_path: bool = True
+) -> None:
+    """Cheap checks of a checkpoint spec before anything is loaded (the search driver's
+    preflight): a known kind, known option keys and runtime options, and (``check_path``) a
+    path that can exist for the kind. Raises ``ValueError`` / ``FileNotFoundError`` with one
+    line naming the problem."""
+    if kind not in known_kinds():
+        raise ValueError(f"model kind {kind!r} is unknown; known kinds: {', '.join(known_kinds())}")
+    opts = dict(options or {})
+    runtime = opts.pop("runtime", None)
+    if runtime is not None and not isinstance(runtime, Mapping):
+        raise ValueError("model options.runtime must be a mapping of Runtime fields")
+    Runtime.from_options({k: v for k, v in (runtime or {}).items() if k != "device"})
+    if kind == "gmm":
+        if opts:
+            raise ValueError(f"model kind 'gmm' takes no options; got {sorted(opts)}")
+        if check_path and not Path(path).is_file():
+            raise FileNotFoundError(f"model path {path!r} (kind gmm) is not a file")
+    elif kind == "edm":
+        _check_options("edm", load_edm, opts, ("path", "runtime"))
+        if check_path and "://" not in path and not Path(path).is_file():
+            raise FileNotFoundError(
+                f"model path {path!r} (kind edm) is not a file: give the .pkl (see "
+                "configs/cifar10-edm.yaml for where to get one)"
+            )
+    elif kind == "diffusers":
+        _check_options("diffusers", load_diffusers, opts, ("path", "runtime"))
+        prompts = opts.get("prompts")
+        if check_path and isinstance(prompts, str) and not Path(prompts).is_file():
+            raise FileNotFoundError(f"model options.prompts {prompts!r} is not a file")
+        p = Path(path).expanduser()
+        if not check_path:
+            pass
+        elif p.exists():
+            if not p.is_dir():
+                raise ValueError(f"model path {path!r} (kind diffusers) must be a directory")
+        elif not _HUB_ID.fullmatch(path):
+            raise FileNotFoundError(
+                f"model path {path!r} (kind diffusers) is neither a directory nor a hub id "
+                "('org/name')"
+            )
+    elif kind == "generic":
+        unknown = sorted(set(opts) - set(GENERIC_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown options {unknown} for model kind 'generic'; "
+                f"allowed: {', '.join(GENERIC_OPTIONS)}, runtime"
+            )
+        module, sep, fn = path.rpartition(":")
+        if not sep or not module or not fn:
+            raise ValueError(
+                f"model path {path!r} (kind generic) must be 'module:function' or "
+                "'file.py:function'"
+            )
+        is_file = module.endswith(".py") or "/" in module
+        if check_path and is_file and not Path(module).expanduser().is_file():
+            raise FileNotFoundError(f"model entry point file {module!r} does not exist")
 
 
 def load_spec(

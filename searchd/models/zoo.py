@@ -7,7 +7,13 @@ Two tables, both open for adapters added later:
 - kinds (``register_kind``): families loaded from a path given in the spec, e.g.
   ``ModelSpec(name="my-mixture", kind="gmm", path="mix.npz")``.
 
-A spec with a ``kind`` is looked up by kind; otherwise by name.
+Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``) and
+``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``); the kinds
+``gmm`` (an ``.npz`` mixture), ``diffusers`` (a diffusers pipeline or model directory, or a
+hub id), ``edm`` (an NVlabs EDM pickle) and ``generic`` (an entry point
+``module:function``). The neural adapters are imported on first use, so importing this
+module stays cheap. A spec with a ``kind`` is looked up by kind; otherwise by name; the
+string ``"kind:path"`` (``parse_model_ref``) is a spec with a kind.
 """
 
 from __future__ import annotations
@@ -86,12 +92,30 @@ def known_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
+def parse_model_ref(ref: str) -> tuple[str, str] | None:
+    """``"kind:path"`` -> ``(kind, path)``; None for a plain name (no colon).
+
+    The path is everything after the first colon, so ``"generic:pkg.mod:make"`` is the entry
+    point ``pkg.mod:make`` and ``"diffusers:/abs/dir"`` an absolute directory.
+    """
+    kind, sep, path = ref.partition(":")
+    if not sep:
+        return None
+    if not kind or not path:
+        raise ValueError(f"model {ref!r}: expected 'kind:path' with kind one of {known_kinds()}")
+    return kind, path
+
+
 def as_spec(name_or_spec: str | ModelSpec | Any) -> ModelSpec:
-    """A ``ModelSpec`` from a name, a spec, or any object with ``name`` and/or ``kind`` and
-    ``path`` (and optional ``options``) attributes, such as a configuration model."""
+    """A ``ModelSpec`` from a name, a ``"kind:path"`` string, a spec, or any object with
+    ``name`` and/or ``kind`` and ``path`` (and optional ``options``) attributes, such as a
+    configuration model."""
     if isinstance(name_or_spec, ModelSpec):
         return name_or_spec
     if isinstance(name_or_spec, str):
+        ref = parse_model_ref(name_or_spec)
+        if ref is not None:
+            return ModelSpec(kind=ref[0], path=ref[1])
         return ModelSpec(name=name_or_spec)
     name, kind = getattr(name_or_spec, "name", None), getattr(name_or_spec, "kind", None)
     if name is None and kind is None:
@@ -166,5 +190,31 @@ def _register_embedded() -> None:
         register_alias("gmm-digits", max(members)[1].stem)
 
 
+# Neural adapters (searchd.models.adapters), imported on first use -----------------------------
+def _adapter_kind(kind: str) -> Factory:
+    def factory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        from searchd.models.adapters import KINDS
+
+        return KINDS[kind](spec, device, dtype)
+
+    return factory
+
+
+def _neural_zoo_member(name: str) -> Factory:
+    def factory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        from searchd.models.adapters import neural_zoo_factory
+
+        return neural_zoo_factory(name)(spec, device, dtype)
+
+    return factory
+
+
+NEURAL_KINDS = ("diffusers", "edm", "generic")
+NEURAL_ZOO_NAMES = tuple(f"digits-unet-{w}" for w in ("s", "m", "l"))
+
 register_kind("gmm", _gmm_kind)
+for _kind in NEURAL_KINDS:
+    register_kind(_kind, _adapter_kind(_kind))
 _register_embedded()
+for _name in NEURAL_ZOO_NAMES:
+    register(_name, _neural_zoo_member(_name))

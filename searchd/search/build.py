@@ -8,6 +8,7 @@ search of a GPU checkpoint can be driven from a CPU-only head node.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +40,31 @@ def load_model(cfg: SearchConfig):
         from searchd.models.compose import compose
 
         return compose(cfg.model.zoo, device=device, dtype=_dtype(cfg.model.dtype))
-    target: Any = cfg.model.name if cfg.model.spec is None else cfg.model.spec
+    target: Any = cfg.model.name
     if cfg.model.spec is not None:
         from searchd.models.zoo import ModelSpec
 
         spec = cfg.model.spec
-        target = ModelSpec(name=cfg.model.name or spec.path, path=spec.path, kind=spec.kind)
+        target = ModelSpec(
+            name=model_label(cfg), path=spec.path, kind=spec.kind, options=dict(spec.options)
+        )
     return load(target, device=device, dtype=_dtype(cfg.model.dtype))
+
+
+def model_label(cfg: SearchConfig) -> str:
+    """A short name of the configured model for reports: the zoo name, or the checkpoint's
+    file or directory name (a hub id or entry point as given)."""
+    if cfg.model.zoo is not None:
+        return "+".join(cfg.model.zoo)
+    if cfg.model.spec is None:
+        return str(cfg.model.name)
+    spec = cfg.model.spec
+    if spec.kind == "generic":
+        return spec.path
+    path = spec.path.rstrip("/")
+    if os.path.exists(path):
+        return os.path.basename(path) or path
+    return path
 
 
 def load_feature_net(cfg: SearchConfig):
@@ -136,7 +155,8 @@ def exact_reference_stats(config: Mapping[str, Any], n: int, seed_base: int) -> 
     if not hasattr(d, "sample_data"):
         raise ValueError(
             f"metric.reference = 'exact:{n}' needs a model with exact samples (the embedded "
-            f"gmm-digits zoo); {cfg.model.name!r} has none: give a reference .npz"
+            f"gmm-digits and digits-unet zoos); {model_label(cfg)!r} has none: give a "
+            "reference .npz"
         )
     ref = exact_reference(d, load_feature_net(cfg), range(seed_base, seed_base + n))
     return ref.to_dict()
@@ -176,5 +196,8 @@ def final_scores(
     if len(grid_seeds):
         for i in grid_indices:
             x = evaluator.generate(schedules[i], list(grid_seeds))
+            if evaluator.decode is not None:  # latent models: the decoded images
+                with torch.no_grad():
+                    x = evaluator.decode(x)
             images[i] = np.asarray(x.detach().cpu(), np.float32)
     return {"heldout": held, "images": images}

@@ -148,7 +148,8 @@ def preflight(cfg: SearchConfig) -> None:
     if cfg.model.name is not None and cfg.model.spec is None:
         if cfg.model.name not in known_models():
             raise ValueError(
-                f"model.name = {cfg.model.name!r} is not a known model; known: {known_models()}"
+                f"model.name = {cfg.model.name!r} is not a known model; known: {known_models()} "
+                "(or a checkpoint: 'diffusers:DIR', 'edm:FILE.pkl', 'generic:module:function')"
             )
     for i, member in enumerate(cfg.model.zoo or []):
         if member not in known_models():
@@ -159,6 +160,11 @@ def preflight(cfg: SearchConfig) -> None:
         from searchd.models.compose import calls_per_step
 
         calls_per_step(cfg.solver.name, cfg.n_steps, cfg.space.final_zero)
+    if cfg.model.spec is not None:
+        from searchd.models.adapters import check_spec
+
+        spec = cfg.model.spec
+        check_spec(spec.kind, spec.path, spec.options)
     if cfg.metric.features not in FEATURES:
         raise ValueError(
             f"metric.features = {cfg.metric.features!r}; known feature networks: {sorted(FEATURES)}"

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import threading
@@ -29,6 +30,10 @@ from searchd.search.driver import (
 )
 
 logger = logging.getLogger("searchd")
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded (reported on one line)."""
 
 EXIT_INTERRUPTED = 130
 
@@ -68,7 +73,7 @@ class SearchSession:
             # The lock stays out of ``self``: Tune pickles the session with its callback.
             with RunLock(self.run_dir, force=self.force) as lock:
                 return self._run_locked(t0, lock)
-        except StorageError as e:
+        except (StorageError, ModelLoadError) as e:
             print(f"searchd.search: error: {e}", file=sys.stderr)
             return 1
         finally:
@@ -153,7 +158,19 @@ class SearchSession:
         import ray
 
         task = ray.remote(build.describe_model).options(**self._worker_options())
-        info = ray.get(task.remote(self.cfg.resolve()))
+        try:
+            info = ray.get(task.remote(self.cfg.resolve()))
+        except ray.exceptions.RayTaskError as e:
+            # A checkpoint that cannot be loaded (a missing file, NVlabs' code not importable,
+            # a bad option): one line, not a remote traceback.
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, (ValueError, ImportError, OSError, TypeError, KeyError,
+                                  pickle.UnpicklingError)):
+                raise ModelLoadError(
+                    f"cannot load the model ({build.model_label(self.cfg)}): "
+                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                ) from None
+            raise
         logger.info("model: %s", info)
         return info
 
@@ -427,7 +444,7 @@ class SearchSession:
         sig = [float(x) for x in winner.sigmas]
         out: dict[str, Any] = {
             "run_id": self.run_id,
-            "model": cfg.model.name or (cfg.model.spec.path if cfg.model.spec else None),
+            "model": build.model_label(cfg),
             "solver": winner.solver,
             "solver_options": dict(cfg.solver.options),
             "n_steps": winner.n_steps,
