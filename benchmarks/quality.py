@@ -415,7 +415,10 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                     f"{m['candidates'] or '-'} | [{sig}] |")
             lines.append("")
     lines += [
-        f"Total wall time {wall / 60:.1f} min. Machine: {platform.machine()}, "
+        f"Total wall time {wall / 60:.1f} min"
+        + (f" (summed over {len(res['parts'])} processes run side by side)"
+           if len(res.get("parts", [])) > 1 else "")
+        + f". Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, load "
         "average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end.", "",
     ]
@@ -452,6 +455,33 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
+    """Rows of several runs (same settings, other NFEs) in one result; wall times add up."""
+    files = [out / "quality.json", *others]
+    runs = [json.loads(f.read_text()) for f in files if f.exists()]
+    models: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for m in r["models"]:
+            cur = models.setdefault(m["model"], {**m, "rows": []})
+            have = {row["nfe"] for row in cur["rows"]}
+            cur["rows"] += [row for row in m["rows"] if row["nfe"] not in have]
+            cur["rows"].sort(key=lambda row: row["nfe"])
+    commands = []
+    for r in runs:
+        nfes = sorted({row["nfe"] for m in r["models"] for row in m["rows"]})
+        commands.append(r.get("command") or "nice python benchmarks/quality.py --nfe "
+                        + " ".join(map(str, nfes)))
+    command = " ; ".join(commands)
+    res = {"solver": runs[0]["solver"], "models": list(models.values()),
+           "wall_s": sum(float(r.get("wall_s", 0.0)) for r in runs),
+           "parts": [str(f) for f in files if f.exists()]}
+    (out / "quality.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    (out / "quality.md").write_text(markdown(res, st, command, res["wall_s"]))
+    plot(res, out / "quality.png")
+    print(f"merged {len(runs)} runs into {out / 'quality.md'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a small, fast version (tests)")
@@ -466,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the NFEs already in <out>/quality.json (same settings)")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples")
+    p.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                   help="compute nothing: merge the rows of these quality.json files (runs "
+                        "of the same settings over other NFEs, e.g. in parallel processes) "
+                        "into <out>/quality.json and rewrite quality.md and quality.png")
     a = p.parse_args(argv)
     st = tiny_settings() if a.tiny else full_settings()
     for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
@@ -483,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.merge is not None:
+        return merge(out, [Path(m) for m in a.merge], st, command.strip())
     earlier: dict[str, list[dict[str, Any]]] = {}
     if a.resume and (out / "quality.json").exists():
         prev = json.loads((out / "quality.json").read_text())
@@ -493,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def write(partial: dict[str, Any] | None = None) -> None:
         """Results so far (after every NFE, so an interrupted run leaves its rows)."""
         models = list(res["models"]) + ([partial] if partial is not None else [])
-        cur = {"solver": st.solver, "models": models, "wall_s": time.perf_counter() - t0}
+        cur = {"solver": st.solver, "models": models, "wall_s": time.perf_counter() - t0,
+               "command": command.strip()}
         (out / "quality.json").write_text(json.dumps(cur, indent=1, default=float) + "\n")
         (out / "quality.md").write_text(markdown(cur, st, command.strip(), cur["wall_s"]))
         plot(cur, out / "quality.png")
