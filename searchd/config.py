@@ -17,10 +17,12 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
   and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
   fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
   overrides; ``grid`` (discrete).
-- ``search``: ``algorithm`` evolution | random | bayes; ``seed``; ``budget`` (candidates);
-  ``candidates_per_trial``; ``evolution`` (O2TDM's parameters); ``bayes`` (sampler);
+- ``search``: ``algorithm`` evolution | random | bayes | gits | ld3; ``seed``; ``budget``
+  (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters, ``warm_start``);
+  ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods' parameters);
   ``predictor`` (OMS-DPM's pre-screen of offspring, evolution only).
-- ``baselines``: schedule families with their parameters.
+- ``baselines``: schedule families with their parameters; ``gits`` and ``ld3`` are computed
+  at run start with the ``search.gits`` / ``search.ld3`` settings.
 - ``metric``: ``name`` fid | kid | teacher_distance; ``features`` digits | inception |
   pixels; ``reference`` (an ``.npz`` path or ``exact:<n>``).
 - ``samples``: per candidate; search, held-out and reference seed bases (disjoint ranges).
@@ -62,7 +64,10 @@ from searchd.schedules.baselines import AYS_TABLES, FAMILIES, GRIDS
 FALLBACK_SOLVERS: tuple[str, ...] = (
     "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis",
 )
-ALGORITHMS: tuple[str, ...] = ("evolution", "random", "bayes")
+ALGORITHMS: tuple[str, ...] = ("evolution", "random", "bayes", "gits", "ld3")
+# Schedules computed from the model at run start (searchd.search.anchors): usable as
+# search.algorithm, as baseline families and as warm-start seeds of the evolution.
+ANCHORS: tuple[str, ...] = ("gits", "ld3")
 # Parameters each baseline family takes (besides n_steps, sigma_min, sigma_max, final_zero).
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
     "polynomial": ("rho",),
@@ -71,6 +76,8 @@ FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
     "time_quadratic": (),
     "discrete": ("grid",),
     "ays": ("model",),
+    "gits": (),  # computed with search.gits
+    "ld3": (),  # computed with search.ld3
 }
 EXACT_REFERENCE = re.compile(r"^exact:(\d+)$")
 DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
@@ -275,6 +282,14 @@ class EvolutionConfig(Section):
     mutation_scale: float = Field(0.1, gt=0)  # continuous: std of a mutation step in [0, 1]
     generations: int = Field(12, ge=1)  # generations in all, generation 0 included
     random_fill: bool = True  # fill each generation with random candidates
+    warm_start: list[Literal["gits", "ld3"]] = []  # computed schedules opening generation 0
+
+    @field_validator("warm_start")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each of gits, ld3 at most once")
+        return v
 
     @model_validator(mode="after")
     def _sizes(self) -> EvolutionConfig:
@@ -307,16 +322,72 @@ class PredictorSection(Section):
     steps: int = Field(300, ge=1)  # optimizer steps per (re)training
 
 
+def _solver_name(v: str) -> str:
+    known = solver_names()
+    if v not in known:
+        raise ValueError(f"allowed solvers: {', '.join(known)}")
+    return v
+
+
+class GitsConfig(Section):
+    """GITS (searchd.search.gits): DP over a teacher trajectory on a fine grid."""
+
+    warmup: int = Field(256, ge=1)  # warm-up samples: search seeds seed_base + [0, warmup)
+    grid_points: int = Field(61, ge=3)  # levels of the teacher grid (polynomial rho)
+    rho: float = Field(7.0, gt=0)  # exponent of the teacher grid
+    teacher_solver: str = "heun"  # solver of the teacher trajectory
+    teacher_substeps: int = Field(1, ge=1)  # teacher steps per grid interval
+    metric: Literal["dev", "l1", "l2"] = "dev"  # cost of a one-step jump
+    coeff: float = Field(1.15, gt=0)  # DP weight ratio of consecutive steps
+    student_solver: str | None = None  # jumps costed with this solver; null: solver.name
+
+    @field_validator("teacher_solver")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        return _solver_name(v)
+
+    @field_validator("student_solver")
+    @classmethod
+    def _student(cls, v: str | None) -> str | None:
+        return None if v is None else _solver_name(v)
+
+
+class Ld3Config(Section):
+    """LD3 (searchd.search.ld3): the schedule learned by gradient descent through the solver."""
+
+    train: int = Field(64, ge=1)  # training samples: search seeds seed_base + [0, train)
+    iters: int = Field(100, ge=1)  # optimizer iterations
+    lr: float = Field(0.1, gt=0)  # learning rate
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    space: Literal["logsnr", "rho"] = "logsnr"  # coordinate the logits share out
+    rho: float = Field(7.0, gt=0)  # exponent of space "rho"
+    loss: Literal["auto", "lpips", "features", "pixels"] = "auto"  # auto: lpips > features
+    teacher_solver: str = "heun"  # teacher: this solver over a polynomial schedule
+    teacher_steps: int = Field(64, ge=1)  # steps of the teacher
+    batch_size: int | None = Field(None, ge=1)  # null: full batch
+    slack: float = Field(0.0, ge=0)  # radius of LD3's noise relaxation (0: off)
+    patience: int | None = Field(5, ge=1)  # plateau rule: back to the best, lr x lr_decay
+    lr_decay: float = Field(0.8, gt=0, le=1)
+    init: Literal["uniform", "gits"] = "uniform"  # start: uniform in space, or GITS's result
+
+    @field_validator("teacher_solver")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        return _solver_name(v)
+
+
 class SearchSection(Section):
     """Which algorithm, its parameters, and the candidate budget."""
 
-    algorithm: Literal["evolution", "random", "bayes"] = "evolution"
+    algorithm: Literal["evolution", "random", "bayes", "gits", "ld3"] = "evolution"
     seed: int = 0  # the searcher's random seed
     budget: int | None = Field(None, ge=1)  # candidates in all; null: population x generations
     candidates_per_trial: int | None = Field(None, ge=1)  # per Tune trial; null: population
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig)
     bayes: BayesConfig = Field(default_factory=BayesConfig)
     predictor: PredictorSection = Field(default_factory=PredictorSection)
+    gits: GitsConfig = Field(default_factory=GitsConfig)
+    ld3: Ld3Config = Field(default_factory=Ld3Config)
 
     @model_validator(mode="after")
     def _defaults(self) -> SearchSection:
@@ -347,8 +418,8 @@ class BaselineConfig(Section):
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:
-        if v not in FAMILIES:
-            raise ValueError(f"allowed families: {', '.join(FAMILIES)}")
+        if v not in FAMILIES and v not in ANCHORS:
+            raise ValueError(f"allowed families: {', '.join((*FAMILIES, *ANCHORS))}")
         return v
 
     @model_validator(mode="after")
@@ -493,12 +564,15 @@ class SearchConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise FieldError("baselines", dup, "baseline names must be unique; set name:")
-        if self.search.algorithm == "evolution" and n_base > self.search.evolution.population_num:
+        ev = self.search.evolution
+        n_seeds = n_base + len([a for a in ev.warm_start if a not in self.baseline_families])
+        if self.search.algorithm == "evolution" and n_seeds > ev.population_num:
             raise FieldError(
-                "baselines", names,
-                f"{n_base} baselines do not fit in search.evolution.population_num = "
-                f"{self.search.evolution.population_num}",
+                "baselines", names + list(ev.warm_start),
+                f"{n_seeds} baselines and warm-start seeds do not fit in "
+                f"search.evolution.population_num = {ev.population_num}",
             )
+        self._check_anchors()
         if n_base > (self.search.budget or 0):
             raise FieldError("search.budget", self.search.budget,
                              f"must be >= the number of baselines ({n_base})")
@@ -535,6 +609,39 @@ class SearchConfig(Section):
                 f"steps = {self.steps} with {solver} cost {solver_nfe(solver, self.steps, fz)}"
                 " evaluations; give one of nfe and steps, or matching values",
             )
+
+    @property
+    def baseline_families(self) -> list[str]:
+        return [b.family for b in self.baselines]
+
+    @property
+    def anchors(self) -> list[str]:
+        """The computed schedules (gits, ld3) this run needs, in a fixed order."""
+        wanted = {self.search.algorithm, *self.baseline_families,
+                  *self.search.evolution.warm_start}
+        return [a for a in ANCHORS if a in wanted]
+
+    def _check_anchors(self) -> None:
+        fams = self.baseline_families
+        for a in ANCHORS:
+            if fams.count(a) > 1:
+                raise FieldError("baselines", fams, f"family {a!r} at most once")
+        anchors = self.anchors
+        n = self.samples.per_candidate
+        g, ld3 = self.search.gits, self.search.ld3
+        if "gits" in anchors and g.warmup > n:
+            raise FieldError("search.gits.warmup", g.warmup,
+                             f"must be <= samples.per_candidate ({n}): warm-up noise comes "
+                             "from the search seeds")
+        if "ld3" in anchors and ld3.train > n:
+            raise FieldError("search.ld3.train", ld3.train,
+                             f"must be <= samples.per_candidate ({n}): training noise comes "
+                             "from the search seeds")
+        if ("gits" in anchors or ld3.init == "gits" and "ld3" in anchors) and \
+                g.grid_points - 1 < self.n_steps:
+            raise FieldError("search.gits.grid_points", g.grid_points,
+                             f"a grid of {g.grid_points} points allows at most "
+                             f"{g.grid_points - 1} steps; steps = {self.n_steps}")
 
     def _check_seed_ranges(self) -> None:
         s = self.samples

@@ -1,7 +1,9 @@
 """Evolutionary search over schedules, as O2TDM and AutoDiffusion describe it.
 
-Generation 0 is the seeds (the baseline schedules the driver passes) filled up to
-``population_num`` with random schedules. Every later generation is built from the
+Generation 0 is the seeds (the baseline schedules the driver passes, and any warm-start
+schedules) filled up to ``population_num`` with random schedules; with ``random_fill=False``
+and seeds given, generation 0 is the seeds alone (a warm-started local search spends
+nothing on random candidates). Every later generation is built from the
 ``select_num`` best candidates scored so far (O2TDM's ``keep_top_k``: an elitist archive over
 all generations, not only the last one): ``mutation_num`` mutants of a random parent,
 ``crossover_num`` children of two random parents, then random schedules up to
@@ -48,7 +50,9 @@ class EvolutionSearcher(ScheduleSearcher):
         seed: seed of the searcher's random generator.
         seeds: schedules that open generation 0 (the baselines), in order.
         mutation_scale: step size of a mutation (see the space's ``mutate``).
-        random_fill: fill later generations with random candidates up to population_num.
+        random_fill: fill every generation with random candidates up to population_num
+            (False: generation 0 is the seeds alone, when there are any; later ones only
+            mutants and children).
         max_candidates: optional cap on the number of candidates over the whole search.
         predictor_top_fraction: None (off), or the OMS-DPM pre-screen: every later
             generation's offspring are drawn ``1 / top_fraction`` times as many (mutants,
@@ -165,7 +169,8 @@ class EvolutionSearcher(ScheduleSearcher):
         if g == 0:
             for s in self._seeds:
                 add(s, origin=s.meta["origin"], parents=[])
-            self._fill_random(add, out)
+            if self.random_fill or not out:
+                self._fill_random(add, out)
             return out
         self._score_predictions()
         ranked = self.ranked()

@@ -462,8 +462,25 @@ def relax_noise(
 
 
 # In an actor ----------------------------------------------------------------------------------
+def _differentiable(net: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
+    """The feature path of a ``FeatureNetwork`` with autograd: its ``__call__`` runs under
+    ``torch.inference_mode`` (scoring needs no graph), so the loss would have no gradient;
+    its ``_forward`` is the same computation on one batch, without that guard."""
+    forward = getattr(net, "_forward", None)
+    if forward is None:
+        return net
+    device = getattr(net, "device", None)
+
+    def f(images: Tensor) -> Tensor:
+        x = images if device is None else images.to(device)
+        return forward(x, frozenset({"features"}))["features"]
+
+    return f
+
+
 def _image_features(net: Callable[[Tensor], Any], shape: tuple[int, ...]) -> Callable:
     """A feature network taking images [B, C, H, W] applied to samples [B, *shape]."""
+    net = _differentiable(net)
     if len(shape) == 3:
         return net
     side = int(round(math.sqrt(math.prod(shape))))

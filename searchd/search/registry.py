@@ -21,17 +21,30 @@ from searchd.search.base import ScheduleSearcher
 if TYPE_CHECKING:
     from searchd.config import SearchConfig, SearchSection
 
-Factory = Callable[["SearchSection", Space, Sequence[Schedule], str, str], ScheduleSearcher]
+Factory = Callable[..., ScheduleSearcher]
+# Factories take (search, space, seeds, metric, mode, anchors): ``anchors`` maps "gits"/"ld3"
+# to the schedules computed at run start (searchd.search.anchors).
+
+
+def _anchor(anchors: Mapping[str, Schedule] | None, name: str) -> Schedule:
+    if not anchors or name not in anchors:
+        raise ValueError(f"the {name} schedule must be computed before the searcher is built "
+                         f"(searchd.search.anchors.compute_anchor)")
+    return anchors[name]
 
 
 def _evolution(
-    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
 ) -> ScheduleSearcher:
     from searchd.search.evolution import EvolutionSearcher
     from searchd.search.predictor import PredictorConfig
 
     ev = search.evolution
     pr = search.predictor
+    # Warm start: the computed schedules join the baselines in generation 0 (a schedule
+    # that is also a baseline is kept once, as the baseline).
+    seeds = [*seeds, *(_anchor(anchors, a) for a in ev.warm_start)]
     return EvolutionSearcher(
         space, metric, mode,
         population_num=ev.population_num, select_num=ev.select_num,
@@ -46,7 +59,8 @@ def _evolution(
 
 
 def _random(
-    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
 ) -> ScheduleSearcher:
     from searchd.search.random_search import RandomSearcher
 
@@ -55,7 +69,8 @@ def _random(
 
 
 def _bayes(
-    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
 ) -> ScheduleSearcher:
     from searchd.search.bayes import BayesSearcher
 
@@ -65,10 +80,30 @@ def _bayes(
     )
 
 
+def _gits(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
+) -> ScheduleSearcher:
+    from searchd.search.gits import GitsSearcher
+
+    return GitsSearcher(space, metric, mode, schedule=_anchor(anchors, "gits"), seeds=seeds)
+
+
+def _ld3(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
+) -> ScheduleSearcher:
+    from searchd.search.ld3 import Ld3Searcher
+
+    return Ld3Searcher(space, metric, mode, schedule=_anchor(anchors, "ld3"), seeds=seeds)
+
+
 SEARCHERS: dict[str, Factory] = {
     "evolution": _evolution,
     "random": _random,
     "bayes": _bayes,
+    "gits": _gits,
+    "ld3": _ld3,
 }
 
 
@@ -78,15 +113,18 @@ def make_searcher(
     baselines: Sequence[Schedule] = (),
     metric: str = "fid",
     mode: str = "min",
+    anchors: Mapping[str, Schedule] | None = None,
 ) -> ScheduleSearcher:
     """The searcher named by ``search.algorithm``, seeded with the baseline schedules.
 
-    Raises ``ValueError`` listing the known algorithms for an unknown name.
+    ``anchors``: the GITS/LD3 schedules computed for the run (needed by ``gits``, ``ld3``
+    and by an evolution with ``warm_start``). Raises ``ValueError`` listing the known
+    algorithms for an unknown name.
     """
     name = search.algorithm
     if name not in SEARCHERS:
         raise ValueError(f"unknown search algorithm {name!r}; known: {sorted(SEARCHERS)}")
-    return SEARCHERS[name](search, space, baselines, metric, mode)
+    return SEARCHERS[name](search, space, baselines, metric, mode, anchors)
 
 
 def make_space(
@@ -169,18 +207,27 @@ def _model_baselines(config: SearchConfig, space: Any) -> list[Schedule]:
     return out
 
 
-def make_baselines(config: SearchConfig, space: Space) -> list[Schedule]:
+def make_baselines(
+    config: SearchConfig, space: Space, anchors: Mapping[str, Schedule] | None = None
+) -> list[Schedule]:
     """The configured baseline schedules, fitted to ``space``.
 
     Continuous families are sampled over the space's range; on a discrete space every
     baseline is projected onto the grid (nearest free levels in log sigma), and the
-    ``discrete`` family uses the space's grid unless it names one. On a model-schedule
-    space the baselines are the single-member schedules that fit the budget.
+    ``discrete`` family uses the space's grid unless it names one. The computed families
+    (``gits``, ``ld3``) are taken from ``anchors``. On a model-schedule space the baselines
+    are the single-member schedules that fit the budget.
     """
     if config.space.kind in ("models", "joint"):
         return _model_baselines(config, space)
     out: list[Schedule] = []
     for b in config.baselines:
+        if b.family in ("gits", "ld3"):
+            a = _anchor(anchors, b.family)
+            keep = {k: v for k, v in a.meta.items() if k in ("params", "cost")}
+            meta = {"origin": "baseline", "family": b.family, "name": b.label, **keep}
+            out.append(space.check(with_meta(a, **meta)))
+            continue
         params: dict[str, Any] = dict(b.params)
         if b.family == "discrete" and "grid" not in params:
             if not isinstance(space, DiscreteSpace):

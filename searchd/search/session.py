@@ -108,9 +108,10 @@ class SearchSession:
 
         self.space = make_space(cfg, self.model["sigma_min"], self.model["sigma_max"],
                                 self.model["sigma_grid"], zoo=self.zoo)
-        self.baselines = make_baselines(cfg, self.space)
+        self.anchors = self._anchors()
+        self.baselines = make_baselines(cfg, self.space, self.anchors)
         self.searcher = make_searcher(cfg.search, self.space, self.baselines, self.metric,
-                                      cfg.mode)
+                                      cfg.mode, self.anchors)
         self.known = self._restore() if self.resume else {}
         finished = self._search()
         if not finished:
@@ -242,6 +243,50 @@ class SearchSession:
         nodes = sorted({i["node"] for i in self.pool.workers})
         self._say(f"searchd: {len(self.pool)} evaluator actor(s) ready on {', '.join(nodes)}")
 
+    # Anchors (GITS, LD3) --------------------------------------------------------------------
+    def _anchors(self) -> dict[str, Schedule]:
+        """The GITS/LD3 schedules this run needs (algorithm, baselines, warm start), computed
+        on the evaluator actors, one job per actor at once, and stored in anchors.json; a
+        resumed run reads them back so that it continues with the very same schedules."""
+        from searchd.search.anchors import anchor_job, anchors_from_results
+
+        names = self.cfg.anchors
+        self.anchor_results: list[dict[str, Any]] = []
+        if not names:
+            return {}
+        run = self.run_dir
+        if self.resume and run.exists("anchors.json"):
+            results = json.loads(run.read_text("anchors.json"))["anchors"]
+        else:
+            self._say(f"searchd: computing {' and '.join(names)} on the evaluator actors ...")
+            results = self._run_jobs([anchor_job(self.cfg, self.space, n) for n in names])
+            run.write_text("anchors.json", json.dumps({"anchors": results}, indent=1) + "\n")
+        for r in results:
+            sig = ", ".join(f"{x:.4g}" for x in r["schedule"]["sigmas"])
+            self._say(f"searchd: {r['name']}: [{sig}] ({r['denoiser_calls']} denoiser calls, "
+                      f"{format_duration(r['wall_s'])})")
+        self.anchor_results = list(results)
+        return anchors_from_results(results, self.space)
+
+    def _run_jobs(self, jobs: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """``compute_anchor(evaluator, *job)`` for each job, spread over the actors; a job
+        whose actor died is re-sent through the pool (which waits for a live actor)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from searchd.search.anchors import compute_anchor
+
+        actors = self.pool.actors
+        refs = [actors[i % len(actors)].call.remote(compute_anchor, *job)
+                for i, job in enumerate(jobs)]
+        out = []
+        for ref, job in zip(refs, jobs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError:
+                out.append(self.pool.call(compute_anchor, *job))
+        return out
+
     # Resume ---------------------------------------------------------------------------------
     def _restore(self) -> dict[str, Any]:
         """Restore the searcher from its last state file plus the evaluations after it;
@@ -274,6 +319,8 @@ class SearchSession:
         )
         total = cfg.search.budget or (ev.population_num * ev.generations
                                       if cfg.search.algorithm == "evolution" else None)
+        if cfg.search.algorithm in ("gits", "ld3"):
+            total = 1 + len(self.baselines)  # the computed schedule and the baselines
         gens = ev.generations if cfg.search.algorithm == "evolution" else None
         self.progress = Progress(gens, total, self.metric, enabled=not self.quiet)
         self.baseline_values = self._stored_baseline_values()
@@ -459,10 +506,22 @@ class SearchSession:
                 "seed_base": best_row["seed_base"],
                 "algorithm": cfg.search.algorithm,
                 "evaluations": self.n_rows + len(self.known),
+                "warm_start": list(cfg.search.evolution.warm_start)
+                if cfg.search.algorithm == "evolution" else [],
+            },
+            "anchors": {
+                r["name"]: {
+                    "sigmas": [float(x) for x in r["schedule"]["sigmas"]],
+                    "denoiser_calls": r["denoiser_calls"],
+                    "wall_s": r["wall_s"],
+                    "params": r["schedule"].get("meta", {}).get("params"),
+                }
+                for r in self.anchor_results
             },
             "heldout": held,
             "baselines": {
                 str(b.meta.get("name", b.id)): {
+                    "family": b.meta.get("family"),
                     "sigmas": [float(x) for x in b.sigmas],
                     "search_value": base_rows.get(b.id, {}).get("value"),
                 }

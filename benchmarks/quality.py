@@ -1,0 +1,548 @@
+"""Quality benchmark: searchd's searched schedules against the published ones, on held-out FID.
+
+For each model and NFE (solver dpmpp_2m by default), the schedules compared are:
+
+- not searched: polynomial rho = 7 (EDM), logsnr (uniform in log-SNR), time_uniform (VP);
+- the published methods, as searchd runs them (``searchd.search.anchors``): GITS (defaults:
+  256 warm-up samples, 61-point grid, Heun teacher, ``dev``, coefficient 1.15) and LD3
+  (defaults: 64 training samples, 100 Adam iterations, Heun teacher of 64 steps, the loss the
+  actors use: the digits feature network's space);
+- searchd's searches on FID: evolution warm-started from GITS and LD3
+  (``search.evolution.warm_start: [gits, ld3]``), Bayesian (TPE) and random search.
+
+Every search scores candidates on the search seeds (0 ..), and is then re-scored with every
+other schedule on held-out seeds (1,000,000 ..) that no search saw, against reference
+statistics of exact model samples (seeds 2,000,000 ..). For every schedule the table gives
+the held-out FID with its 95% bootstrap interval (200 resamples, the same sample indices
+for every schedule), the paired difference to the best non-searched schedule (chosen on the
+search seeds, as ``python -m searchd.search`` chooses its best baseline) with its interval,
+and the search cost: denoiser calls (samples through the network in forward calls: a
+candidate scored on n samples at NFE k costs n k; GITS's teacher and LD3's teacher and
+training counted by ``anchors.CountingDenoiser``) and wall time.
+
+Budget: each search gets ``--budget-factor`` (10) times GITS's denoiser calls in all. The
+warm-started evolution pays for GITS and LD3 out of it; Bayes and random spend it all on
+candidates. GITS's teacher trajectory and cost matrix do not depend on the number of steps
+(for every solver with Euler jumps): they are computed once per model, and the DP is run per
+NFE; the cost reported at every NFE is that of the whole computation (what one run costs).
+
+Target (issue 7): warm-started evolution beats both GITS and LD3 by >= 15% held-out FID at
+every NFE <= 6, at no more than 10x GITS's denoiser calls.
+
+    nice python benchmarks/quality.py                 # the full run (results/quality.md, .png)
+    python benchmarks/quality.py --tiny --out DIR     # a small version (the test suite's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from searchd.config import steps_for_nfe
+from searchd.evaluation import Evaluator, load_features
+from searchd.evaluation.frechet import FrechetReference
+from searchd.evaluation.heldout import bootstrap_counts, bootstrap_fid, bootstrap_interval
+from searchd.evaluation.reference import exact_reference
+from searchd.models import load
+from searchd.schedule import Schedule
+from searchd.schedules import baseline
+from searchd.schedules.spaces import ContinuousSpace, with_meta
+from searchd.search.anchors import CountingDenoiser, compute_anchor
+from searchd.search.base import FINISHED, ScheduleSearcher
+from searchd.search.gits import gits_dp, gits_plan, path_cost, warmup_noise
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED_BASE = 0
+HELDOUT_SEED_BASE = 1_000_000
+REFERENCE_SEED_BASE = 2_000_000
+FIXED = ("polynomial", "logsnr", "time_uniform")
+METHODS = (*FIXED, "gits", "ld3", "evolution", "bayes", "random")
+LABELS = {
+    "polynomial": "polynomial rho=7", "logsnr": "logSNR", "time_uniform": "time-uniform",
+    "gits": "GITS", "ld3": "LD3", "evolution": "evolution (warm start)",
+    "bayes": "bayes (TPE)", "random": "random",
+}
+MODEL_NOTES = ("The neural digits zoo (issue [models]) does not exist yet: only the embedded "
+               "Gaussian-mixture zoo is benchmarked.")
+
+
+@dataclass
+class Settings:
+    models: list[str]
+    nfes: list[int]
+    solver: str = "dpmpp_2m"
+    per_candidate: int = 2000
+    heldout: int = 10000
+    reference: int = 10000
+    budget_factor: float = 10.0
+    gits: dict[str, Any] = field(default_factory=dict)  # compute_gits keywords
+    gits_warmup: int = 256
+    ld3: dict[str, Any] = field(default_factory=dict)  # compute_ld3 keywords
+    ld3_train: int = 64
+    evolution: dict[str, Any] = field(default_factory=dict)  # EvolutionSearcher keywords
+    bayes_startup: int = 10
+    batch: int = 8  # candidates per evaluate() call for bayes/random
+    resamples: int = 200
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=dict)  # ContinuousSpace keywords
+
+
+def full_settings() -> Settings:
+    return Settings(
+        models=["gmm-digits-k64"], nfes=[4, 5, 6, 8, 10],
+        evolution=dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
+                       m_prob=0.4, mutation_scale=0.05, random_fill=False),
+        space=dict(warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0,
+                   endpoint_range=0.3),
+    )
+
+
+def tiny_settings() -> Settings:
+    """Every code path of the full run, on a few hundred samples (the test suite's)."""
+    s = full_settings()
+    s.nfes = [4]
+    s.per_candidate, s.heldout, s.reference = 150, 300, 600
+    s.gits = dict(grid_points=13)
+    s.gits_warmup = 16
+    s.ld3 = dict(iters=3, teacher_steps=16)
+    s.ld3_train = 8
+    s.evolution = dict(s.evolution, population_num=5, select_num=2, mutation_num=3,
+                       crossover_num=2)
+    s.budget_factor = 10.0
+    s.bayes_startup = 2
+    s.resamples = 50
+    return s
+
+
+# Searching in-process -------------------------------------------------------------------------
+def run_searcher(searcher: ScheduleSearcher, evaluator: Evaluator, seeds: Sequence[int],
+                 batch: int) -> dict[str, Any]:
+    """Drive a searcher without Tune: ask for up to ``batch`` candidates (a whole generation
+    for the evolution, which then waits for results), score them in one batched call, report
+    each result under its own trial id, until the searcher is FINISHED."""
+    n_trials = 0
+    calls = 0
+    scored: list[tuple[Schedule, float | None]] = []
+    while True:
+        ids, schedules = [], []
+        finished = False
+        while len(schedules) < batch:
+            tid = f"t{n_trials}"
+            cfg = searcher.suggest(tid)
+            if cfg is None:
+                break
+            if cfg == FINISHED:
+                finished = True
+                break
+            n_trials += 1
+            ids.append(tid)
+            schedules.append(searcher.space.decode(cfg))
+        if not schedules:
+            if finished or not searcher.pending:
+                break
+            raise RuntimeError("searcher waits for results that were all reported")
+        results = evaluator.evaluate(schedules, seeds)
+        for tid, s, r in zip(ids, schedules, results):
+            calls += int(r.nfe) * int(r.n_samples)
+            v = r.metrics.get("fid") if r.status == "ok" else None
+            scored.append((s, v))
+            searcher.on_trial_complete(tid, {"fid": v} if v is not None else None,
+                                       error=v is None)
+        if finished:
+            break
+    best = searcher.best
+    if best is None:
+        raise RuntimeError(f"{searcher.algorithm}: no candidate was scored")
+    return {"schedule": best["schedule"], "value": best["value"], "candidates": len(scored),
+            "calls": calls}
+
+
+# One model --------------------------------------------------------------------------------------
+def make_evaluator(model: str, st: Settings) -> Evaluator:
+    den = load(model)
+    feats = load_features("digits")
+    ref = exact_reference(den, feats, range(REFERENCE_SEED_BASE,
+                                            REFERENCE_SEED_BASE + st.reference))
+    return Evaluator(den, feats, ref, metrics=("fid",))
+
+
+def gits_all(evaluator: Evaluator, st: Settings, space0: ContinuousSpace) -> dict[str, Any]:
+    """GITS's teacher and cost matrix once (they do not depend on the number of steps)."""
+    den = CountingDenoiser(evaluator.denoiser)
+    seeds = list(range(SEED_BASE, SEED_BASE + st.gits_warmup))
+    t0 = time.perf_counter()
+    params = dict(grid_points=61, teacher_solver="heun", metric="dev", coeff=1.15)
+    params.update(st.gits)
+    res = gits_plan(den, warmup_noise(den, seeds), 1, sigma_min=space0.sigma_min,
+                    sigma_max=space0.sigma_max, final_zero=True, free_end=True,
+                    student_solver=st.solver, **params)
+    return {"grid": res.grid, "cost": res.cost, "calls": den.rows,
+            "wall_s": time.perf_counter() - t0, "params": params, "warmup": len(seeds)}
+
+
+def gits_for(g: dict[str, Any], n_steps: int, solver: str) -> Schedule:
+    idx = gits_dp(g["cost"], n_steps, g["params"]["coeff"])
+    return Schedule(g["grid"][idx], solver=solver,
+                    meta={"origin": "gits", "objective": path_cost(g["cost"], idx,
+                                                                   g["params"]["coeff"])})
+
+
+def heldout(evaluator: Evaluator, schedules: dict[str, Schedule], seeds: Sequence[int],
+            st: Settings) -> dict[str, dict[str, Any]]:
+    """Held-out FID of every schedule with bootstrap resamples (shared sample indices)."""
+    names = list(schedules)
+    results, feats = evaluator.per_sample_features([schedules[n] for n in names], seeds)
+    ref: FrechetReference = evaluator.frechet
+    counts = bootstrap_counts(len(seeds), st.resamples, 0)
+    out = {}
+    for n, r, f in zip(names, results, feats):
+        if r.status != "ok" or f is None:
+            raise RuntimeError(f"{n}: held-out scoring failed: {r.error}")
+        f64 = f.to(torch.float64)
+        mu = f64.mean(0).numpy()
+        cov = np.cov(f64.numpy(), rowvar=False)
+        point = float(ref.distance(mu, cov))
+        out[n] = {"fid": point, "boot": bootstrap_fid(f, ref, counts).cpu().numpy()}
+    return out
+
+
+def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any]] = (),
+                on_row: Any = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    ev = make_evaluator(model, st)
+    den = ev.denoiser
+    log(f"{model}: evaluator and reference ({st.reference} exact samples) in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+    def space_for(n_steps: int) -> ContinuousSpace:
+        return ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True,
+                               solver=st.solver, **st.space)
+
+    search_seeds = list(range(SEED_BASE, SEED_BASE + st.per_candidate))
+    held_seeds = list(range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + st.heldout))
+    g = gits_all(ev, st, space_for(steps_for_nfe(st.solver, min(st.nfes))))
+    log(f"{model}: GITS teacher + cost matrix: {g['calls']} denoiser calls, "
+        f"{g['wall_s']:.0f} s")
+    rows = [r for r in done if r["nfe"] in st.nfes]
+    have = {r["nfe"] for r in rows}
+    gits_info = {"calls": g["calls"], "wall_s": g["wall_s"], "params": g["params"],
+                 "warmup": g["warmup"]}
+    for nfe in st.nfes:
+        if nfe in have:
+            log(f"  NFE {nfe}: kept from the earlier partial run")
+            continue
+        n = steps_for_nfe(st.solver, nfe)
+        space = space_for(n)
+        sched: dict[str, Schedule] = {}
+        cost: dict[str, dict[str, Any]] = {}
+        for fam in FIXED:
+            params = {"rho": 7} if fam == "polynomial" else {}
+            sig = baseline(fam, n, space.sigma_min, space.sigma_max, True, **params)
+            sched[fam] = Schedule(sig, solver=st.solver,
+                                  meta={"origin": "baseline", "family": fam, "name": fam})
+            cost[fam] = {"calls": 0, "wall_s": 0.0, "candidates": 0}
+        sched["gits"] = space.check(gits_for(g, n, st.solver))
+        cost["gits"] = {"calls": g["calls"], "wall_s": g["wall_s"], "candidates": 0}
+        ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
+                          sigma_max=space.sigma_max, seed=st.seed, loss="auto")
+        ld3_params.update(st.ld3)
+        r = compute_anchor(ev, "ld3", n, st.solver,
+                           range(SEED_BASE, SEED_BASE + st.ld3_train), ld3_params)
+        sched["ld3"] = space.check(Schedule.from_dict(r["schedule"]))
+        cost["ld3"] = {"calls": r["denoiser_calls"], "wall_s": r["wall_s"], "candidates": 0,
+                       "loss": r["schedule"]["meta"]["params"]["loss"]}
+        log(f"  NFE {nfe}: LD3 {r['denoiser_calls']} calls, {r['wall_s']:.0f} s")
+        budget = st.budget_factor * g["calls"]
+        per_cand = st.per_candidate * nfe
+        bases = [sched[f] for f in FIXED]
+        # Fixed schedules on the search seeds: the best one is the comparison point.
+        base_vals = {f: res.metrics["fid"] for f, res in
+                     zip(FIXED, ev.evaluate(bases, search_seeds))}
+        best_fixed = min(FIXED, key=lambda f: base_vals[f])
+        from searchd.search.bayes import BayesSearcher
+        from searchd.search.evolution import EvolutionSearcher
+        from searchd.search.random_search import RandomSearcher
+
+        n_evo = int((budget - cost["gits"]["calls"] - cost["ld3"]["calls"]) // per_cand)
+        n_free = int(budget // per_cand)
+        warm = [with_meta(sched["gits"], origin="gits"), with_meta(sched["ld3"], origin="ld3")]
+        searches = {
+            "evolution": (EvolutionSearcher(
+                space, "fid", "min", max_epochs=10_000, seed=st.seed, seeds=bases + warm,
+                max_candidates=max(n_evo, len(bases) + 2), **st.evolution),
+                st.evolution.get("population_num", 32), cost["gits"]["calls"]
+                + cost["ld3"]["calls"], cost["gits"]["wall_s"] + cost["ld3"]["wall_s"]),
+            "bayes": (BayesSearcher(space, "fid", "min", num_samples=n_free, seed=st.seed,
+                                    seeds=bases, n_startup_trials=st.bayes_startup),
+                      st.batch, 0, 0.0),
+            "random": (RandomSearcher(space, "fid", "min", num_samples=n_free, seed=st.seed,
+                                      seeds=bases), st.batch, 0, 0.0),
+        }
+        for name, (searcher, batch, extra_calls, extra_wall) in searches.items():
+            t1 = time.perf_counter()
+            out = run_searcher(searcher, ev, search_seeds, batch)
+            sched[name] = out["schedule"]
+            cost[name] = {"calls": out["calls"] + extra_calls,
+                          "wall_s": time.perf_counter() - t1 + extra_wall,
+                          "candidates": out["candidates"], "search_fid": out["value"]}
+            log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best search FID "
+                f"{out['value']:.4f}, {cost[name]['calls']} calls, "
+                f"{cost[name]['wall_s']:.0f} s")
+        t1 = time.perf_counter()
+        held = heldout(ev, sched, held_seeds, st)
+        log(f"  NFE {nfe}: held-out scoring of {len(sched)} schedules in "
+            f"{time.perf_counter() - t1:.0f} s")
+        rows.append(summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals))
+        rows.sort(key=lambda r: r["nfe"])
+        if on_row is not None:
+            on_row({"model": model, "rows": rows, "gits": gits_info})
+    return {"model": model, "rows": rows, "gits": gits_info}
+
+
+def _ci(boot: np.ndarray, point: float) -> list[float]:
+    return [float(x) for x in bootstrap_interval(boot, point, 0.95, "centered")]
+
+
+def summarize(model: str, nfe: int, n_steps: int, sched: dict[str, Schedule],
+              cost: dict[str, dict[str, Any]], held: dict[str, dict[str, Any]],
+              best_fixed: str, base_vals: dict[str, float]) -> dict[str, Any]:
+    ref = held[best_fixed]
+    out: dict[str, Any] = {"model": model, "nfe": nfe, "n_steps": n_steps,
+                           "best_fixed": best_fixed, "fixed_search_fid": base_vals,
+                           "methods": {}}
+    for m in METHODS:
+        h = held[m]
+        diff = h["fid"] - ref["fid"]
+        out["methods"][m] = {
+            "sigmas": [float(x) for x in sched[m].sigmas],
+            "fid": h["fid"], "fid_ci": _ci(h["boot"], h["fid"]),
+            "diff": diff, "diff_ci": _ci(h["boot"] - ref["boot"], diff),
+            **cost[m],
+        }
+    evo = held["evolution"]
+    for other in ("gits", "ld3"):
+        o = held[other]
+        rel = 1.0 - evo["fid"] / o["fid"]  # relative improvement of evolution over it
+        rel_boot = 1.0 - evo["boot"] / o["boot"]
+        out[f"evolution_vs_{other}"] = {"improvement": rel, "ci": _ci(rel_boot, rel)}
+    out["evolution_cost_over_gits"] = cost["evolution"]["calls"] / cost["gits"]["calls"]
+    out["target_met"] = bool(
+        out["evolution_vs_gits"]["improvement"] >= 0.15
+        and out["evolution_vs_ld3"]["improvement"] >= 0.15
+        and out["evolution_cost_over_gits"] <= 10.0 + 1e-9
+    )
+    return out
+
+
+# Report -------------------------------------------------------------------------------------------
+def _f(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> str:
+    lines = [
+        "# Quality: searched schedules vs the published ones (held-out FID)", "",
+        f"Command: `{command}`", "",
+        f"{MODEL_NOTES} Solver {st.solver}; schedules end in 0 (the last step denoises). "
+        f"Every search scores candidates on {st.per_candidate} samples (seeds "
+        f"{SEED_BASE}..); every schedule is then re-scored on {st.heldout} held-out samples "
+        f"(seeds {HELDOUT_SEED_BASE}..) against {st.reference} exact samples of the model "
+        f"(seeds {REFERENCE_SEED_BASE}..), FID on the embedded digits features. Intervals: "
+        f"95% bootstrap ({st.resamples} resamples, the same sample indices for every "
+        "schedule, so differences are paired; centered intervals, see "
+        "searchd/evaluation/heldout.py). The difference is to the best non-searched "
+        "schedule (chosen on the search seeds). Cost: denoiser calls = samples through the "
+        "network in forward calls (LD3's backward passes are not counted as calls; its wall "
+        "time includes them); wall time on this machine, shared with other jobs.", "",
+        f"Budget: each search gets {st.budget_factor:g}x GITS's denoiser calls; the "
+        "warm-started evolution pays for GITS and LD3 from it. Evolution: "
+        + ", ".join(f"{k}={v}" for k, v in st.evolution.items())
+        + f". Bayes: TPE, {st.bayes_startup} startup trials. Space: continuous, "
+        + ", ".join(f"{k}={v}" for k, v in st.space.items())
+        + f". GITS: {st.gits_warmup} warm-up samples, "
+        + ", ".join(f"{k}={v}" for k, v in (res["models"][0]["gits"]["params"].items()))
+        + f"; its teacher and cost matrix are computed once per model and reported at every "
+        f"NFE. LD3: {st.ld3_train} training samples, "
+        + (", ".join(f"{k}={v}" for k, v in st.ld3.items()) or "defaults")
+        + " (Adam, lr 0.1, 100 iterations, Heun teacher 64 steps unless listed), loss "
+        "as the actors run it (`auto`: LPIPS if present, else the digits feature space).", "",
+    ]
+    for mres in res["models"]:
+        lines += [f"## {mres['model']}", ""]
+        lines += ["### Target: warm-started evolution vs GITS and LD3", "",
+                  "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
+                  "better than LD3 by [95% CI] | calls / GITS's | target met |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in mres["rows"]:
+            m = row["methods"]
+            vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
+            pct = lambda d: (f"{100 * d['improvement']:.1f}% [{100 * d['ci'][0]:.1f}, "  # noqa: E731
+                             f"{100 * d['ci'][1]:.1f}]")
+            need = row["nfe"] <= 6
+            met = ("yes" if row["target_met"] else "**no**") if need else (
+                "(not required) " + ("yes" if row["target_met"] else "no"))
+            lines.append(
+                f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {_f(m['gits']['fid'])} | "
+                f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
+                f"{row['evolution_cost_over_gits']:.2f} | {met} |")
+        lines.append("")
+        for row in mres["rows"]:
+            lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
+                      f"Best non-searched schedule: {LABELS[row['best_fixed']]}.", "",
+                      "| schedule | held-out FID [95% CI] | diff to best non-searched "
+                      "[95% CI] | denoiser calls | wall s | candidates | sigmas |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for meth in METHODS:
+                m = row["methods"][meth]
+                sig = ", ".join(f"{x:.3g}" for x in m["sigmas"])
+                diff = ("-" if meth == row["best_fixed"] else
+                        f"{m['diff']:+.4f} [{m['diff_ci'][0]:+.4f}, {m['diff_ci'][1]:+.4f}]")
+                lines.append(
+                    f"| {LABELS[meth]} | {_f(m['fid'])} [{_f(m['fid_ci'][0])}, "
+                    f"{_f(m['fid_ci'][1])}] | {diff} | {m['calls']:,} | {m['wall_s']:.0f} | "
+                    f"{m['candidates'] or '-'} | [{sig}] |")
+            lines.append("")
+    lines += [
+        f"Total wall time {wall / 60:.1f} min"
+        + (f" (summed over {len(res['parts'])} processes run side by side)"
+           if len(res.get("parts", [])) > 1 else "")
+        + f". Machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, load "
+        "average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end.", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = res["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5), squeeze=False)
+    for ax, mres in zip(axes[0], models):
+        nfes = [r["nfe"] for r in mres["rows"]]
+        for k, meth in enumerate(METHODS):
+            fid = np.array([r["methods"][meth]["fid"] for r in mres["rows"]])
+            ci = np.array([r["methods"][meth]["fid_ci"] for r in mres["rows"]])
+            err = np.abs(np.stack([fid - ci[:, 0], ci[:, 1] - fid]))
+            x = np.array(nfes) + (k - len(METHODS) / 2) * 0.04
+            style = "-" if meth in ("gits", "ld3", "evolution") else ":"
+            ax.errorbar(x, fid, yerr=err, marker="o", ms=3, capsize=2, ls=style,
+                        label=LABELS[meth])
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("held-out FID (digits features), 95% CI")
+        ax.set_title(f"{mres['model']}, {res['solver']}")
+        ax.set_xticks(nfes)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
+    """Rows of several runs (same settings, other NFEs) in one result; wall times add up."""
+    files = [out / "quality.json", *others]
+    runs = [json.loads(f.read_text()) for f in files if f.exists()]
+    models: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for m in r["models"]:
+            cur = models.setdefault(m["model"], {**m, "rows": []})
+            have = {row["nfe"] for row in cur["rows"]}
+            cur["rows"] += [row for row in m["rows"] if row["nfe"] not in have]
+            cur["rows"].sort(key=lambda row: row["nfe"])
+    commands = []
+    for r in runs:
+        nfes = sorted({row["nfe"] for m in r["models"] for row in m["rows"]})
+        commands.append(r.get("command") or "nice python benchmarks/quality.py --nfe "
+                        + " ".join(map(str, nfes)))
+    command = " ; ".join(commands)
+    res = {"solver": runs[0]["solver"], "models": list(models.values()),
+           "wall_s": sum(float(r.get("wall_s", 0.0)) for r in runs),
+           "parts": [str(f) for f in files if f.exists()]}
+    (out / "quality.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    (out / "quality.md").write_text(markdown(res, st, command, res["wall_s"]))
+    plot(res, out / "quality.png")
+    print(f"merged {len(runs)} runs into {out / 'quality.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a small, fast version (tests)")
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--nfe", nargs="+", type=int, default=None)
+    p.add_argument("--per-candidate", type=int, default=None)
+    p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--reference", type=int, default=None)
+    p.add_argument("--budget-factor", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=str(RESULTS), help="directory of quality.md/.png/.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the NFEs already in <out>/quality.json (same settings)")
+    p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples")
+    p.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                   help="compute nothing: merge the rows of these quality.json files (runs "
+                        "of the same settings over other NFEs, e.g. in parallel processes) "
+                        "into <out>/quality.json and rewrite quality.md and quality.png")
+    a = p.parse_args(argv)
+    st = tiny_settings() if a.tiny else full_settings()
+    for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
+                     ("heldout", a.heldout), ("reference", a.reference),
+                     ("budget_factor", a.budget_factor), ("resamples", a.resamples)):
+        if val is not None:
+            setattr(st, key, val)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.merge is not None:
+        return merge(out, [Path(m) for m in a.merge], st, command.strip())
+    earlier: dict[str, list[dict[str, Any]]] = {}
+    if a.resume and (out / "quality.json").exists():
+        prev = json.loads((out / "quality.json").read_text())
+        earlier = {m["model"]: m["rows"] for m in prev["models"]}
+        t0 -= float(prev.get("wall_s", 0.0))
+    res: dict[str, Any] = {"solver": st.solver, "models": []}
+
+    def write(partial: dict[str, Any] | None = None) -> None:
+        """Results so far (after every NFE, so an interrupted run leaves its rows)."""
+        models = list(res["models"]) + ([partial] if partial is not None else [])
+        cur = {"solver": st.solver, "models": models, "wall_s": time.perf_counter() - t0,
+               "command": command.strip()}
+        (out / "quality.json").write_text(json.dumps(cur, indent=1, default=float) + "\n")
+        (out / "quality.md").write_text(markdown(cur, st, command.strip(), cur["wall_s"]))
+        plot(cur, out / "quality.png")
+
+    for m in st.models:
+        res["models"].append(bench_model(m, st, log, earlier.get(m, ()), write))
+    write()
+    log(f"wrote {out / 'quality.md'}, quality.json, quality.png")
+    met = all(r["target_met"] for m in res["models"] for r in m["rows"] if r["nfe"] <= 6)
+    log("target " + ("met" if met else "NOT met") + " at every NFE <= 6")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
