@@ -79,30 +79,33 @@ def _spec_fields(spec: Any) -> tuple[str | None, str | None, str | None, dict[st
     return name, kind, None if path is None else str(path), options
 
 
+def _load_path_spec(
+    spec: Any, kind: str, loader: Any, what: str, device: torch.device | str,
+    dtype: torch.dtype,
+) -> Denoiser:
+    """A spec whose ``path`` goes to ``loader(path, runtime=..., **options)``."""
+    name, _, path, options = _spec_fields(spec)
+    if path is None:
+        raise ValueError(f"model {name!r} of kind {kind!r} needs a path ({what})")
+    rt = _runtime(options, device, dtype)
+    _check_options(kind, loader, options, ("path", "runtime"))
+    options.setdefault("name", name)
+    return loader(path, runtime=rt, **options)
+
+
 def load_diffusers_spec(
     spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Denoiser:
     """``kind: diffusers``."""
-    name, _, path, options = _spec_fields(spec)
-    if path is None:
-        raise ValueError(f"model {name!r} of kind 'diffusers' needs a path (directory or hub id)")
-    rt = _runtime(options, device, dtype)
-    _check_options("diffusers", load_diffusers, options, ("path", "runtime"))
-    options.setdefault("name", name)
-    return load_diffusers(path, runtime=rt, **options)
+    return _load_path_spec(spec, "diffusers", load_diffusers, "directory or hub id", device,
+                           dtype)
 
 
 def load_edm_spec(
     spec: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Denoiser:
     """``kind: edm``."""
-    name, _, path, options = _spec_fields(spec)
-    if path is None:
-        raise ValueError(f"model {name!r} of kind 'edm' needs a path (the .pkl file)")
-    rt = _runtime(options, device, dtype)
-    _check_options("edm", load_edm, options, ("path", "runtime"))
-    options.setdefault("name", name)
-    return load_edm(path, runtime=rt, **options)
+    return _load_path_spec(spec, "edm", load_edm, "the .pkl file", device, dtype)
 
 
 def load_generic_spec(
