@@ -17,9 +17,10 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
   and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
   fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
   overrides; ``grid`` (discrete).
-- ``search``: ``algorithm`` evolution | random | bayes | gits | ld3; ``seed``; ``budget``
-  (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters, ``warm_start``);
-  ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods' parameters);
+- ``search``: ``algorithm`` evolution | random | bayes | gits | ld3 | adaptive; ``seed``;
+  ``budget`` (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters,
+  ``warm_start``); ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods'
+  parameters); ``adaptive`` (a per-sample timestep predictor over a global schedule);
   ``predictor`` (OMS-DPM's pre-screen of offspring, evolution only).
 - ``baselines``: schedule families with their parameters; ``gits`` and ``ld3`` are computed
   at run start with the ``search.gits`` / ``search.ld3`` settings.
@@ -64,7 +65,7 @@ from searchd.schedules.baselines import AYS_TABLES, FAMILIES, GRIDS
 FALLBACK_SOLVERS: tuple[str, ...] = (
     "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis",
 )
-ALGORITHMS: tuple[str, ...] = ("evolution", "random", "bayes", "gits", "ld3")
+ALGORITHMS: tuple[str, ...] = ("evolution", "random", "bayes", "gits", "ld3", "adaptive")
 # Schedules computed from the model at run start (searchd.search.anchors): usable as
 # search.algorithm, as baseline families and as warm-start seeds of the evolution.
 ANCHORS: tuple[str, ...] = ("gits", "ld3")
@@ -376,10 +377,45 @@ class Ld3Config(Section):
         return _solver_name(v)
 
 
+class AdaptiveConfig(Section):
+    """Per-sample adaptive schedules (searchd.adaptive): a predictor over a global schedule."""
+
+    kind: Literal["one_shot", "delta"] = "one_shot"  # one schedule per noise, or step by step
+    # The global schedule the predictor offsets: a computed anchor (ld3, gits, with their
+    # search.* settings) or a best.json of an earlier run (same solver and steps).
+    global_schedule: str = "ld3"
+    train: int = Field(256, ge=2)  # training noises: search seeds seed_base + [0, train)
+    oracle_iters: int = Field(16, ge=1)  # Adam steps of each noise's own (oracle) schedule
+    oracle_lr: float = Field(0.1, gt=0)
+    epochs: int = Field(300, ge=1)  # predictor regression epochs (full batch, AdamW)
+    hidden: int = Field(64, ge=1)  # predictor width
+    tune_epochs: int = Field(0, ge=0)  # then end-to-end epochs through the solver (0: off)
+    teacher_solver: str = "heun"  # the oracle's target: this solver, polynomial schedule
+    teacher_steps: int = Field(64, ge=1)
+
+    @field_validator("teacher_solver")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        return _solver_name(v)
+
+    @field_validator("global_schedule")
+    @classmethod
+    def _global(cls, v: str) -> str:
+        if v in ANCHORS:
+            return v
+        if v.endswith(".json") and Path(v).is_file():
+            return v
+        raise ValueError(f"allowed: {', '.join(ANCHORS)}, or the path of an existing best.json")
+
+    @property
+    def global_anchor(self) -> str | None:
+        return self.global_schedule if self.global_schedule in ANCHORS else None
+
+
 class SearchSection(Section):
     """Which algorithm, its parameters, and the candidate budget."""
 
-    algorithm: Literal["evolution", "random", "bayes", "gits", "ld3"] = "evolution"
+    algorithm: Literal["evolution", "random", "bayes", "gits", "ld3", "adaptive"] = "evolution"
     seed: int = 0  # the searcher's random seed
     budget: int | None = Field(None, ge=1)  # candidates in all; null: population x generations
     candidates_per_trial: int | None = Field(None, ge=1)  # per Tune trial; null: population
@@ -388,6 +424,7 @@ class SearchSection(Section):
     predictor: PredictorSection = Field(default_factory=PredictorSection)
     gits: GitsConfig = Field(default_factory=GitsConfig)
     ld3: Ld3Config = Field(default_factory=Ld3Config)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
 
     @model_validator(mode="after")
     def _defaults(self) -> SearchSection:
@@ -573,6 +610,7 @@ class SearchConfig(Section):
                 f"search.evolution.population_num = {ev.population_num}",
             )
         self._check_anchors()
+        self._check_adaptive()
         if n_base > (self.search.budget or 0):
             raise FieldError("search.budget", self.search.budget,
                              f"must be >= the number of baselines ({n_base})")
@@ -619,6 +657,8 @@ class SearchConfig(Section):
         """The computed schedules (gits, ld3) this run needs, in a fixed order."""
         wanted = {self.search.algorithm, *self.baseline_families,
                   *self.search.evolution.warm_start}
+        if self.search.algorithm == "adaptive" and self.search.adaptive.global_anchor:
+            wanted.add(self.search.adaptive.global_anchor)
         return [a for a in ANCHORS if a in wanted]
 
     def _check_anchors(self) -> None:
@@ -642,6 +682,23 @@ class SearchConfig(Section):
             raise FieldError("search.gits.grid_points", g.grid_points,
                              f"a grid of {g.grid_points} points allows at most "
                              f"{g.grid_points - 1} steps; steps = {self.n_steps}")
+
+    def _check_adaptive(self) -> None:
+        if self.search.algorithm != "adaptive":
+            return
+        a, n = self.search.adaptive, self.samples.per_candidate
+        if self.space.kind != "continuous":
+            raise FieldError("space.kind", self.space.kind,
+                             "search.algorithm adaptive predicts continuous noise levels: "
+                             "allowed: continuous")
+        if a.train > n:
+            raise FieldError("search.adaptive.train", a.train,
+                             f"must be <= samples.per_candidate ({n}): training noise comes "
+                             "from the search seeds")
+        if self.metric.reference is None:
+            raise FieldError("metric.reference", None,
+                             "search.algorithm adaptive scores its predictor by held-out FID: "
+                             "give reference statistics (a path or exact:<n>)")
 
     def _check_seed_ranges(self) -> None:
         s = self.samples

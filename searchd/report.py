@@ -345,6 +345,9 @@ def format_report(rep: RunReport, top: int = 10) -> str:
                           lines))
         out.append(f"best schedule: {rep.best.get('solver')}, sigmas "
                    + json.dumps(rep.best.get("sigmas")))
+        ad = rep.best.get("adaptive")
+        if ad:
+            out.extend(["", *_adaptive_lines(ad)])
     else:
         out.append("Held-out scores: none yet (best.json is written when the search ends)")
 
@@ -359,6 +362,29 @@ def format_report(rep: RunReport, top: int = 10) -> str:
     else:
         out.append("  (none)")
     return "\n".join(out)
+
+
+def _adaptive_lines(ad: Mapping[str, Any]) -> list[str]:
+    """An adaptive run's predictor: its files and its paired held-out score."""
+    src = ad.get("global_schedule", {})
+    out = [f"Adaptive {ad.get('kind')} predictor over the global schedule "
+           f"({src.get('source')}): {ad.get('torchscript')} (TorchScript), "
+           f"{ad.get('weights')} (weights)"]
+    if ad.get("status") != "ok" or "heldout" not in ad:
+        out.append(f"  failed: {ad.get('error')}")
+        return out
+    h = ad["heldout"]
+    rows = []
+    for name in ("global", "predictor"):
+        s = h[name]
+        ci = s.get("fid_ci")
+        rows.append([name, s.get("fid"), None if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]"])
+    out.append(_table(["sampler", "held-out fid", "CI"], rows))
+    dci = h.get("diff_ci")
+    if h.get("diff") is not None and dci:
+        out.append(f"  predictor - global: {h['diff']:+.4g} [{dci[0]:+.4g}, {dci[1]:+.4g}] "
+                   f"(same {h.get('n_samples')} held-out seeds; gain {100 * h['gain']:+.1f}%)")
+    return out
 
 
 # Plots ---------------------------------------------------------------------------------------

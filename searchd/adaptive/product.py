@@ -43,7 +43,7 @@ KINDS = {"one_shot": OneShotPredictor, "delta": DeltaPredictor}
 
 USAGE = {
     "one_shot": (
-        "m = torch.jit.load('predictor.ts'); d0 = D(z * sigmas_max, sigma_max)  # the "
+        "m = torch.jit.load('predictor.ts'); d0 = D(z * sigma_max, sigma_max)  # the "
         "solver's first evaluation (inputs='denoised'; with inputs='noise' pass z); "
         "sigmas = m(d0)  # [B, N+1], one schedule per sample"
     ),
@@ -68,17 +68,12 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_predictor(model: Any, directory: str | Path, meta: Mapping[str, Any] | None = None
-                   ) -> dict[str, Any]:
-    """Write the predictor's weights, TorchScript export and description into ``directory``.
-
-    Returns the description (also ``predictor.json``), with the file names.
-    """
+def predictor_blob(model: Any) -> dict[str, Any]:
+    """What rebuilds the predictor anywhere: ``{"kind", "args", "state_dict"}`` (CPU tensors;
+    ``predictor.pt`` holds exactly this)."""
     kind = kind_of(model)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     head = model.head
-    args = {
+    args: dict[str, Any] = {
         "global_sigmas": [float(v) for v in head.sigmas.tolist()],
         "sigma_min": float(model.sigma_min),
         "dim": int(model.dim),
@@ -86,13 +81,37 @@ def save_predictor(model: Any, directory: str | Path, meta: Mapping[str, Any] | 
     }
     if kind == "one_shot":
         args["inputs"] = model.inputs
-    blob = {"kind": kind, "args": args, "state_dict": model.state_dict()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"kind": kind, "args": args, "state_dict": state}
+
+
+def predictor_from_blob(blob: Mapping[str, Any]) -> OneShotPredictor | DeltaPredictor:
+    """The predictor ``predictor_blob`` describes (eval mode)."""
+    kind = blob.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"predictor kind = {kind!r}; allowed: {', '.join(KINDS)}")
+    model = KINDS[kind](**blob["args"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def save_predictor(model: Any, directory: str | Path, meta: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Write the predictor's weights, TorchScript export and description into ``directory``.
+
+    Returns the description (also ``predictor.json``), with the file names.
+    """
+    blob = predictor_blob(model)
+    kind, args = blob["kind"], blob["args"]
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     _atomic_write(d / "predictor.pt", lambda p: torch.save(blob, p))
     with warnings.catch_warnings():
         # torch >= 2.5 marks TorchScript deprecated; it is still what loads anywhere.
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model.eval())
     _atomic_write(d / "predictor.ts", lambda p: scripted.save(str(p)))
+    head = model.head
     info = {
         "kind": kind, "weights": "predictor.pt", "torchscript": "predictor.ts",
         "n_steps": int(head.n_steps), "final_zero": bool(head.final_zero), **args,
@@ -109,12 +128,10 @@ def load_predictor(directory: str | Path) -> OneShotPredictor | DeltaPredictor:
     if not path.is_file():
         raise ValueError(f"no predictor at {path} (expected predictor.pt from save_predictor)")
     blob = torch.load(path, weights_only=False)
-    kind = blob.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"{path}: kind = {kind!r}; allowed: {', '.join(KINDS)}")
-    model = KINDS[kind](**blob["args"])
-    model.load_state_dict(blob["state_dict"])
-    return model.eval()
+    try:
+        return predictor_from_blob(blob)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def train_predictor(

@@ -181,10 +181,15 @@ def final_scores(
     grid_seeds: Sequence[int],
     grid_indices: Sequence[int],
     search_seeds: Sequence[int],
+    predictor: tuple[dict[str, Any], Schedule] | None = None,
 ) -> dict[str, Any]:
     """The end of a search, in one worker: held-out FID of each schedule with a bootstrap CI
     and its paired difference against ``schedules[baseline_index]`` (same resampled sample
-    indices for both), and sample images [B, C, H, W] of ``schedules[grid_indices]``."""
+    indices for both), and sample images [B, C, H, W] of ``schedules[grid_indices]``.
+
+    ``predictor``: ``(predictor_blob, its global schedule)`` of an adaptive run: both are
+    scored on the same held-out seeds too (``"adaptive"``: ``predictor_final``'s result, or
+    ``{"error": ...}`` if that failed; the other scores are kept either way)."""
     from searchd.evaluation.heldout import heldout_scores
 
     evaluator = factory()
@@ -192,6 +197,15 @@ def final_scores(
         evaluator, list(schedules), list(seeds), baseline_index=baseline_index, level=ci_level,
         search_seeds=search_seeds,
     )
+    adaptive: dict[str, Any] | None = None
+    if predictor is not None:
+        from searchd.adaptive.run import predictor_final
+
+        try:
+            adaptive = predictor_final(evaluator, predictor[0], predictor[1], list(seeds),
+                                       ci_level)
+        except Exception as e:  # a broken predictor never loses the run's other results
+            adaptive = {"error": f"{type(e).__name__}: {e}"}
     images = {}
     if len(grid_seeds):
         for i in grid_indices:
@@ -200,4 +214,4 @@ def final_scores(
                 with torch.no_grad():
                     x = evaluator.decode(x)
             images[i] = np.asarray(x.detach().cpu(), np.float32)
-    return {"heldout": held, "images": images}
+    return {"heldout": held, "images": images, "adaptive": adaptive}

@@ -98,12 +98,24 @@ def _ld3(
     return Ld3Searcher(space, metric, mode, schedule=_anchor(anchors, "ld3"), seeds=seeds)
 
 
+def _adaptive(
+    search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
+    anchors: Mapping[str, Schedule] | None = None,
+) -> ScheduleSearcher:
+    from searchd.adaptive.run import AdaptiveSearcher, global_schedule
+
+    return AdaptiveSearcher(space, metric, mode,
+                            schedule=global_schedule(search.adaptive, space, anchors),
+                            seeds=seeds)
+
+
 SEARCHERS: dict[str, Factory] = {
     "evolution": _evolution,
     "random": _random,
     "bayes": _bayes,
     "gits": _gits,
     "ld3": _ld3,
+    "adaptive": _adaptive,
 }
 
 

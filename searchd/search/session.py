@@ -114,6 +114,8 @@ class SearchSession:
                                       cfg.mode, self.anchors)
         self.known = self._restore() if self.resume else {}
         finished = self._search()
+        if finished and cfg.search.algorithm == "adaptive":
+            self._train_predictor()
         if not finished:
             self._say(
                 f"searchd: search interrupted; {self.n_rows} evaluations are stored. "
@@ -319,7 +321,7 @@ class SearchSession:
         )
         total = cfg.search.budget or (ev.population_num * ev.generations
                                       if cfg.search.algorithm == "evolution" else None)
-        if cfg.search.algorithm in ("gits", "ld3"):
+        if cfg.search.algorithm in ("gits", "ld3", "adaptive"):
             total = 1 + len(self.baselines)  # the computed schedule and the baselines
         gens = ev.generations if cfg.search.algorithm == "evolution" else None
         self.progress = Progress(gens, total, self.metric, enabled=not self.quiet)
@@ -341,6 +343,56 @@ class SearchSession:
         finally:
             shutil.rmtree(tune_dir, ignore_errors=True)
         return bool(outcome.finished)
+
+    # Adaptive: the predictor ------------------------------------------------------------------
+    def _train_predictor(self) -> None:
+        """Train the predictor of an adaptive run on an actor and store its files in
+        ``predictor/``; a resumed run that has them reads them back. A failed training is
+        logged and reported in best.json; the search's results are kept."""
+        from searchd.adaptive.run import (
+            compute_predictor,
+            predictor_params,
+            read_predictor,
+            train_seeds,
+            write_predictor,
+        )
+
+        cfg, run = self.cfg, self.run_dir
+        self.global_schedule = self.searcher.schedule
+        self.predictor: dict[str, Any] | None = None
+        self.predictor_error: str | None = None
+        stored = read_predictor(run) if self.resume else None
+        if stored is not None:
+            blob, info = stored
+            self.predictor = {"blob": blob, "info": info, "training": info["meta"]}
+            self._say("searchd: predictor read back from predictor/predictor.pt")
+            return
+        a = cfg.search.adaptive
+        seeds = train_seeds(cfg)
+        self._say(f"searchd: training the {a.kind} predictor on {len(seeds)} noises "
+                  f"(oracle schedules, {a.oracle_iters} steps each) ...")
+        try:
+            out = self.pool.call(compute_predictor, self.global_schedule.to_dict(), seeds,
+                                 predictor_params(cfg, self.space))
+        except Exception as e:  # the search's results stay; best.json reports the failure
+            self.predictor_error = f"{type(e).__name__}: {e}"
+            logger.error("training the predictor failed: %s", self.predictor_error)
+            return
+        rec = out["record"]
+        training = {
+            "n_train": rec["n_train"], "first_seed": rec["first_seed"],
+            "denoiser_calls": out["denoiser_calls"], "wall_s": out["wall_s"],
+            "oracle_loss": rec["oracle_loss"], "global_loss": rec["global_loss"],
+            "solver": rec["solver"], "teacher": rec["teacher"],
+            "global_sigmas": [float(x) for x in self.global_schedule.sigmas],
+            "global_source": a.global_schedule, "run_id": self.run_id,
+        }
+        info = write_predictor(run, out["blob"], training)
+        self.predictor = {"blob": out["blob"], "info": info, "training": training}
+        self._say(f"searchd: predictor trained ({out['denoiser_calls']} denoiser calls, "
+                  f"{format_duration(out['wall_s'])}; oracle loss {rec['oracle_loss']:.4g} "
+                  f"vs global {rec['global_loss']:.4g} on its noises) -> "
+                  f"{run.display('predictor/predictor.ts')}")
 
     def _stored_baseline_values(self) -> dict[str, float]:
         """Search values of the baselines stored by the run this session resumes (a resumed
@@ -469,15 +521,19 @@ class SearchSession:
 
         task = ray.remote(build.final_scores).options(**self._worker_options())
         search_seeds = range(s.seed_base, s.seed_base + s.per_candidate)
+        predictor = getattr(self, "predictor", None)
         final = ray.get(task.remote(
             self.factory, schedules, heldout_seeds, 1 + best_base, cfg.report.ci_level,
             grid_seeds, [0, 1 + best_base], list(search_seeds),
+            None if predictor is None else (predictor["blob"], self.global_schedule),
         ))
         held = final["heldout"]
         names = ["searched"] + [str(b.meta.get("name", b.id)) for b in baselines]
         for name, score in zip(names, held["scores"]):
             score["name"] = name
         best = self._best_json(winner, best_row, baselines, base_rows, best_base, held)
+        if cfg.search.algorithm == "adaptive":
+            best["adaptive"] = self._adaptive_json(final.get("adaptive"))
         self.run_dir.write_text("best.json", json.dumps(best, indent=2) + "\n")
         if cfg.report.plots:
             self._plots(winner, baselines, best_base, rows, final["images"])
@@ -557,6 +613,20 @@ class SearchSession:
             out["usage"]["diffusers_timesteps"] = f"pipe(..., timesteps={out['timesteps']})"
         return out
 
+    def _adaptive_json(self, final: dict[str, Any] | None) -> dict[str, Any]:
+        from searchd.adaptive.run import adaptive_section
+
+        p = getattr(self, "predictor", None)
+        source = self.cfg.search.adaptive.global_schedule
+        error = self.predictor_error if p is None else None
+        held = None
+        if final is not None and "error" in final:
+            error = f"held-out scoring of the predictor failed: {final['error']}"
+        elif final is not None:
+            held = final
+        return adaptive_section(p["info"] if p else {}, p["training"] if p else {}, held,
+                                self.global_schedule, source, error)
+
     def _plots(self, winner: Schedule, baselines: Sequence[Schedule], best_base: int,
                rows: Sequence[dict[str, Any]], images: dict[int, Any]) -> None:
         from searchd.plots import save_image_grid
@@ -592,3 +662,25 @@ class SearchSession:
                 dlo, dhi = sc["diff_ci"]
                 line += f"   diff {sc['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
             self._say(line)
+        ad = best.get("adaptive")
+        if ad is not None:
+            self._print_adaptive(ad)
+
+    def _print_adaptive(self, ad: dict[str, Any]) -> None:
+        if ad["status"] != "ok":
+            self._say(f"searchd: adaptive predictor failed: {ad.get('error')}")
+            return
+        h = ad["heldout"]
+        g, p = h["global"], h["predictor"]
+        self._say(f"searchd: adaptive {ad['kind']} predictor vs its global schedule "
+                  f"({ad['global_schedule']['source']}), same held-out seeds:")
+        self._say(f"  {'global schedule':<26} {g['fid']:.4f} "
+                  f"[{g['fid_ci'][0]:.4f}, {g['fid_ci'][1]:.4f}]")
+        if p["fid"] is None:
+            self._say(f"  {'predictor':<26} failed")
+            return
+        dlo, dhi = h["diff_ci"]
+        self._say(f"  {'predictor':<26} {p['fid']:.4f} [{p['fid_ci'][0]:.4f}, "
+                  f"{p['fid_ci'][1]:.4f}]   diff {h['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+                  f"   ({100 * h['gain']:+.1f}% gain)")
+        self._say(f"  load it beside your sampler: {self.run_dir.display(ad['torchscript'])}")
