@@ -155,8 +155,12 @@ def test_cli_adaptive_trains_stores_scores_and_resumes(tmp_path):
     # candidate; the predictor's files are in the run.
     ld3 = json.loads((run / "anchors.json").read_text())["anchors"][0]
     assert ad["global_schedule"] == {"source": "ld3", "sigmas": ld3["schedule"]["sigmas"]}
-    rows = {r["origin"] for r in _rows(run)}
-    assert rows == {"baseline", "ld3"}
+    rows = _rows(run)
+    assert sorted(r["origin"] for r in rows) == ["baseline", "ld3"]
+    row = next(r for r in rows if r["origin"] == "ld3")
+    assert row["sigmas"] == best["anchors"]["ld3"]["sigmas"] and row["status"] == "ok"
+    assert best["anchors"]["ld3"]["params"]["loss"] == "pixels"
+    assert best["anchors"]["ld3"]["denoiser_calls"] > 0
     for key in ("weights", "torchscript", "description"):
         assert (run / ad[key]).is_file()
     info = json.loads((run / ad["description"]).read_text())
