@@ -209,3 +209,27 @@ def _rows(run):
     import pyarrow.parquet as pq
 
     return pq.read_table(run / "evaluations").to_pylist()
+
+
+def test_adaptive_searcher_proposes_the_global_schedule_then_the_baselines(tmp_path):
+    from searchd.search.registry import make_baselines, make_searcher, make_space
+
+    cfg = load_config(QUICK, ["search.algorithm=adaptive", "baselines=[polynomial, logsnr]"])
+    space = make_space(cfg, 0.002, 80.0)
+    bases = make_baselines(cfg, space)
+    glob = space.check(Schedule(np.array([80.0, 4.0, 1.5, 0.25, 0.05, 0.0]),
+                                solver="dpmpp_2m", meta={"origin": "ld3"}))
+    s = make_searcher(cfg.search, space, bases, "fid", "min", {"ld3": glob})
+    got = [s.suggest(f"t{i}") for i in range(4)]
+    assert [g["schedule"]["id"] for g in got[:3]] == [glob.id, *(b.id for b in bases)]
+    assert got[0]["schedule"]["meta"]["origin"] == "ld3" and got[3] == "FINISHED"
+    assert s.algorithm == "adaptive" and s.schedule.id == glob.id
+    with pytest.raises(ValueError, match="the ld3 schedule must be computed"):
+        make_searcher(cfg.search, space, bases, "fid", "min", None)
+    # A best.json as the global schedule: read, nothing computed.
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"sigmas": list(glob.sigmas), "solver": "dpmpp_2m"}))
+    cfg = load_config(QUICK, ["search.algorithm=adaptive",
+                              f"search.adaptive.global_schedule={path}"])
+    s = make_searcher(cfg.search, space, bases, "fid", "min", {})
+    assert s.schedule.id == glob.id and s.schedule.meta["origin"] == "best.json"

@@ -111,7 +111,7 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
 # Validation errors: one line, naming key, value and what is allowed ------------------------
 @pytest.mark.parametrize("override,key,value,allowed", [
     ("search.algorithm=cmaes", "search.algorithm", "'cmaes'",
-     "'evolution', 'random', 'bayes', 'gits' or 'ld3'"),
+     "'evolution', 'random', 'bayes', 'gits', 'ld3' or 'adaptive'"),
     ("search.bayes.sampler=cmaes", "search.bayes.sampler", "'cmaes'", "'tpe' or 'gp'"),
     ("solver.name=rk4", "solver.name", "'rk4'", "dpmpp_2m"),
     ("space.warp=linear", "space.warp", "'linear'", "'logsnr' or 'rho'"),

@@ -408,8 +408,9 @@ def test_make_searcher_builds_every_algorithm_from_a_config():
                                  f"search.algorithm={algo}", "search.budget=40"])
         s = make_searcher(cfg.search, space, make_baselines(space), METRIC, cfg.mode)
         assert s.algorithm == algo and s.metric == METRIC and s.mode == "min"
-    assert sorted(SEARCHERS) == ["bayes", "evolution", "gits", "ld3", "random"]
-    with pytest.raises(ValueError, match=r"unknown search algorithm 'cmaes'; known: \['bayes'"):
+    assert sorted(SEARCHERS) == ["adaptive", "bayes", "evolution", "gits", "ld3", "random"]
+    with pytest.raises(ValueError,
+                       match=r"unknown search algorithm 'cmaes'; known: \['adaptive', 'bayes'"):
         make_searcher(SimpleNamespace(algorithm="cmaes"), space)
 
 
