@@ -49,6 +49,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -205,19 +206,21 @@ class ModelConfig(Section):
         return self
 
 
+def _solver_name(v: str) -> str:
+    known = solver_names()
+    if v not in known:
+        raise ValueError(f"allowed solvers: {', '.join(known)}")
+    return v
+
+
+SolverName = Annotated[str, AfterValidator(_solver_name)]  # a solver of searchd.solvers
+
+
 class SolverConfig(Section):
     """The ODE solver that runs every schedule."""
 
-    name: str = "dpmpp_2m"
+    name: SolverName = "dpmpp_2m"
     options: dict[str, Any] = {}  # passed to solve(..., **options)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        known = solver_names()
-        if v not in known:
-            raise ValueError(f"allowed solvers: {', '.join(known)}")
-        return v
 
 
 class SpaceConfig(Section):
@@ -323,34 +326,17 @@ class PredictorSection(Section):
     steps: int = Field(300, ge=1)  # optimizer steps per (re)training
 
 
-def _solver_name(v: str) -> str:
-    known = solver_names()
-    if v not in known:
-        raise ValueError(f"allowed solvers: {', '.join(known)}")
-    return v
-
-
 class GitsConfig(Section):
     """GITS (searchd.search.gits): DP over a teacher trajectory on a fine grid."""
 
     warmup: int = Field(256, ge=1)  # warm-up samples: search seeds seed_base + [0, warmup)
     grid_points: int = Field(61, ge=3)  # levels of the teacher grid (polynomial rho)
     rho: float = Field(7.0, gt=0)  # exponent of the teacher grid
-    teacher_solver: str = "heun"  # solver of the teacher trajectory
+    teacher_solver: SolverName = "heun"  # solver of the teacher trajectory
     teacher_substeps: int = Field(1, ge=1)  # teacher steps per grid interval
     metric: Literal["dev", "l1", "l2"] = "dev"  # cost of a one-step jump
     coeff: float = Field(1.15, gt=0)  # DP weight ratio of consecutive steps
-    student_solver: str | None = None  # jumps costed with this solver; null: solver.name
-
-    @field_validator("teacher_solver")
-    @classmethod
-    def _teacher(cls, v: str) -> str:
-        return _solver_name(v)
-
-    @field_validator("student_solver")
-    @classmethod
-    def _student(cls, v: str | None) -> str | None:
-        return None if v is None else _solver_name(v)
+    student_solver: SolverName | None = None  # jumps costed with this solver; null: solver.name
 
 
 class Ld3Config(Section):
@@ -363,18 +349,13 @@ class Ld3Config(Section):
     space: Literal["logsnr", "rho"] = "logsnr"  # coordinate the logits share out
     rho: float = Field(7.0, gt=0)  # exponent of space "rho"
     loss: Literal["auto", "lpips", "features", "pixels"] = "auto"  # auto: lpips > features
-    teacher_solver: str = "heun"  # teacher: this solver over a polynomial schedule
+    teacher_solver: SolverName = "heun"  # teacher: this solver over a polynomial schedule
     teacher_steps: int = Field(64, ge=1)  # steps of the teacher
     batch_size: int | None = Field(None, ge=1)  # null: full batch
     slack: float = Field(0.0, ge=0)  # radius of LD3's noise relaxation (0: off)
     patience: int | None = Field(5, ge=1)  # plateau rule: back to the best, lr x lr_decay
     lr_decay: float = Field(0.8, gt=0, le=1)
     init: Literal["uniform", "gits"] = "uniform"  # start: uniform in space, or GITS's result
-
-    @field_validator("teacher_solver")
-    @classmethod
-    def _teacher(cls, v: str) -> str:
-        return _solver_name(v)
 
 
 class AdaptiveConfig(Section):
@@ -390,13 +371,8 @@ class AdaptiveConfig(Section):
     epochs: int = Field(300, ge=1)  # predictor regression epochs (full batch, AdamW)
     hidden: int = Field(64, ge=1)  # predictor width
     tune_epochs: int = Field(0, ge=0)  # then end-to-end epochs through the solver (0: off)
-    teacher_solver: str = "heun"  # the oracle's target: this solver, polynomial schedule
+    teacher_solver: SolverName = "heun"  # the oracle's target: this solver, polynomial schedule
     teacher_steps: int = Field(64, ge=1)
-
-    @field_validator("teacher_solver")
-    @classmethod
-    def _teacher(cls, v: str) -> str:
-        return _solver_name(v)
 
     @field_validator("global_schedule")
     @classmethod

@@ -23,25 +23,13 @@ from searchd.adaptive import (
     fit_one_shot,
     oracle_schedules,
 )
-from searchd.models import load
 from searchd.noise import make_noise
 from searchd.schedules.baselines import baseline
 from searchd.search.ld3 import Ld3Parameterization
 from searchd.search.teacher import TeacherCache, TeacherSettings
 from searchd.solvers import SOLVERS, SchedulePolicy, solve
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def k8():
-    return load("gmm-digits-k8", dtype=torch.float64)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; k8 too
 
 
 def per_sample(g: np.ndarray, b: int) -> np.ndarray:

@@ -23,17 +23,7 @@ from searchd.solvers import solve
 QUICK = "configs/quickstart.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def k8():
-    return load("gmm-digits-k8", dtype=torch.float64)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; k8 too
 
 
 # Configuration --------------------------------------------------------------------------------

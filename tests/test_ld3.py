@@ -46,12 +46,8 @@ MU = np.array([0.3, -0.2, 0.1, 0.0])
 
 
 @pytest.fixture(autouse=True)
-def small_threads():
-    """Tiny tensors: one thread avoids the thread pool's cost on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def small_threads(one_thread):
     yield
-    torch.set_num_threads(n)
     assert not ray.is_initialized(), "these tests must not start Ray"
 
 
