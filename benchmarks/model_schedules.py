@@ -95,6 +95,20 @@ def evolution(space, seeds_sched, *, pop: int, gens: int, seed: int,
     )
 
 
+def joint_space(n_steps: int, latency: Any, budget: float, big: int
+                ) -> tuple[JointSpace, list[Schedule]]:
+    """The joint space of ``n_steps`` at a latency budget, and its seeds: the fixed families,
+    every step on the largest model (``big``)."""
+    tspace = ContinuousSpace(n_steps, SMIN, SMAX, True, "rho", free_endpoints=True,
+                             gap_ratio=10.0)
+    jspace = JointSpace(tspace, latency, budget, names=ZOO)
+    seeds = [with_meta(jspace.with_models(Schedule(baseline(fam, n_steps, SMIN, SMAX, True,
+                                                            **params)),
+                                          np.full(n_steps, big)), origin="baseline")
+             for fam, params in FAMILIES]
+    return jspace, seeds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", type=float, nargs="+", default=[3.0, 4.0, 6.0])
@@ -145,14 +159,7 @@ def main() -> None:
     for B in a.budgets:
         budget = B * unit
         n_joint = int(round(B)) + a.extra_steps
-        tspace = ContinuousSpace(n_joint, SMIN, SMAX, True, "rho", free_endpoints=True,
-                                 gap_ratio=10.0)
-        jspace = JointSpace(tspace, lat, budget, names=ZOO)
-        jseeds = []
-        for fam, params in FAMILIES:
-            sig = baseline(fam, n_joint, SMIN, SMAX, True, **params)
-            jseeds.append(with_meta(jspace.with_models(Schedule(sig), np.full(n_joint, big)),
-                                    origin="baseline"))
+        jspace, jseeds = joint_space(n_joint, lat, budget, big)
         t0 = time.perf_counter()
         jsearch = evolution(jspace, jseeds, pop=a.population, gens=a.generations,
                             seed=a.seed, predictor=0.5, pred_steps=a.pred_steps)
@@ -223,14 +230,7 @@ def main() -> None:
         jsearch = runs[B]["joint_searcher"]
         budget = B * unit
         n_joint = int(round(B)) + a.extra_steps
-        tspace = ContinuousSpace(n_joint, SMIN, SMAX, True, "rho", free_endpoints=True,
-                                 gap_ratio=10.0)
-        jspace = JointSpace(tspace, lat, budget, names=ZOO)
-        jseeds = []
-        for fam, params in FAMILIES:
-            sig = baseline(fam, n_joint, SMIN, SMAX, True, **params)
-            jseeds.append(with_meta(jspace.with_models(Schedule(sig), np.full(n_joint, big)),
-                                    origin="baseline"))
+        jspace, jseeds = joint_space(n_joint, lat, budget, big)
         t0 = time.perf_counter()
         plain = evolution(jspace, jseeds, pop=a.population, gens=a.generations, seed=a.seed,
                           predictor=None, pred_steps=a.pred_steps)
