@@ -6,13 +6,17 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one torch thread avoids the thread pool's cost on a shared machine."""
+def _one_torch_thread():
+    """Tiny tensors: one torch thread avoids the thread pool's cost on a shared machine (on
+    2 shared cores extra threads make tiny networks many times slower); restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+one_thread = pytest.fixture(_one_torch_thread, name="one_thread")
+one_thread_module = pytest.fixture(_one_torch_thread, scope="module", name="one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -22,25 +22,16 @@ from searchd.search.driver import main
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel  # noqa: E402
+from tiny_models import tiny_unet as _tiny_unet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 def tiny_unet(channels: int = 1, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=channels, out_channels=channels,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
-    )
+    return _tiny_unet(channels, seed)
 
 
 @pytest.fixture(scope="module")

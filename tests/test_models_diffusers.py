@@ -26,6 +26,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
     UNet2DModel,
 )
+from tiny_models import tiny_unet as _tiny_unet  # noqa: E402
 
 from searchd.models.adapters import load_spec  # noqa: E402
 from searchd.models.base import Denoiser  # noqa: E402
@@ -36,23 +37,11 @@ from searchd.solvers import solve  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads, and on a shared 2-core machine extra
-    threads make them many times slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 def tiny_unet(channels: int = 3, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=channels, out_channels=channels,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
-    )
+    return _tiny_unet(channels, seed)
 
 
 def save_unet(root: Path, scheduler_config: dict, seed: int = 0) -> Path:

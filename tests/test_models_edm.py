@@ -28,13 +28,7 @@ from searchd.models.edm import (
 )
 from searchd.solvers import solve
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 class MiniEDMPrecond(nn.Module):

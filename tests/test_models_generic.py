@@ -27,12 +27,7 @@ from searchd.schedules.baselines import iddpm_cosine_grid, vp_sigma_to_t
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 class TinyNet(nn.Module):

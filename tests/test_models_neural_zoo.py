@@ -27,12 +27,7 @@ MAX_TOTAL_BYTES = 20 * 2**20
 CONFIDENT = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 def test_weights_ship_within_the_size_budget():
