@@ -61,13 +61,21 @@ def seed_key(seeds: Sequence[int]) -> Hashable:
     return tuple(int(s) for s in seeds)
 
 
+@dataclass(frozen=True)
+class FactoryName:
+    """The name of the named actor (``pool.FactoryHolder``) that keeps an evaluator factory."""
+
+    name: str
+
+
 @ray.remote
 class EvaluatorActor:
     """Ray actor serving ``evaluate(candidates, seeds)`` with request merging.
 
     Args:
         factory: picklable zero-argument callable returning the evaluator; called once in
-            ``__init__`` (and once more after each restart of the actor).
+            ``__init__`` (and once more after each restart of the actor). Or the name of
+            the ``FactoryHolder`` actor that keeps it (what ``EvaluatorPool`` passes).
         name: worker name recorded with every result (default: the start of the actor id).
         max_batch: candidates above which no further request is merged into a call.
         max_wait_s: longest wait for more requests after the first of a call arrives.
@@ -81,6 +89,8 @@ class EvaluatorActor:
         max_wait_s: float = 0.005,
     ) -> None:
         t0 = time.perf_counter()
+        if isinstance(factory, FactoryName):  # a pool's FactoryHolder
+            factory = ray.get(ray.get_actor(factory.name).get.remote())
         self._evaluator = factory()
         self._load_s = time.perf_counter() - t0
         ctx = ray.get_runtime_context()

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,12 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from searchd.distributed.actor import EvaluatedCandidate, EvaluatorActor, EvaluatorFactory
+from searchd.distributed.actor import (
+    EvaluatedCandidate,
+    EvaluatorActor,
+    EvaluatorFactory,
+    FactoryName,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,26 @@ def split_balanced(n: int, k: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
+
+
+@ray.remote(num_cpus=0)
+class FactoryHolder:
+    """Keeps the evaluator factory (which may hold large reference statistics) for the
+    pool's actors and their restarts. Actors get this named actor's name as a constructor
+    argument and fetch the factory from it when they start: with the factory itself, an
+    ``ObjectRef`` of it or an actor handle (which carries a reference) as a constructor
+    argument, Ray logs an error-level line for every actor with restarts
+    (ray-project/ray#53727). Placed on the driver's node; not restarted (a restart would come
+    back empty)."""
+
+    def __init__(self) -> None:
+        self._factory: Any = None
+
+    def put(self, factory: Any) -> None:
+        self._factory = factory
+
+    def get(self) -> Any:
+        return self._factory
 
 
 @ray.remote(num_cpus=0)
@@ -302,9 +328,17 @@ class EvaluatorPool:
             raise ValueError("num_gpus_per_worker and cpus_per_worker must be >= 0")
         if not ray.is_initialized():
             raise RuntimeError("EvaluatorPool needs Ray: call ray.init() first")
-        # Put once and keep the reference for the pool's lifetime: every actor (and every
-        # restart of one) builds its evaluator from this object, which may be large.
-        self._factory = ray.put(factory)
+        # Stored once for the pool's lifetime: every actor (and every restart of one) builds
+        # its evaluator from it, which may be large.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        self._factory_name = f"searchd-factory-{uuid.uuid4().hex[:12]}"
+        self._factory = FactoryHolder.options(
+            name=self._factory_name,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        ).remote()
+        ray.get(self._factory.put.remote(factory))
         self._fixed = num_workers
         self.num_gpus_per_worker = float(num_gpus_per_worker)
         self.cpus_per_worker = float(cpus_per_worker)
@@ -356,7 +390,7 @@ class EvaluatorPool:
                 scheduling_strategy="SPREAD",
                 max_restarts=self._max_restarts,
                 max_task_retries=0,  # the client re-sends lost chunks itself
-            ).remote(self._factory, name, self._max_batch, self._max_wait_s)
+            ).remote(FactoryName(self._factory_name), name, self._max_batch, self._max_wait_s)
             out.append((actor, name, actor.ready.remote()))
         return out
 
@@ -460,6 +494,9 @@ class EvaluatorPool:
         if getattr(self, "_membership", None) is not None:
             ray.kill(self._membership, no_restart=True)
             self._membership = None
+        if getattr(self, "_factory", None) is not None:
+            ray.kill(self._factory, no_restart=True)
+            self._factory = None
         self._actors.clear()
         self._info.clear()
         self._starting.clear()
