@@ -675,6 +675,32 @@ class SearchConfig(Section):
             raise FieldError("metric.reference", None,
                              "search.algorithm adaptive scores its predictor by held-out FID: "
                              "give reference statistics (a path or exact:<n>)")
+        if a.global_anchor is None:
+            self._check_global_best(a.global_schedule)
+
+    def _check_global_best(self, path: str) -> None:
+        """An earlier run's best.json as the global schedule: its solver, steps and ending
+        must be this run's (the noise range is checked against the model at run start)."""
+        import json
+
+        key = "search.adaptive.global_schedule"
+        try:
+            best = json.loads(Path(path).read_text())
+            sigmas = [float(x) for x in best["sigmas"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FieldError(key, path, f"not a best.json with sigmas ({type(e).__name__})"
+                             ) from None
+        solver = best.get("solver", self.solver.name)
+        if solver != self.solver.name:
+            raise FieldError(key, path, f"its schedule is for solver {solver!r}; this run's "
+                             f"solver.name is {self.solver.name!r}")
+        if best.get("model_ids") is not None:
+            raise FieldError(key, path, "it is a model schedule; allowed: a timestep schedule")
+        want = self.steps + 1  # type: ignore[operator]
+        if len(sigmas) != want or (sigmas[-1] == 0.0) != self.space.final_zero:
+            raise FieldError(key, path, f"{len(sigmas)} levels ending in {sigmas[-1]:g}; this "
+                             f"run needs {want} levels (steps = {self.steps}, final_zero = "
+                             f"{self.space.final_zero})")
 
     def _check_seed_ranges(self) -> None:
         s = self.samples

@@ -56,16 +56,27 @@ def test_global_schedule_from_an_earlier_best_json(tmp_path):
     sig = [80.0, 5.0, 1.0, 0.2, 0.01, 0.0]
     path = tmp_path / "best.json"
     path.write_text(json.dumps({"sigmas": sig, "solver": "dpmpp_2m"}))
-    cfg = load_config(QUICK, ["search.algorithm=adaptive",
-                              f"search.adaptive.global_schedule={path}"])
+    sets = ["search.algorithm=adaptive", f"search.adaptive.global_schedule={path}"]
+    cfg = load_config(QUICK, sets)
     assert cfg.anchors == []  # nothing to compute: the schedule is read
     got = global_from_best(path, space)
     assert list(got.sigmas) == sig and got.meta["origin"] == "best.json"
-    path.write_text(json.dumps({"sigmas": sig, "solver": "euler"}))
-    with pytest.raises(ValueError, match="searched for solver 'euler'"):
-        global_from_best(path, space)
-    path.write_text(json.dumps({"sigmas": sig[:-2] + [0.0], "solver": "dpmpp_2m"}))
-    with pytest.raises(ValueError, match="best.json"):
+    # A best.json that cannot serve this run fails at validation, before Ray starts.
+    bad = {
+        json.dumps({"sigmas": sig, "solver": "euler"}): "for solver 'euler'; this run's",
+        json.dumps({"sigmas": sig[:-2] + [0.0], "solver": "dpmpp_2m"}):
+            "5 levels ending in 0; this run needs 6 levels",
+        json.dumps({"sigmas": sig, "model_ids": [0] * 5}): "it is a model schedule",
+        "{not json": "not a best.json with sigmas",
+    }
+    for text, message in bad.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(QUICK, sets)
+        assert "search.adaptive.global_schedule" in str(e.value) and message in str(e.value)
+    # Checked against the model's noise range when the run starts.
+    path.write_text(json.dumps({"sigmas": [500.0, 5.0, 1.0, 0.2, 0.01, 0.0]}))
+    with pytest.raises(ValueError, match="search.adaptive.global_schedule: .*best.json"):
         global_from_best(path, space)
 
 
