@@ -81,7 +81,8 @@ def test_global_schedule_from_an_earlier_best_json(tmp_path):
 
 
 # The training job, the files, the held-out score --------------------------------------------------
-def test_compute_write_read_and_score_a_predictor(k8, tmp_path):
+@pytest.mark.parametrize("kind", ["one_shot", "delta"])
+def test_compute_write_read_and_score_a_predictor(k8, tmp_path, kind):
     from searchd.adaptive.product import predictor_blob, predictor_from_blob
     from searchd.adaptive.run import (
         compute_predictor,
@@ -95,7 +96,7 @@ def test_compute_write_read_and_score_a_predictor(k8, tmp_path):
     from searchd.storage import RunDir
 
     g = Schedule(baseline("polynomial", 4, k8.sigma_min, k8.sigma_max), solver="dpmpp_2m")
-    params = {"kind": "one_shot", "solver": "dpmpp_2m", "teacher_solver": "heun",
+    params = {"kind": kind, "solver": "dpmpp_2m", "teacher_solver": "heun",
               "teacher_steps": 4, "oracle": {"iters": 3}, "fit": {"epochs": 10, "hidden": 8},
               "tune": None}
     out = compute_predictor(k8, g.to_dict(), range(8), params)
