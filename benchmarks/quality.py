@@ -104,7 +104,7 @@ def full_settings() -> Settings:
     return Settings(
         models=["gmm-digits-k64"], nfes=[4, 5, 6, 8, 10],
         evolution=dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
-                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=False),
+                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True),
         space=dict(warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0,
                    endpoint_range=0.3),
     )
