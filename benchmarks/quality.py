@@ -407,6 +407,10 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                 f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
                 f"{row['evolution_cost_over_gits']:.2f} | {met} |")
         lines.append("")
+        missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r["target_met"]]
+        if missed:
+            lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
+                      "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
             lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
                       f"Best non-searched schedule: {LABELS[row['best_fixed']]}.", "",
