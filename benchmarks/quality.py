@@ -1,6 +1,6 @@
 """Quality benchmark: searchd's searched schedules against the published ones, on held-out FID.
 
-For each model and NFE (solver dpmpp_2m by default), the schedules compared are:
+For each model, solver (dpmpp_2m by default; ``--solvers``) and NFE, the schedules compared are:
 
 - not searched: polynomial rho = 7 (EDM), logsnr (uniform in log-SNR), time_uniform (VP);
 - the published methods, as searchd runs them (``searchd.search.anchors``): GITS (defaults:
@@ -42,7 +42,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +73,17 @@ LABELS = {
     "gits": "GITS", "ld3": "LD3", "evolution": "evolution (warm start)",
     "bayes": "bayes (TPE)", "random": "random",
 }
-MODEL_NOTES = ("The neural digits zoo (issue [models]) does not exist yet: only the embedded "
-               "Gaussian-mixture zoo is benchmarked.")
+MODEL_NOTES = ("Models: the embedded Gaussian-mixture zoo (reference: exact samples of the "
+               "mixture) and, where listed, the neural digits zoo (digits-unet-s/m/l; "
+               "reference: the 1,797 training digits, sample i = digit i mod 1797).")
 
 
 @dataclass
 class Settings:
     models: list[str]
     nfes: list[int]
-    solver: str = "dpmpp_2m"
+    solver: str = "dpmpp_2m"  # the solver being run (one of ``solvers``)
+    solvers: list[str] = field(default_factory=lambda: ["dpmpp_2m"])
     per_candidate: int = 2000
     heldout: int = 10000
     reference: int = 10000
@@ -102,7 +104,7 @@ def full_settings() -> Settings:
     return Settings(
         models=["gmm-digits-k64"], nfes=[4, 5, 6, 8, 10],
         evolution=dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
-                       m_prob=0.4, mutation_scale=0.05, random_fill=False),
+                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True),
         space=dict(warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0,
                    endpoint_range=0.3),
     )
@@ -294,8 +296,9 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
             t1 = time.perf_counter()
             out = run_searcher(searcher, ev, search_seeds, batch)
             sched[name] = out["schedule"]
-            cost[name] = {"calls": out["calls"] + extra_calls,
-                          "wall_s": time.perf_counter() - t1 + extra_wall,
+            own = time.perf_counter() - t1
+            cost[name] = {"calls": out["calls"] + extra_calls, "wall_s": own + extra_wall,
+                          "search_wall_s": own,
                           "candidates": out["candidates"], "search_fid": out["value"]}
             log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best search FID "
                 f"{out['value']:.4f}, {cost[name]['calls']} calls, "
@@ -307,8 +310,8 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         rows.append(summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals))
         rows.sort(key=lambda r: r["nfe"])
         if on_row is not None:
-            on_row({"model": model, "rows": rows, "gits": gits_info})
-    return {"model": model, "rows": rows, "gits": gits_info}
+            on_row({"model": model, "solver": st.solver, "rows": rows, "gits": gits_info})
+    return {"model": model, "solver": st.solver, "rows": rows, "gits": gits_info}
 
 
 def _ci(boot: np.ndarray, point: float) -> list[float]:
@@ -355,7 +358,9 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
     lines = [
         "# Quality: searched schedules vs the published ones (held-out FID)", "",
         f"Command: `{command}`", "",
-        f"{MODEL_NOTES} Solver {st.solver}; schedules end in 0 (the last step denoises). "
+        f"{MODEL_NOTES} Solver(s): "
+        + ", ".join(dict.fromkeys(m.get("solver", res["solver"]) for m in res["models"]))
+        + "; schedules end in 0 (the last step denoises). "
         f"Every search scores candidates on {st.per_candidate} samples (seeds "
         f"{SEED_BASE}..); every schedule is then re-scored on {st.heldout} held-out samples "
         f"(seeds {HELDOUT_SEED_BASE}..) against {st.reference} exact samples of the model "
@@ -365,7 +370,9 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         "searchd/evaluation/heldout.py). The difference is to the best non-searched "
         "schedule (chosen on the search seeds). Cost: denoiser calls = samples through the "
         "network in forward calls (LD3's backward passes are not counted as calls; its wall "
-        "time includes them); wall time on this machine, shared with other jobs.", "",
+        "time includes them); wall time on this machine, shared with other jobs. The "
+        "evolution's wall time includes GITS's and LD3's (it pays for them); its own search "
+        "time is in parentheses.", "",
         f"Budget: each search gets {st.budget_factor:g}x GITS's denoiser calls; the "
         "warm-started evolution pays for GITS and LD3 from it. Evolution: "
         + ", ".join(f"{k}={v}" for k, v in st.evolution.items())
@@ -378,9 +385,11 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         + (", ".join(f"{k}={v}" for k, v in st.ld3.items()) or "defaults")
         + " (Adam, lr 0.1, 100 iterations, Heun teacher 64 steps unless listed), loss "
         "as the actors run it (`auto`: LPIPS if present, else the digits feature space).", "",
+        "What limits the search, measured (FID floor, a 600-candidate search, noise of the "
+        "rankings, mutation steps): `benchmarks/results/quality-diagnosis.md` (by hand).", "",
     ]
     for mres in res["models"]:
-        lines += [f"## {mres['model']}", ""]
+        lines += [f"## {mres['model']}, {mres.get('solver', res['solver'])}", ""]
         lines += ["### Target: warm-started evolution vs GITS and LD3", "",
                   "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
                   "better than LD3 by [95% CI] | calls / GITS's | target met |",
@@ -398,6 +407,10 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                 f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
                 f"{row['evolution_cost_over_gits']:.2f} | {met} |")
         lines.append("")
+        missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r["target_met"]]
+        if missed:
+            lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
+                      "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
             lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
                       f"Best non-searched schedule: {LABELS[row['best_fixed']]}.", "",
@@ -409,9 +422,12 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                 sig = ", ".join(f"{x:.3g}" for x in m["sigmas"])
                 diff = ("-" if meth == row["best_fixed"] else
                         f"{m['diff']:+.4f} [{m['diff_ci'][0]:+.4f}, {m['diff_ci'][1]:+.4f}]")
+                wall_txt = f"{m['wall_s']:.0f}"
+                if meth == "evolution" and "search_wall_s" in m:
+                    wall_txt += f" ({m['search_wall_s']:.0f} own)"
                 lines.append(
                     f"| {LABELS[meth]} | {_f(m['fid'])} [{_f(m['fid_ci'][0])}, "
-                    f"{_f(m['fid_ci'][1])}] | {diff} | {m['calls']:,} | {m['wall_s']:.0f} | "
+                    f"{_f(m['fid_ci'][1])}] | {diff} | {m['calls']:,} | {wall_txt} | "
                     f"{m['candidates'] or '-'} | [{sig}] |")
             lines.append("")
     lines += [
@@ -446,7 +462,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("held-out FID (digits features), 95% CI")
-        ax.set_title(f"{mres['model']}, {res['solver']}")
+        ax.set_title(f"{mres['model']}, {mres.get('solver', res['solver'])}")
         ax.set_xticks(nfes)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -462,7 +478,9 @@ def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
     models: dict[str, dict[str, Any]] = {}
     for r in runs:
         for m in r["models"]:
-            cur = models.setdefault(m["model"], {**m, "rows": []})
+            key = f"{m['model']}/{m.get('solver', r['solver'])}"
+            cur = models.setdefault(key, {**m, "solver": m.get("solver", r["solver"]),
+                                          "rows": []})
             have = {row["nfe"] for row in cur["rows"]}
             cur["rows"] += [row for row in m["rows"] if row["nfe"] not in have]
             cur["rows"].sort(key=lambda row: row["nfe"])
@@ -485,7 +503,10 @@ def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a small, fast version (tests)")
-    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--models", nargs="+", default=None,
+                   help="zoo names (default gmm-digits-k64; e.g. digits-unet-s)")
+    p.add_argument("--solvers", nargs="+", default=None,
+                   help="solvers (default dpmpp_2m; e.g. euler dpmpp_2m unipc ipndm)")
     p.add_argument("--nfe", nargs="+", type=int, default=None)
     p.add_argument("--per-candidate", type=int, default=None)
     p.add_argument("--heldout", type=int, default=None)
@@ -502,7 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "into <out>/quality.json and rewrite quality.md and quality.png")
     a = p.parse_args(argv)
     st = tiny_settings() if a.tiny else full_settings()
-    for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
+    for key, val in (("models", a.models), ("solvers", a.solvers), ("nfes", a.nfe),
+                     ("per_candidate", a.per_candidate),
                      ("heldout", a.heldout), ("reference", a.reference),
                      ("budget_factor", a.budget_factor), ("resamples", a.resamples)):
         if val is not None:
@@ -522,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     earlier: dict[str, list[dict[str, Any]]] = {}
     if a.resume and (out / "quality.json").exists():
         prev = json.loads((out / "quality.json").read_text())
-        earlier = {m["model"]: m["rows"] for m in prev["models"]}
+        earlier = {(m["model"], m.get("solver", prev["solver"])): m["rows"]
+                   for m in prev["models"]}
         t0 -= float(prev.get("wall_s", 0.0))
     res: dict[str, Any] = {"solver": st.solver, "models": []}
 
@@ -535,8 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "quality.md").write_text(markdown(cur, st, command.strip(), cur["wall_s"]))
         plot(cur, out / "quality.png")
 
-    for m in st.models:
-        res["models"].append(bench_model(m, st, log, earlier.get(m, ()), write))
+    for solver in st.solvers:
+        for m in st.models:
+            res["models"].append(bench_model(m, replace(st, solver=solver), log,
+                                             earlier.get((m, solver), ()), write))
     write()
     log(f"wrote {out / 'quality.md'}, quality.json, quality.png")
     met = all(r["target_met"] for m in res["models"] for r in m["rows"] if r["nfe"] <= 6)

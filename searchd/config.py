@@ -283,7 +283,10 @@ class EvolutionConfig(Section):
     mutation_num: int = Field(16, ge=0)  # mutants per generation
     crossover_num: int = Field(8, ge=0)  # crossover children per generation
     m_prob: float = Field(0.25, ge=0, le=1)  # per-parameter mutation probability
-    mutation_scale: float = Field(0.1, gt=0)  # continuous: std of a mutation step in [0, 1]
+    # Continuous spaces: std of a mutation step in [0, 1]; a pair [lo, hi] (the default)
+    # draws each mutant's step log-uniformly in [lo, hi] (mixed-scale mutation; see
+    # benchmarks/results/quality.md). Discrete spaces: the move's radius, a fraction of the pool.
+    mutation_scale: float | tuple[float, float] = (0.02, 0.3)
     generations: int = Field(12, ge=1)  # generations in all, generation 0 included
     random_fill: bool = True  # fill each generation with random candidates
     warm_start: list[Literal["gits", "ld3"]] = []  # computed schedules opening generation 0
@@ -293,6 +296,17 @@ class EvolutionConfig(Section):
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("each of gits, ld3 at most once")
+        return v
+
+    @field_validator("mutation_scale")
+    @classmethod
+    def _scale(cls, v: float | tuple[float, float]) -> float | tuple[float, float]:
+        if isinstance(v, tuple):
+            if not 0 < v[0] <= v[1]:
+                raise ValueError(
+                    f"a mixed mutation_scale [lo, hi] needs 0 < lo <= hi; got {list(v)}")
+        elif not v > 0:
+            raise ValueError(f"must be > 0; got {v}")
         return v
 
     @model_validator(mode="after")

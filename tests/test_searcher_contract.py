@@ -59,11 +59,12 @@ def target_objective(space) -> Callable[[Schedule], float]:
 # Budgets are small: GP asks cost ~0.25 s each on 2 cores.
 def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 0,
           mode: str = "min") -> ScheduleSearcher:
-    if name == "evolution":
+    if name.startswith("evolution"):
         gens = 4 if budget is None else max(1, budget // 8)
+        scale = (0.02, 0.3) if name == "evolution-mixed" else 0.15
         return EvolutionSearcher(space, METRIC, mode, population_num=8, select_num=3,
                                  mutation_num=3, crossover_num=3, m_prob=0.4, max_epochs=gens,
-                                 seed=seed, seeds=seeds, mutation_scale=0.15)
+                                 seed=seed, seeds=seeds, mutation_scale=scale)
     if name == "random":
         return RandomSearcher(space, METRIC, mode, num_samples=budget or 24, seed=seed,
                               seeds=seeds)
@@ -73,7 +74,7 @@ def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 
                          seed=seed, seeds=seeds, n_startup_trials=5)
 
 
-ALL = ["evolution", "random", "bayes-tpe", "bayes-gp"]
+ALL = ["evolution", "evolution-mixed", "random", "bayes-tpe", "bayes-gp"]
 DETERMINISTIC = ALL  # bayes too: its samplers are seeded per trial and its history replayed
 
 
@@ -127,7 +128,7 @@ def test_suggest_and_complete(name):
     s = build(name, space, make_baselines(space))
     assert isinstance(s, Searcher)
     got = drive(s, space, obj)
-    expected = 32 if name == "evolution" else s.num_samples
+    expected = 32 if name.startswith("evolution") else s.num_samples
     assert len(got) == expected == len(s.history) == s.num_suggested
     for sched in got:
         space.check(sched)
@@ -149,7 +150,7 @@ def test_no_candidate_is_suggested_twice_even_in_a_tiny_space(name):
     got = drive(s, space, obj)
     ids = [x.id for x in got]
     assert len(ids) == len(set(ids)) == len(s.history)
-    if name == "evolution":  # generations shrink once mutations only find known subsets
+    if name.startswith("evolution"):  # generations shrink once mutations only find known subsets
         assert 8 < len(got) <= budget
     else:
         assert len(got) == budget
@@ -346,6 +347,35 @@ def test_evolution_caps_the_candidate_budget():
     assert len(drive(s, space, target_objective(space))) == 20
 
 
+def test_evolution_mixed_scale_mutation_draws_small_and_large_steps():
+    space = make_space()
+    obj = target_objective(space)
+    s = EvolutionSearcher(space, METRIC, "min", population_num=16, select_num=4,
+                          mutation_num=12, crossover_num=4, m_prob=1.0, max_epochs=6, seed=2,
+                          seeds=make_baselines(space), mutation_scale=[0.01, 0.4])
+    assert s.get_state()["algo"]["params"]["mutation_scale"] == [0.01, 0.4]
+    drive(s, space, obj)
+    mutants = [h["schedule"] for h in s.history if h["schedule"]["meta"]["origin"] == "mutation"]
+    scales = np.array([m["meta"]["mutation_scale"] for m in mutants])
+    assert len(scales) == 12 * 5 and ((0.01 <= scales) & (scales <= 0.4)).all()
+    # Log-uniform: as many steps below the geometric middle (0.063) as above it.
+    assert 0.3 < np.mean(scales < 0.063) < 0.7
+    # The step drawn is the step taken: a mutant's parameters move by about that much.
+    moves = []
+    for m in mutants:
+        parent = next(h for h in s.history if h["id"] == m["meta"]["parents"][0])
+        du = space.encode(Schedule.from_dict(m)) - space.encode(
+            Schedule.from_dict(parent["schedule"]))
+        moves.append((m["meta"]["mutation_scale"], float(np.sqrt(np.mean(du ** 2)))))
+    small = [d for sc, d in moves if sc < 0.03]
+    large = [d for sc, d in moves if sc > 0.2]
+    assert small and large and np.median(large) > 4 * np.median(small)
+    # A fixed scale keeps the old behaviour: no step recorded in the meta.
+    f = build("evolution", space, make_baselines(space))
+    drive(f, space, obj)
+    assert all("mutation_scale" not in h["schedule"]["meta"] for h in f.history)
+
+
 def test_evolution_rejects_inconsistent_parameters():
     space = make_space()
     with pytest.raises(ValueError, match="select_num"):
@@ -361,6 +391,10 @@ def test_evolution_rejects_inconsistent_parameters():
         EvolutionSearcher(space, population_num=8, select_num=2, mutation_num=1,
                           crossover_num=1,
                           seeds=[Schedule(baseline("logsnr", 7, SMIN, SMAX, True))])
+    for bad in (0.0, -0.1, [0.3, 0.1], [0.0, 0.1], [0.1, 0.2, 0.3]):
+        with pytest.raises(ValueError, match="mutation_scale"):
+            EvolutionSearcher(space, population_num=8, select_num=2, mutation_num=1,
+                              crossover_num=1, mutation_scale=bad)
 
 
 # Bayes ---------------------------------------------------------------------------------------

@@ -49,7 +49,11 @@ class EvolutionSearcher(ScheduleSearcher):
         max_epochs: number of generations, generation 0 included.
         seed: seed of the searcher's random generator.
         seeds: schedules that open generation 0 (the baselines), in order.
-        mutation_scale: step size of a mutation (see the space's ``mutate``).
+        mutation_scale: step size of a mutation (see the space's ``mutate``): a number, or
+            a pair ``(lo, hi)`` (mixed-scale mutation): every mutant draws its own step size
+            log-uniformly in [lo, hi], so most mutants refine their parent while a few make
+            the large moves (endpoints included) that a single small step never reaches
+            within a few generations. The step drawn is kept in the mutant's meta.
         random_fill: fill every generation with random candidates up to population_num
             (False: generation 0 is the seeds alone, when there are any; later ones only
             mutants and children).
@@ -79,7 +83,7 @@ class EvolutionSearcher(ScheduleSearcher):
         seed: int = 0,
         seeds: Sequence[Schedule] = (),
         *,
-        mutation_scale: float = 0.1,
+        mutation_scale: float | Sequence[float] = 0.1,
         random_fill: bool = True,
         max_candidates: int | None = None,
         predictor_top_fraction: float | None = None,
@@ -116,7 +120,7 @@ class EvolutionSearcher(ScheduleSearcher):
         self.crossover_num = crossover_num
         self.m_prob = m_prob
         self.max_epochs = max_epochs
-        self.mutation_scale = mutation_scale
+        self.mutation_scale = _check_scale(mutation_scale)
         self.random_fill = random_fill
         self.max_candidates = max_candidates
         self.seed = seed
@@ -244,8 +248,12 @@ class EvolutionSearcher(ScheduleSearcher):
 
     def _mutant(self, parents: list[Schedule]) -> tuple[Schedule, dict[str, Any]]:
         p = parents[int(self._rng.integers(len(parents)))]
-        child = self.space.mutate(p, self._rng, self.m_prob, self.mutation_scale)
-        return child, {"origin": "mutation", "parents": [p.id]}
+        meta: dict[str, Any] = {"origin": "mutation", "parents": [p.id]}
+        scale = self.mutation_scale
+        if isinstance(scale, tuple):  # mixed scale: log-uniform in [lo, hi]
+            lo, hi = scale
+            scale = meta["mutation_scale"] = float(lo * (hi / lo) ** self._rng.random())
+        return self.space.mutate(p, self._rng, self.m_prob, scale), meta
 
     def _child(self, parents: list[Schedule]) -> tuple[Schedule, dict[str, Any]]:
         if len(parents) >= 2:
@@ -268,7 +276,10 @@ class EvolutionSearcher(ScheduleSearcher):
                 "population_num": self.population_num, "select_num": self.select_num,
                 "mutation_num": self.mutation_num, "crossover_num": self.crossover_num,
                 "m_prob": self.m_prob, "max_epochs": self.max_epochs, "seed": self.seed,
-                "mutation_scale": self.mutation_scale, "random_fill": self.random_fill,
+                "mutation_scale": (list(self.mutation_scale)
+                                   if isinstance(self.mutation_scale, tuple)
+                                   else self.mutation_scale),
+                "random_fill": self.random_fill,
                 "max_candidates": self.max_candidates,
                 "predictor_top_fraction": self.predictor_top_fraction,
                 "predictor_min_train": self.predictor_min_train,
@@ -281,3 +292,19 @@ class EvolutionSearcher(ScheduleSearcher):
         self._queue = [Schedule.from_dict(d) for d in state["queue"]]
         self._sizes = [int(n) for n in state["sizes"]]
         self._pred_log = [dict(e) for e in state.get("predictor_log", [])]
+
+
+def _check_scale(scale: float | Sequence[float]) -> float | tuple[float, float]:
+    """A mutation step: a positive number, or a pair 0 < lo <= hi (mixed scale)."""
+    if isinstance(scale, (int, float, np.floating, np.integer)):
+        if not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ValueError(f"mutation_scale = {scale!r}; it must be > 0")
+        return float(scale)
+    pair = tuple(float(x) for x in scale)
+    if len(pair) != 2 or not (0 < pair[0] <= pair[1] < math.inf):
+        raise ValueError(
+            f"mutation_scale = {scale!r}; a mixed scale is a pair (lo, hi) with 0 < lo <= hi"
+        )
+    if pair[0] == pair[1]:
+        return pair[0]
+    return pair  # type: ignore[return-value]
