@@ -159,7 +159,25 @@ class _ModelPart:
         }
 
 
-class ModelSpace(_VectorSpace):
+class _ModelSchedules:
+    """What a space with a model part (``self.models``) answers about its model schedules."""
+
+    models: _ModelPart
+
+    @property
+    def n_models(self) -> int:
+        return self.models.n_models
+
+    @property
+    def budget_ms(self) -> float:
+        return self.models.budget_ms
+
+    def latency(self, schedule: Schedule) -> float:
+        """ms per sample of ``schedule``'s model schedule."""
+        return self.models.latency(schedule.model_ids)
+
+
+class ModelSpace(_ModelSchedules, _VectorSpace):
     """Model schedules over a fixed timestep schedule: one zoo member per step.
 
     Args:
@@ -192,18 +210,6 @@ class ModelSpace(_VectorSpace):
     @property
     def dim(self) -> int:
         return self.n_steps
-
-    @property
-    def n_models(self) -> int:
-        return self.models.n_models
-
-    @property
-    def budget_ms(self) -> float:
-        return self.models.budget_ms
-
-    def latency(self, schedule: Schedule) -> float:
-        """ms per sample of ``schedule``'s model schedule."""
-        return self.models.latency(schedule.model_ids)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "models", "sigmas": [float(s) for s in self.sigmas],
@@ -265,7 +271,7 @@ class ModelSpace(_VectorSpace):
         return with_meta(self.with_models(schedule.model_ids), **dict(schedule.meta))
 
 
-class JointSpace(_VectorSpace):
+class JointSpace(_ModelSchedules, _VectorSpace):
     """Timesteps and models searched together: a timestep space plus a member per step.
 
     Args:
@@ -301,17 +307,6 @@ class JointSpace(_VectorSpace):
     @property
     def dim(self) -> int:
         return self.timesteps.dim + self.n_steps
-
-    @property
-    def n_models(self) -> int:
-        return self.models.n_models
-
-    @property
-    def budget_ms(self) -> float:
-        return self.models.budget_ms
-
-    def latency(self, schedule: Schedule) -> float:
-        return self.models.latency(schedule.model_ids)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "joint", "timesteps": self.timesteps.describe(),
