@@ -45,6 +45,7 @@ from searchd.storage import (
     verify_part,
 )
 from searchd.storage.errors import SchemaVersionError, one_line
+from searchd.storage.lock import pid_alive
 from searchd.storage.schema import empty_table
 
 PROG = "python -m searchd.report"
@@ -154,7 +155,7 @@ def _run_state(run: RunDir, best: Any, rows: list) -> tuple[str, str]:
     if best is not None and lock is None:
         return "finished", "best.json written"
     if lock is not None:
-        alive = lock.host != socket.gethostname() or _pid_alive(lock.pid)
+        alive = lock.host != socket.gethostname() or pid_alive(lock.pid)
         if alive:
             where = "" if lock.host == socket.gethostname() else " (another host: liveness " \
                 "not checked)"
@@ -165,16 +166,6 @@ def _run_state(run: RunDir, best: Any, rows: list) -> tuple[str, str]:
         return "not started", "no evaluations yet"
     return "interrupted", (f"no best.json and no lock; resume with: python -m searchd.search "
                            f"--resume {run.uri}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _baseline_names(run: RunDir, report: RunReport) -> dict[str, str]:
