@@ -21,8 +21,9 @@ from searchd.search.driver import main
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from tiny_models import tiny_unet as _tiny_unet  # noqa: E402
+from tiny_models import tiny_vae  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,12 +160,7 @@ def test_real_checkpoint_configs_validate_without_weights(name, tmp_path, monkey
 def test_evaluator_takes_features_of_decoded_latents(tmp_path):
     root = tmp_path / "ldm"
     tiny_unet(channels=4, seed=3).save_pretrained(root / "unet")
-    torch.manual_seed(4)
-    AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    ).save_pretrained(root / "vae")
+    tiny_vae(seed=4).save_pretrained(root / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   ).save_pretrained(root / "scheduler")
     den = load(f"diffusers:{root}")

@@ -27,6 +27,7 @@ from diffusers import (  # noqa: E402
     UNet2DModel,
 )
 from tiny_models import tiny_unet as _tiny_unet  # noqa: E402
+from tiny_models import tiny_vae  # noqa: E402
 
 from searchd.models.adapters import load_spec  # noqa: E402
 from searchd.models.base import Denoiser  # noqa: E402
@@ -201,11 +202,7 @@ def latent_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
     ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    ).save_pretrained(root / "vae")
+    tiny_vae().save_pretrained(root / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   prediction_type="epsilon").save_pretrained(root / "scheduler")
     (root / "prompts.txt").write_text("# test prompts\na red fox\n\nthe digit seven\na boat\n")
