@@ -167,7 +167,7 @@ def run_searcher(searcher: ScheduleSearcher, evaluator: Evaluator, seeds: Sequen
     if best is None:
         raise RuntimeError(f"{searcher.algorithm}: no candidate was scored")
     return {"schedule": best["schedule"], "value": best["value"], "candidates": len(scored),
-            "calls": calls}
+            "calls": calls, "scored": scored}
 
 
 # One model --------------------------------------------------------------------------------------

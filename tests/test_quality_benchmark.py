@@ -55,3 +55,61 @@ def test_tiny_quality_benchmark(tmp_path, quality):
     text = (tmp_path / "quality.md").read_text()
     assert "| 4 |" in text and "neural digits zoo" in text and "LD3" in text
     assert (tmp_path / "quality.png").stat().st_size > 5000
+
+
+def test_tiny_quality_ceiling(tmp_path, quality):
+    """The long-search ceiling (benchmarks/quality_ceiling.py), tiny: its best re-scored
+    schedule is a searched one, not an anchor, and the held-out comparison is paired."""
+    import torch
+
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location(
+        "quality_ceiling", ROOT / "benchmarks" / "quality_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "c"
+    assert mod.main(["--tiny", "--candidates", "12", "--top", "2", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "quality_ceiling.json").read_text())["rows"]
+    assert row["nfe"] == 4 and row["solver"] == "dpmpp_2m"
+    assert {s: v["candidates"] for s, v in row["search"].items()} == {"evolution": 12,
+                                                                      "bayes": 12}
+    assert len(row["top"]) == 2
+    for t in row["top"]:
+        assert t["sigmas"] != row["ld3"]["sigmas"] and t["found_by"] in ("evolution", "bayes")
+        lo, hi = t["vs_ld3_ci"]
+        assert lo <= t["vs_ld3"] <= hi
+        assert t["vs_ld3"] == pytest.approx(1 - t["fid"] / row["ld3"]["fid"])
+    # Ranked by search FID; the best held out is the one reported.
+    assert [t["search_fid"] for t in row["top"]] == sorted(t["search_fid"] for t in row["top"])
+    assert row["top"][row["best"]]["fid"] == min(t["fid"] for t in row["top"])
+    merged = tmp_path / "m"
+    assert mod.main(["--merge", str(out / "quality_ceiling.json"), "--out", str(merged)]) == 0
+    assert "| gmm-digits-k64 | dpmpp_2m | 4 | 12 |" in (merged / "quality_ceiling.md").read_text()
+
+
+def test_tiny_quality_variants(tmp_path, quality):
+    """Evolution variants over searcher seeds (benchmarks/quality_variants.py), tiny: every
+    run is re-scored against LD3 on the same held-out samples, and a bad --variant is a
+    one-line error."""
+    import torch
+
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location(
+        "quality_variants", ROOT / "benchmarks" / "quality_variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--tiny", "--variant", "no-json-here", "--out", str(tmp_path)])
+    assert mod.main(["--tiny", "--seeds", "0", "1", "--variant", 'step={"mutation_scale": 0.2}',
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "quality_variants.json").read_text())
+    assert res["variants"] == {"benchmark": {}, "step": {"mutation_scale": 0.2}}
+    (row,) = res["rows"]
+    assert [(r["variant"], r["seed"]) for r in row["runs"]] == [
+        ("benchmark", 0), ("benchmark", 1), ("step", 0), ("step", 1)]
+    for r in row["runs"]:
+        assert r["candidates"] == row["budget_candidates"]
+        assert r["vs_ld3"] == pytest.approx(1 - r["fid"] / row["ld3"]["fid"])
+        lo, hi = r["vs_ld3_ci"]
+        assert lo <= r["vs_ld3"] <= hi
+    assert "| step |" in (tmp_path / "quality_variants.md").read_text()
