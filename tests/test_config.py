@@ -223,6 +223,20 @@ def test_evolution_population_must_hold_the_baselines():
     assert cfg.search.budget == 2 * 12
 
 
+def test_predictor_screens_evolution_by_default():
+    """On by default for the evolution; the other algorithms ignore it, as they ignore
+    search.evolution (the shipped quickstart, which lists it, runs them unchanged)."""
+    pr = load_config(QUICKSTART).search.predictor
+    assert pr.enabled and pr.top_fraction == 0.1 and pr.min_train == 10
+    from searchd.config import SearchSection
+
+    assert SearchSection().predictor.enabled
+    for algo in ("bayes", "random", "gits", "ld3"):
+        assert load_config(QUICKSTART, [f"search.algorithm={algo}"]).search.algorithm == algo
+    (line,) = error_lines(QUICKSTART, ["search.predictor.top_fraction=0"])
+    assert line.startswith("search.predictor.top_fraction: ")
+
+
 # The formatter alone --------------------------------------------------------------------------
 class Inner(BaseModel):
     model_config = ConfigDict(extra="forbid")
