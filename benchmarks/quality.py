@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from searchd.config import steps_for_nfe
+from searchd.config import PredictorSection, steps_for_nfe
 from searchd.evaluation import Evaluator, load_features
 from searchd.evaluation.frechet import FrechetReference
 from searchd.evaluation.heldout import bootstrap_counts, bootstrap_fid, bootstrap_interval
@@ -101,13 +101,27 @@ class Settings:
 
 
 def full_settings() -> Settings:
+    pr = PredictorSection()  # the product's default pre-screen of offspring (OMS-DPM)
     return Settings(
         models=["gmm-digits-k64"], nfes=[4, 5, 6, 8, 10],
         evolution=dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
-                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True),
+                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True,
+                       predictor_top_fraction=pr.top_fraction if pr.enabled else None,
+                       predictor_min_train=pr.min_train),
         space=dict(warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0,
                    endpoint_range=0.3),
     )
+
+
+# The evolution's settings of the runs before issue 7's pre-screen became the default (their
+# rows carry no ``evolution_settings``).
+OLD_EVOLUTION = dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
+                     m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True)
+
+
+def _norm(settings: dict[str, Any]) -> str:
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v
+                       for k, v in settings.items() if v is not None}, sort_keys=True)
 
 
 def tiny_settings() -> Settings:
@@ -307,7 +321,9 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         held = heldout(ev, sched, held_seeds, st)
         log(f"  NFE {nfe}: held-out scoring of {len(sched)} schedules in "
             f"{time.perf_counter() - t1:.0f} s")
-        rows.append(summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals))
+        row = summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals)
+        row["evolution_settings"] = dict(st.evolution)
+        rows.append(row)
         rows.sort(key=lambda r: r["nfe"])
         if on_row is not None:
             on_row({"model": model, "solver": st.solver, "rows": rows, "gits": gits_info})
@@ -407,6 +423,17 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                 f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
                 f"{row['evolution_cost_over_gits']:.2f} | {met} |")
         lines.append("")
+        # Rows merged from runs with other evolution settings (rows written before the
+        # settings were kept have none: they ran without the offspring pre-screen).
+        other: dict[str, list[str]] = {}
+        for r in mres["rows"]:
+            es = r.get("evolution_settings", OLD_EVOLUTION)
+            if _norm(es) != _norm(st.evolution):
+                key = ", ".join(f"{k}={v}" for k, v in es.items())
+                other.setdefault(key, []).append(str(r["nfe"]))
+        for key, nfes in other.items():
+            lines += [f"NFE {', '.join(nfes)}: the evolution ran with other settings ({key}); "
+                      "see the command line and `quality-diagnosis.md`.", ""]
         missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r["target_met"]]
         if missed:
             lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "

@@ -152,7 +152,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def markdown(rows: Sequence[dict[str, Any]], st: Any, command: str, wall: float) -> str:
+def markdown(rows: Sequence[dict[str, Any]], st: Any, command: str, wall: float,
+             threads: int) -> str:
     lines = [
         "# How much better than LD3 can a schedule get? Long searches, held out",
         "",
@@ -197,8 +198,10 @@ def markdown(rows: Sequence[dict[str, Any]], st: Any, command: str, wall: float)
             f"{s['evolution']['wall_s']:.0f}, {s['bayes']['wall_s']:.0f} |")
     lines += [
         "",
-        f"Total wall time {wall / 60:.1f} min. Machine: {platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), shared with other "
+        f"Total wall time {wall / 60:.1f} min"
+        + (" (summed over the runs merged)" if " ; " in command else "")
+        + f". Machine: {platform.machine()}, "
+        f"torch {torch.__version__}, {threads} thread(s) per process, shared with other "
         "jobs.",
         "",
     ]
@@ -233,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [r for part in parts for r in part["rows"]]
         rows.sort(key=lambda r: (r["model"], r["solver"], r["nfe"]))
         res = {"rows": rows, "wall_s": sum(p_["wall_s"] for p_ in parts),
-               "command": " ; ".join(p_["command"] for p_ in parts)}
+               "command": " ; ".join(p_["command"] for p_ in parts),
+               "threads": max(int(p_.get("threads", 1)) for p_ in parts)}
     else:
         t0 = time.perf_counter()
 
@@ -241,10 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
         rows = ceiling(a.model, a.solver, a.nfe, a.candidates, a.top, st, log)
-        res = {"rows": rows, "wall_s": time.perf_counter() - t0, "command": command}
+        res = {"rows": rows, "wall_s": time.perf_counter() - t0, "command": command,
+               "threads": torch.get_num_threads()}
     (out / "quality_ceiling.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     (out / "quality_ceiling.md").write_text(markdown(res["rows"], st, res["command"],
-                                                     res["wall_s"]))
+                                                     res["wall_s"], res["threads"]))
     print(f"wrote {out / 'quality_ceiling.md'}")
     return 0
 

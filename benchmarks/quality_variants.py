@@ -111,7 +111,7 @@ def replay(model: str, solver: str, nfes: Sequence[int], variants: dict[str, dic
 
 
 def markdown(rows: Sequence[dict[str, Any]], variants: dict[str, dict[str, Any]],
-             st: Any, command: str, wall: float) -> str:
+             st: Any, command: str, wall: float, threads: int) -> str:
     seeds = sorted({x["seed"] for r in rows for x in r["runs"]})
     lines = [
         "# Variants of the warm-started evolution at the benchmark's budget, over seeds",
@@ -120,8 +120,8 @@ def markdown(rows: Sequence[dict[str, Any]], variants: dict[str, dict[str, Any]]
         "",
         "Settings: those of `benchmarks/quality.py` (budget 10x GITS's calls with GITS and "
         f"LD3 paid from it, {st.per_candidate} samples per candidate, {st.heldout} held-out "
-        f"samples). Benchmark evolution: `{json.dumps(st.evolution)}`. Variants (changes to "
-        "it): " + "; ".join(f"{k}: `{json.dumps(v)}`" for k, v in variants.items()) + ". "
+        "samples). Variants (the evolution's settings in full): "
+        + "; ".join(f"**{k}**: `{json.dumps(v)}`" for k, v in variants.items()) + ". "
         "Cells: how much better than LD3 the winner's held-out FID is (1 - FID / FID(LD3)), "
         f"per searcher seed ({', '.join(map(str, seeds))}), then the mean and the count of "
         "seeds reaching the 15% target.",
@@ -140,10 +140,47 @@ def markdown(rows: Sequence[dict[str, Any]], variants: dict[str, dict[str, Any]]
                 f"{r['ld3']['fid']:.4f} | {name} | "
                 + ", ".join(f"{100 * v:.1f}%" for v in rel)
                 + f" | {100 * np.mean(rel):.1f}% | {sum(v >= 0.15 for v in rel)}/{len(rel)} |")
-    lines += ["", f"Total wall time {wall / 60:.1f} min. Machine: {platform.machine()}, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), shared with "
-              "other jobs.", ""]
+    merged = " (summed over the runs merged)" if " ; " in command else ""
+    lines += ["", f"Total wall time {wall / 60:.1f} min{merged}. Machine: "
+              f"{platform.machine()}, torch {torch.__version__}, {threads} thread(s) per "
+              "process, shared with other jobs.", ""]
     return "\n".join(lines)
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Runs in one table. A variant is its full settings: equal settings under two names are
+    one variant (the first name), one name with other settings gets a suffix. Runs of the
+    same variant, seed and case are kept once (the first: a replay is deterministic).
+    Parts written before the settings were stored list only the changes, made to the
+    benchmark's evolution of that time (``quality.OLD_EVOLUTION``)."""
+    canon: dict[str, str] = {}  # settings (JSON) -> name
+    variants: dict[str, dict[str, Any]] = {}
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for part in parts:
+        full = part["variants"] if part.get("full_settings") else {
+            k: _plain({**Q.OLD_EVOLUTION, **kw}) for k, kw in part["variants"].items()}
+        rename = {}
+        for name, settings in full.items():
+            key = Q._norm(settings)
+            if key not in canon:
+                new = name if name not in variants else f"{name}-{len(variants)}"
+                canon[key], variants[new] = new, settings
+            rename[name] = canon[key]
+        for r in part["rows"]:
+            cur = rows.setdefault((r["model"], r["solver"], r["nfe"]), {**r, "runs": []})
+            have = {(x["variant"], x["seed"]) for x in cur["runs"]}
+            for x in r["runs"]:
+                x = {**x, "variant": rename[x["variant"]]}
+                if (x["variant"], x["seed"]) not in have:
+                    cur["runs"].append(x)
+    return {"rows": [rows[k] for k in sorted(rows)], "variants": variants,
+            "full_settings": True, "wall_s": sum(x["wall_s"] for x in parts),
+            "command": " ; ".join(x["command"] for x in parts),
+            "threads": max(int(x.get("threads", 1)) for x in parts)}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -182,12 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = ("python benchmarks/quality_variants.py "
                + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     if a.merge is not None:
-        parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        rows = [r for part in parts for r in part["rows"]]
-        rows.sort(key=lambda r: (r["model"], r["solver"], r["nfe"]))
-        variants = {k: v for part in parts for k, v in part["variants"].items()}
-        res = {"rows": rows, "variants": variants, "wall_s": sum(x["wall_s"] for x in parts),
-               "command": " ; ".join(x["command"] for x in parts)}
+        res = merge([json.loads(Path(f).read_text()) for f in a.merge])
     else:
         t0 = time.perf_counter()
 
@@ -195,11 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
         rows = replay(a.model, a.solver, a.nfe, variants, a.seeds, st, log)
-        res = {"rows": rows, "variants": variants, "wall_s": time.perf_counter() - t0,
-               "command": command}
+        full = {k: _plain({**st.evolution, **kw}) for k, kw in variants.items()}
+        res = {"rows": rows, "variants": full, "full_settings": True,
+               "wall_s": time.perf_counter() - t0, "command": command,
+               "threads": torch.get_num_threads()}
     (out / "quality_variants.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     (out / "quality_variants.md").write_text(markdown(res["rows"], res["variants"], st,
-                                                      res["command"], res["wall_s"]))
+                                                      res["command"], res["wall_s"],
+                                                      res["threads"]))
     print(f"wrote {out / 'quality_variants.md'}")
     return 0
 

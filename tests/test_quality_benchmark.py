@@ -103,7 +103,8 @@ def test_tiny_quality_variants(tmp_path, quality):
     assert mod.main(["--tiny", "--seeds", "0", "1", "--variant", 'step={"mutation_scale": 0.2}',
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "quality_variants.json").read_text())
-    assert res["variants"] == {"benchmark": {}, "step": {"mutation_scale": 0.2}}
+    evo = mod._plain(quality.tiny_settings().evolution)
+    assert res["variants"] == {"benchmark": evo, "step": {**evo, "mutation_scale": 0.2}}
     (row,) = res["rows"]
     assert [(r["variant"], r["seed"]) for r in row["runs"]] == [
         ("benchmark", 0), ("benchmark", 1), ("step", 0), ("step", 1)]
@@ -113,3 +114,14 @@ def test_tiny_quality_variants(tmp_path, quality):
         lo, hi = r["vs_ld3_ci"]
         assert lo <= r["vs_ld3"] <= hi
     assert "| step |" in (tmp_path / "quality_variants.md").read_text()
+    # Merging: a variant is its settings (same settings under another name are one variant,
+    # a name reused for other settings gets a suffix); a run already there is kept once.
+    other = json.loads((tmp_path / "quality_variants.json").read_text())
+    other["variants"] = {"again": evo, "benchmark": {**evo, "m_prob": 0.9}}
+    for r in other["rows"][0]["runs"]:
+        r["variant"] = {"benchmark": "again", "step": "benchmark"}[r["variant"]]
+    merged = mod.merge([res, other])
+    assert list(merged["variants"]) == ["benchmark", "step", "benchmark-2"]
+    assert [(r["variant"], r["seed"]) for r in merged["rows"][0]["runs"]] == [
+        ("benchmark", 0), ("benchmark", 1), ("step", 0), ("step", 1), ("benchmark-2", 0),
+        ("benchmark-2", 1)]
