@@ -334,9 +334,10 @@ class PredictorSection(Section):
     """OMS-DPM's predictor: pre-screens each generation's offspring (evolution only).
 
     On by default: on timestep schedules it is what lets a short warm-started evolution get
-    past LD3 (benchmarks/results/quality_variants.md: 10x screening, mean gain over LD3 at
-    NFE 4 from 6% to 26% with ipndm, from 39% to 53% with euler). The other algorithms
-    ignore it, as they ignore ``search.evolution``.
+    past LD3 (benchmarks/results/quality_variants.md, 3 seeds per case: mean gain over LD3
+    at NFE 4 from 6% to 26% with ipndm, from 39% to 53% with euler; better in 6 of 8 cases,
+    worse with dpmpp_2m at NFE 6, 31% to 18%). The other algorithms ignore it, as they
+    ignore ``search.evolution``.
     """
 
     enabled: bool = True
