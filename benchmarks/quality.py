@@ -401,8 +401,9 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         + (", ".join(f"{k}={v}" for k, v in st.ld3.items()) or "defaults")
         + " (Adam, lr 0.1, 100 iterations, Heun teacher 64 steps unless listed), loss "
         "as the actors run it (`auto`: LPIPS if present, else the digits feature space).", "",
-        "What limits the search, measured (FID floor, a 600-candidate search, noise of the "
-        "rankings, mutation steps): `benchmarks/results/quality-diagnosis.md` (by hand).", "",
+        "What limits the search, measured (FID floor, noise of the rankings, mutation steps, "
+        "long searches: `quality_ceiling.md`, the offspring pre-screen over searcher seeds: "
+        "`quality_variants.md`): `benchmarks/results/quality-diagnosis.md`.", "",
     ]
     for mres in res["models"]:
         lines += [f"## {mres['model']}, {mres.get('solver', res['solver'])}", ""]
@@ -461,9 +462,11 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         f"Total wall time {wall / 60:.1f} min"
         + (f" (summed over {len(res['parts'])} processes run side by side)"
            if len(res.get("parts", [])) > 1 else "")
-        + f". Machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, load "
-        "average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end.", "",
+        + f". Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, torch "
+        + ("threads as in the commands (--threads; default: torch's)"
+           if len(res.get("parts", [])) > 1 else f"threads {torch.get_num_threads()}")
+        + ", load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        + (" when merged." if len(res.get("parts", [])) > 1 else " at the end."), "",
     ]
     return "\n".join(lines)
 

@@ -120,7 +120,8 @@ def markdown(rows: Sequence[dict[str, Any]], variants: dict[str, dict[str, Any]]
         "",
         "Settings: those of `benchmarks/quality.py` (budget 10x GITS's calls with GITS and "
         f"LD3 paid from it, {st.per_candidate} samples per candidate, {st.heldout} held-out "
-        "samples). Variants (the evolution's settings in full): "
+        "samples). Variants (the evolution's settings in full; **benchmark** is "
+        "`quality.py`'s evolution when the first run listed in the command was made): "
         + "; ".join(f"**{k}**: `{json.dumps(v)}`" for k, v in variants.items()) + ". "
         "Cells: how much better than LD3 the winner's held-out FID is (1 - FID / FID(LD3)), "
         f"per searcher seed ({', '.join(map(str, seeds))}), then the mean and the count of "
