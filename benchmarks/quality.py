@@ -330,6 +330,45 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
     return {"model": model, "solver": st.solver, "rows": rows, "gits": gits_info}
 
 
+# One case for the companion scripts (quality_ceiling.py, quality_variants.py) ------------------
+def open_case(model: str, solver: str, nfes: Sequence[int], st: Settings) -> dict[str, Any]:
+    """The evaluator, the seeds and GITS's teacher and cost matrix of one model and solver,
+    on the benchmark's settings."""
+    st = replace(st, solver=solver)
+    ev = make_evaluator(model, st)
+    den = ev.denoiser
+
+    def space_for(n_steps: int) -> ContinuousSpace:
+        return ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True, solver=solver,
+                               **st.space)
+
+    return {"st": st, "ev": ev, "space_for": space_for,
+            "search_seeds": list(range(SEED_BASE, SEED_BASE + st.per_candidate)),
+            "held_seeds": list(range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + st.heldout)),
+            "gits": gits_all(ev, st, space_for(steps_for_nfe(solver, min(nfes))))}
+
+
+def case_anchors(case: dict[str, Any], nfe: int) -> dict[str, Any]:
+    """At one NFE: the space, the three baselines, GITS's and LD3's schedules (LD3 computed
+    as in the benchmark) and LD3's denoiser calls."""
+    st, ev, solver = case["st"], case["ev"], case["st"].solver
+    n = steps_for_nfe(solver, nfe)
+    space = case["space_for"](n)
+    bases = [Schedule(baseline(f, n, space.sigma_min, space.sigma_max, True,
+                               **({"rho": 7} if f == "polynomial" else {})),
+                      solver=solver, meta={"origin": "baseline", "family": f})
+             for f in FIXED]
+    gits = space.check(gits_for(case["gits"], n, solver))
+    ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
+                      sigma_max=space.sigma_max, seed=st.seed, loss="auto")
+    ld3_params.update(st.ld3)
+    r = compute_anchor(ev, "ld3", n, solver, range(SEED_BASE, SEED_BASE + st.ld3_train),
+                       ld3_params)
+    return {"n": n, "space": space, "bases": bases, "gits": gits,
+            "ld3": space.check(Schedule.from_dict(r["schedule"])),
+            "ld3_calls": r["denoiser_calls"]}
+
+
 def _ci(boot: np.ndarray, point: float) -> list[float]:
     return [float(x) for x in bootstrap_interval(boot, point, 0.95, "centered")]
 

@@ -25,32 +25,24 @@ reach of any search of the benchmark's size in this space.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from searchd.config import steps_for_nfe
 from searchd.schedule import Schedule
-from searchd.schedules import baseline
-from searchd.schedules.spaces import ContinuousSpace, with_meta
-from searchd.search.anchors import compute_anchor
+from searchd.schedules.spaces import with_meta
 from searchd.search.bayes import BayesSearcher
 from searchd.search.evolution import EvolutionSearcher
 
-_spec = importlib.util.spec_from_file_location(
-    "quality", Path(__file__).resolve().parent / "quality.py")
-Q = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["quality"] = Q
-_spec.loader.exec_module(Q)  # type: ignore[union-attr]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (the benchmark beside this script: its settings and parts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LONG_EVOLUTION = dict(population_num=20, select_num=8, mutation_num=12, crossover_num=8,
@@ -64,33 +56,14 @@ def _same(a: Schedule, b: Schedule) -> bool:
 
 def ceiling(model: str, solver: str, nfes: Sequence[int], candidates: int, top: int,
             st: Any, log: Any) -> list[dict[str, Any]]:
-    st = replace(st, solver=solver)
-    ev = Q.make_evaluator(model, st)
-    den = ev.denoiser
-    search_seeds = list(range(Q.SEED_BASE, Q.SEED_BASE + st.per_candidate))
-    held_seeds = list(range(Q.HELDOUT_SEED_BASE, Q.HELDOUT_SEED_BASE + st.heldout))
-
-    def space_for(n_steps: int) -> ContinuousSpace:
-        return ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True, solver=solver,
-                               **st.space)
-
-    g = Q.gits_all(ev, st, space_for(steps_for_nfe(solver, min(nfes))))
+    case = Q.open_case(model, solver, nfes, st)
+    st, ev = case["st"], case["ev"]
+    search_seeds, held_seeds = case["search_seeds"], case["held_seeds"]
     rows = []
     for nfe in nfes:
         t0 = time.perf_counter()
-        n = steps_for_nfe(solver, nfe)
-        space = space_for(n)
-        bases = [Schedule(baseline(f, n, space.sigma_min, space.sigma_max, True,
-                                   **({"rho": 7} if f == "polynomial" else {})),
-                          solver=solver, meta={"origin": "baseline", "family": f})
-                 for f in Q.FIXED]
-        gits = space.check(Q.gits_for(g, n, solver))
-        ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
-                          sigma_max=space.sigma_max, seed=st.seed, loss="auto")
-        ld3_params.update(st.ld3)
-        r = compute_anchor(ev, "ld3", n, solver,
-                           range(Q.SEED_BASE, Q.SEED_BASE + st.ld3_train), ld3_params)
-        ld3 = space.check(Schedule.from_dict(r["schedule"]))
+        a = Q.case_anchors(case, nfe)
+        n, space, bases, gits, ld3 = a["n"], a["space"], a["bases"], a["gits"], a["ld3"]
         warm = [with_meta(gits, origin="gits"), with_meta(ld3, origin="ld3")]
         runs = {
             "evolution": (EvolutionSearcher(space, "fid", "min", max_epochs=10_000,
