@@ -8,7 +8,8 @@ For each model, solver (dpmpp_2m by default; ``--solvers``) and NFE, the schedul
   (defaults: 64 training samples, 100 Adam iterations, Heun teacher of 64 steps, the loss the
   actors use: the digits feature network's space);
 - searchd's searches on FID: evolution warm-started from GITS and LD3
-  (``search.evolution.warm_start: [gits, ld3]``), Bayesian (TPE) and random search.
+  (``search.evolution.warm_start: [gits, ld3]``, with the product's default pre-screen of
+  offspring, ``search.predictor``), Bayesian (TPE) and random search.
 
 Every search scores candidates on the search seeds (0 ..), and is then re-scored with every
 other schedule on held-out seeds (1,000,000 ..) that no search saw, against reference
