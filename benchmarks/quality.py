@@ -101,12 +101,17 @@ class Settings:
     space: dict[str, Any] = field(default_factory=dict)  # ContinuousSpace keywords
 
 
+# The evolution's settings without the offspring pre-screen: the benchmark's before issue 7
+# made the pre-screen the default (rows of those runs carry no ``evolution_settings``).
+OLD_EVOLUTION = dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
+                     m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True)
+
+
 def full_settings() -> Settings:
     pr = PredictorSection()  # the product's default pre-screen of offspring (OMS-DPM)
     return Settings(
         models=["gmm-digits-k64"], nfes=[4, 5, 6, 8, 10],
-        evolution=dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
-                       m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True,
+        evolution=dict(OLD_EVOLUTION,
                        predictor_top_fraction=pr.top_fraction if pr.enabled else None,
                        predictor_min_train=pr.min_train),
         space=dict(warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0,
@@ -114,15 +119,14 @@ def full_settings() -> Settings:
     )
 
 
-# The evolution's settings of the runs before issue 7's pre-screen became the default (their
-# rows carry no ``evolution_settings``).
-OLD_EVOLUTION = dict(population_num=10, select_num=4, mutation_num=6, crossover_num=4,
-                     m_prob=0.4, mutation_scale=(0.02, 0.3), random_fill=True)
+def plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON has them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def _norm(settings: dict[str, Any]) -> str:
-    return json.dumps({k: list(v) if isinstance(v, tuple) else v
-                       for k, v in settings.items() if v is not None}, sort_keys=True)
+    return json.dumps({k: v for k, v in plain(settings).items() if v is not None},
+                      sort_keys=True)
 
 
 def tiny_settings() -> Settings:
@@ -237,19 +241,11 @@ def heldout(evaluator: Evaluator, schedules: dict[str, Schedule], seeds: Sequenc
 def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any]] = (),
                 on_row: Any = None) -> dict[str, Any]:
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    ev = make_evaluator(model, st)
-    den = ev.denoiser
+    case = open_case(model, st.solver, st.nfes, st)
+    ev, g = case["ev"], case["gits"]
     log(f"{model}: evaluator and reference ({st.reference} exact samples) in "
-        f"{time.perf_counter() - t0:.0f} s")
-
-    def space_for(n_steps: int) -> ContinuousSpace:
-        return ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True,
-                               solver=st.solver, **st.space)
-
-    search_seeds = list(range(SEED_BASE, SEED_BASE + st.per_candidate))
-    held_seeds = list(range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + st.heldout))
-    g = gits_all(ev, st, space_for(steps_for_nfe(st.solver, min(st.nfes))))
+        f"{case['evaluator_s']:.0f} s")
+    search_seeds, held_seeds = case["search_seeds"], case["held_seeds"]
     log(f"{model}: GITS teacher + cost matrix: {g['calls']} denoiser calls, "
         f"{g['wall_s']:.0f} s")
     rows = [r for r in done if r["nfe"] in st.nfes]
@@ -260,24 +256,13 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         if nfe in have:
             log(f"  NFE {nfe}: kept from the earlier partial run")
             continue
-        n = steps_for_nfe(st.solver, nfe)
-        space = space_for(n)
-        sched: dict[str, Schedule] = {}
-        cost: dict[str, dict[str, Any]] = {}
-        for fam in FIXED:
-            params = {"rho": 7} if fam == "polynomial" else {}
-            sig = baseline(fam, n, space.sigma_min, space.sigma_max, True, **params)
-            sched[fam] = Schedule(sig, solver=st.solver,
-                                  meta={"origin": "baseline", "family": fam, "name": fam})
-            cost[fam] = {"calls": 0, "wall_s": 0.0, "candidates": 0}
-        sched["gits"] = space.check(gits_for(g, n, st.solver))
+        anchors = case_anchors(case, nfe)
+        n, space, r = anchors["n"], anchors["space"], anchors["ld3_result"]
+        sched: dict[str, Schedule] = dict(zip(FIXED, anchors["bases"]))
+        cost: dict[str, dict[str, Any]] = {
+            f: {"calls": 0, "wall_s": 0.0, "candidates": 0} for f in FIXED}
+        sched["gits"], sched["ld3"] = anchors["gits"], anchors["ld3"]
         cost["gits"] = {"calls": g["calls"], "wall_s": g["wall_s"], "candidates": 0}
-        ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
-                          sigma_max=space.sigma_max, seed=st.seed, loss="auto")
-        ld3_params.update(st.ld3)
-        r = compute_anchor(ev, "ld3", n, st.solver,
-                           range(SEED_BASE, SEED_BASE + st.ld3_train), ld3_params)
-        sched["ld3"] = space.check(Schedule.from_dict(r["schedule"]))
         cost["ld3"] = {"calls": r["denoiser_calls"], "wall_s": r["wall_s"], "candidates": 0,
                        "loss": r["schedule"]["meta"]["params"]["loss"]}
         log(f"  NFE {nfe}: LD3 {r['denoiser_calls']} calls, {r['wall_s']:.0f} s")
@@ -292,7 +277,7 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         from searchd.search.evolution import EvolutionSearcher
         from searchd.search.random_search import RandomSearcher
 
-        n_evo = int((budget - cost["gits"]["calls"] - cost["ld3"]["calls"]) // per_cand)
+        n_evo = evolution_candidates(st, g["calls"], r["denoiser_calls"], nfe)
         n_free = int(budget // per_cand)
         warm = [with_meta(sched["gits"], origin="gits"), with_meta(sched["ld3"], origin="ld3")]
         searches = {
@@ -336,14 +321,16 @@ def open_case(model: str, solver: str, nfes: Sequence[int], st: Settings) -> dic
     """The evaluator, the seeds and GITS's teacher and cost matrix of one model and solver,
     on the benchmark's settings."""
     st = replace(st, solver=solver)
+    t0 = time.perf_counter()
     ev = make_evaluator(model, st)
+    evaluator_s = time.perf_counter() - t0
     den = ev.denoiser
 
     def space_for(n_steps: int) -> ContinuousSpace:
         return ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True, solver=solver,
                                **st.space)
 
-    return {"st": st, "ev": ev, "space_for": space_for,
+    return {"st": st, "ev": ev, "space_for": space_for, "evaluator_s": evaluator_s,
             "search_seeds": list(range(SEED_BASE, SEED_BASE + st.per_candidate)),
             "held_seeds": list(range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + st.heldout)),
             "gits": gits_all(ev, st, space_for(steps_for_nfe(solver, min(nfes))))}
@@ -357,7 +344,7 @@ def case_anchors(case: dict[str, Any], nfe: int) -> dict[str, Any]:
     space = case["space_for"](n)
     bases = [Schedule(baseline(f, n, space.sigma_min, space.sigma_max, True,
                                **({"rho": 7} if f == "polynomial" else {})),
-                      solver=solver, meta={"origin": "baseline", "family": f})
+                      solver=solver, meta={"origin": "baseline", "family": f, "name": f})
              for f in FIXED]
     gits = space.check(gits_for(case["gits"], n, solver))
     ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
@@ -367,7 +354,14 @@ def case_anchors(case: dict[str, Any], nfe: int) -> dict[str, Any]:
                        ld3_params)
     return {"n": n, "space": space, "bases": bases, "gits": gits,
             "ld3": space.check(Schedule.from_dict(r["schedule"])),
-            "ld3_calls": r["denoiser_calls"]}
+            "ld3_calls": r["denoiser_calls"], "ld3_result": r}
+
+
+def evolution_candidates(st: Settings, gits_calls: int, ld3_calls: int, nfe: int) -> int:
+    """Candidates the warm-started evolution can score: the budget (``budget_factor`` x
+    GITS's calls) less GITS's and LD3's calls, over one candidate's calls."""
+    return int((st.budget_factor * gits_calls - gits_calls - ld3_calls)
+               // (st.per_candidate * nfe))
 
 
 def _ci(boot: np.ndarray, point: float) -> list[float]:

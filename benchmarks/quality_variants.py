@@ -46,8 +46,7 @@ def replay(model: str, solver: str, nfes: Sequence[int], variants: dict[str, dic
         a = Q.case_anchors(case, nfe)
         space, bases, gits, ld3 = a["space"], a["bases"], a["gits"], a["ld3"]
         warm = [with_meta(gits, origin="gits"), with_meta(ld3, origin="ld3")]
-        n_evo = int((st.budget_factor * g["calls"] - g["calls"] - a["ld3_calls"])
-                    // (st.per_candidate * nfe))
+        n_evo = Q.evolution_candidates(st, g["calls"], a["ld3_calls"], nfe)
         winners: dict[str, Schedule] = {}
         runs = []
         for name, kw in variants.items():
@@ -121,10 +120,6 @@ def markdown(rows: Sequence[dict[str, Any]], variants: dict[str, dict[str, Any]]
     return "\n".join(lines)
 
 
-def _plain(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-
-
 def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Runs in one table. A variant is its full settings: equal settings under two names are
     one variant (the first name), one name with other settings gets a suffix. Runs of the
@@ -136,7 +131,7 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     for part in parts:
         full = part["variants"] if part.get("full_settings") else {
-            k: _plain({**Q.OLD_EVOLUTION, **kw}) for k, kw in part["variants"].items()}
+            k: Q.plain({**Q.OLD_EVOLUTION, **kw}) for k, kw in part["variants"].items()}
         rename = {}
         for name, settings in full.items():
             key = Q._norm(settings)
@@ -201,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
         rows = replay(a.model, a.solver, a.nfe, variants, a.seeds, st, log)
-        full = {k: _plain({**st.evolution, **kw}) for k, kw in variants.items()}
+        full = {k: Q.plain({**st.evolution, **kw}) for k, kw in variants.items()}
         res = {"rows": rows, "variants": full, "full_settings": True,
                "wall_s": time.perf_counter() - t0, "command": command,
                "threads": torch.get_num_threads()}

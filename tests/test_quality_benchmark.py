@@ -103,7 +103,7 @@ def test_tiny_quality_variants(tmp_path, quality):
     assert mod.main(["--tiny", "--seeds", "0", "1", "--variant", 'step={"mutation_scale": 0.2}',
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "quality_variants.json").read_text())
-    evo = mod._plain(quality.tiny_settings().evolution)
+    evo = quality.plain(quality.tiny_settings().evolution)
     assert res["variants"] == {"benchmark": evo, "step": {**evo, "mutation_scale": 0.2}}
     (row,) = res["rows"]
     assert [(r["variant"], r["seed"]) for r in row["runs"]] == [
