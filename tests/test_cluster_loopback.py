@@ -1,6 +1,6 @@
 """A real Ray cluster on this machine, driven the way a user drives a cloud cluster.
 
-``ray start --block`` nodes on loopback addresses (clusters/loopback.py), with token
+``ray start --block`` nodes on loopback addresses (searchd/distributed/loopback.py), with token
 authentication (``RAY_AUTH_MODE=token``, the cluster's own token file) and ports below Ray's
 worker range. One cluster and one search serve the whole module, in the order a user meets
 them:
@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
+from searchd.distributed.loopback import LoopbackCluster, marked_pids
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clusters"))
-from loopback import LoopbackCluster, marked_pids  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -81,7 +81,7 @@ def test_s3_run_round_trip(s3):
     assert again.read_text("config.yaml") == "seed: 3\n"
     assert again.list_parts() == parts
     back = table_to_rows(again.read_evaluations())
-    assert back == [{"schema_version": 1, **r} for r in rows]
+    assert back == [{"schema_version": 2, **r} for r in rows]
     assert again.latest_searcher_state() == (2, {"gen": 2, "best": [1.0, 0.5]})
     assert again.read_json("best.json") == {"candidate_id": rows[4]["candidate_id"]}
     assert again.exists("best.json") and not again.exists("nothing.json")
