@@ -60,11 +60,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
 
 
 def format_report(rep: RunView, top: int = 10) -> str:
-    """The summary tables as text."""
-    out: list[str] = []
-    metric = rep.metric
-    out.append(f"run {rep.run_id or '?'}  {rep.uri}")
-    out.append(f"state: {rep.state} ({rep.state_detail})")
+    """The summary tables as text: the run, its generations, the top candidates, the
+    baselines, the held-out scores and the failures."""
+    sections = [_header(rep), _generations(rep), _top(rep, top), _baselines(rep),
+                _heldout(rep), _failures(rep)]
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _header(rep: RunView) -> list[str]:
+    out = [f"run {rep.run_id or '?'}  {rep.uri}", f"state: {rep.state} ({rep.state_detail})"]
     if rep.config:
         c = rep.config
         model = c.get("model", {}).get("name") or (c.get("model", {}).get("spec") or {}).get(
@@ -72,8 +76,8 @@ def format_report(rep: RunView, top: int = 10) -> str:
         search = c.get("search", {})
         out.append(
             f"model {model}, solver {c.get('solver', {}).get('name')}, NFE {c.get('nfe')}, "
-            f"{search.get('algorithm')} search (seed {search.get('seed')}), metric {metric} "
-            f"on {c.get('samples', {}).get('per_candidate')} samples per candidate"
+            f"{search.get('algorithm')} search (seed {search.get('seed')}), metric "
+            f"{rep.metric} on {c.get('samples', {}).get('per_candidate')} samples per candidate"
         )
     n_failed = sum(r["status"] != "ok" for r in rep.rows)
     out.append(
@@ -87,13 +91,12 @@ def format_report(rep: RunView, top: int = 10) -> str:
                    "shown (a resume sets it aside and scores them again)")
     if rep.set_aside:
         out.append(f"set aside in {CORRUPT_DIR}/: {', '.join(rep.set_aside)}")
+    return out
 
-    # Per generation.
-    out.append("")
-    out.append("Evaluations per generation")
-    gens = sorted({r["generation"] for r in rep.rows})
+
+def _generations(rep: RunView) -> list[str]:
     table, best_so_far = [], math.inf
-    for g in gens:
+    for g in sorted({r["generation"] for r in rep.rows}):
         rs = [r for r in rep.rows if r["generation"] == g]
         vals = [r["value"] for r in rs if r["status"] == "ok" and r["value"] is not None]
         best = min(vals) if vals else None
@@ -104,87 +107,87 @@ def format_report(rep: RunView, top: int = 10) -> str:
             sum(r["status"] == "failed" for r in rs), sum(r["status"] == "pruned" for r in rs),
             best, best_so_far if math.isfinite(best_so_far) else None,
         ])
-    out.append(_table(["generation", "evaluated", "ok", "failed", "pruned", f"best {metric}",
-                       "best so far"], table) if table else "  (none yet)")
+    body = _table(["generation", "evaluated", "ok", "failed", "pruned", f"best {rep.metric}",
+                   "best so far"], table) if table else "  (none yet)"
+    return ["Evaluations per generation", body]
 
-    # Top candidates.
+
+def _top(rep: RunView, top: int) -> list[str]:
     ranked = rep.ok_rows()
-    out.append("")
-    out.append(f"Top {min(top, len(ranked))} candidates (search {metric}, lower is better)")
-    if ranked:
-        out.append(_table(
-            ["rank", "candidate", "gen", "origin", metric, "nfe", "sigmas"],
-            [[i + 1, r["candidate_id"], r["generation"],
-              rep.baseline_name(r) if r["origin"] == "baseline" else r["origin"],
-              r["value"], r["nfe"], " ".join(f"{s:.4g}" for s in r["sigmas"])]
-             for i, r in enumerate(ranked[:top])],
-        ))
-    else:
-        out.append("  (no candidate scored yet)")
+    out = [f"Top {min(top, len(ranked))} candidates (search {rep.metric}, lower is better)"]
+    if not ranked:
+        return [*out, "  (no candidate scored yet)"]
+    out.append(_table(
+        ["rank", "candidate", "gen", "origin", rep.metric, "nfe", "sigmas"],
+        [[i + 1, r["candidate_id"], r["generation"],
+          rep.baseline_name(r) if r["origin"] == "baseline" else r["origin"],
+          r["value"], r["nfe"], " ".join(f"{s:.4g}" for s in r["sigmas"])]
+         for i, r in enumerate(ranked[:top])],
+    ))
+    return out
 
-    # Baselines.
+
+def _baselines(rep: RunView) -> list[str]:
+    metric = rep.metric
     held = {}
     if rep.best:
         held = {s.get("candidate_id"): s for s in rep.best.get("heldout", {}).get("scores", [])}
-    out.append("")
-    out.append("Baselines")
     brows = rep.baseline_rows()
-    if brows:
-        best_value = ranked[0]["value"] if ranked else None
-        lines = []
-        for r in sorted(brows, key=lambda r: (r["value"] is None, r["value"] or 0.0)):
-            h = held.get(r["candidate_id"], {})
-            rel = None
-            if best_value is not None and r["value"]:
-                rel = f"{100.0 * (best_value - r['value']) / r['value']:+.1f}%"
-            lines.append([rep.baseline_name(r), r["candidate_id"], r["status"], r["value"],
-                          rel, h.get(metric)])
-        out.append(_table(["baseline", "candidate", "status", f"search {metric}",
-                           "best vs it", f"held-out {metric}"], lines))
-    else:
-        out.append("  (none evaluated yet)")
+    if not brows:
+        return ["Baselines", "  (none evaluated yet)"]
+    ranked = rep.ok_rows()
+    best_value = ranked[0]["value"] if ranked else None
+    lines = []
+    for r in sorted(brows, key=lambda r: (r["value"] is None, r["value"] or 0.0)):
+        h = held.get(r["candidate_id"], {})
+        rel = None
+        if best_value is not None and r["value"]:
+            rel = f"{100.0 * (best_value - r['value']) / r['value']:+.1f}%"
+        lines.append([rep.baseline_name(r), r["candidate_id"], r["status"], r["value"],
+                      rel, h.get(metric)])
+    return ["Baselines", _table(["baseline", "candidate", "status", f"search {metric}",
+                                 "best vs it", f"held-out {metric}"], lines)]
 
-    # Held-out scores.
-    out.append("")
-    if rep.best:
-        ho = rep.best.get("heldout", {})
-        level = int(round(100 * float(ho.get("level", 0.95))))
-        out.append(
-            f"Held-out scores ({ho.get('n_samples')} samples, seeds from {ho.get('seed_base')}, "
-            f"{level}% bootstrap CIs; differences paired against {rep.best.get('best_baseline')})"
-        )
-        lines = []
-        for s in ho.get("scores", []):
-            ci = s.get(f"{metric}_ci")
-            dci = s.get("diff_ci")
-            sig = significant(s) if s.get("name") != rep.best.get("best_baseline") else None
-            lines.append([
-                s.get("name"), s.get("candidate_id"), s.get("status"), s.get(metric),
-                None if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]", s.get("diff"),
-                None if not dci else f"[{dci[0]:+.4g}, {dci[1]:+.4g}]",
-                None if sig is None else ("yes" if sig else "no (CI contains 0)"),
-            ])
-        out.append(_table(["schedule", "candidate", "status", metric, "CI", "diff", "diff CI",
-                           "significant"], lines))
-        out.append(f"best schedule: {rep.best.get('solver')}, sigmas "
-                   + json.dumps(rep.best.get("sigmas")))
-        ad = rep.best.get("adaptive")
-        if ad:
-            out.extend(["", *_adaptive_lines(ad)])
-    else:
-        out.append("Held-out scores: none yet (best.json is written when the search ends)")
 
-    # Failures.
+def _heldout(rep: RunView) -> list[str]:
+    if not rep.best:
+        return ["Held-out scores: none yet (best.json is written when the search ends)"]
+    metric = rep.metric
+    ho = rep.best.get("heldout", {})
+    level = int(round(100 * float(ho.get("level", 0.95))))
+    out = [f"Held-out scores ({ho.get('n_samples')} samples, seeds from {ho.get('seed_base')}, "
+           f"{level}% bootstrap CIs; differences paired against "
+           f"{rep.best.get('best_baseline')})"]
+    lines = []
+    for s in ho.get("scores", []):
+        ci = s.get(f"{metric}_ci")
+        dci = s.get("diff_ci")
+        sig = significant(s) if s.get("name") != rep.best.get("best_baseline") else None
+        lines.append([
+            s.get("name"), s.get("candidate_id"), s.get("status"), s.get(metric),
+            None if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]", s.get("diff"),
+            None if not dci else f"[{dci[0]:+.4g}, {dci[1]:+.4g}]",
+            None if sig is None else ("yes" if sig else "no (CI contains 0)"),
+        ])
+    out.append(_table(["schedule", "candidate", "status", metric, "CI", "diff", "diff CI",
+                       "significant"], lines))
+    out.append(f"best schedule: {rep.best.get('solver')}, sigmas "
+               + json.dumps(rep.best.get("sigmas")))
+    ad = rep.best.get("adaptive")
+    if ad:
+        out.extend(["", *_adaptive_lines(ad)])
+    return out
+
+
+def _failures(rep: RunView) -> list[str]:
     failed = [r for r in rep.rows if r["status"] != "ok"]
-    out.append("")
-    out.append(f"Failures ({len(failed)})")
-    if failed:
-        out.append(_table(["candidate", "gen", "origin", "status", "reason"],
-                          [[r["candidate_id"], r["generation"], r["origin"], r["status"],
-                            (r["error"] or "-").replace("\n", " ")] for r in failed]))
-    else:
-        out.append("  (none)")
-    return "\n".join(out)
+    out = [f"Failures ({len(failed)})"]
+    if not failed:
+        return [*out, "  (none)"]
+    out.append(_table(["candidate", "gen", "origin", "status", "reason"],
+                      [[r["candidate_id"], r["generation"], r["origin"], r["status"],
+                        (r["error"] or "-").replace("\n", " ")] for r in failed]))
+    return out
 
 
 def _adaptive_lines(ad: Mapping[str, Any]) -> list[str]:

@@ -222,6 +222,16 @@ def test_bad_s3_run_directories(uri, message, capsys):
     assert code == 2 and message in one_line(err)
 
 
+def test_an_s3_run_directory_without_a_findable_region(capsys):
+    """Without ``?region=`` the bucket's region is looked up (pyarrow); offline, or for a
+    bucket that does not exist, that fails: one line saying to give it in the URI."""
+    t0 = time.monotonic()
+    code, _, err = cli(["--config", QUICK, "--run-dir",
+                        "s3://searchd-test-no-such-bucket-6f1c2e/run"], capsys)
+    assert code == 2 and "give it in the URI" in one_line(err) and "?region=" in err
+    assert time.monotonic() - t0 < 60
+
+
 def test_an_unknown_engine_and_conflicting_options(capsys, tmp_path):
     code, _, err = cli(["--resume", str(tmp_path), "--run-dir", str(tmp_path)], capsys)
     assert code == 2 and "not both" in one_line(err)

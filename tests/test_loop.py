@@ -219,3 +219,23 @@ def test_the_progress_line_before_any_success_says_so():
     line = p.update(1, [1.5], 200)
     assert "best fid 1.5 (best baseline polynomial(rho=7) 1.9, -21.1%)" in line
     assert math.isfinite(p.best)
+
+
+# The end of a run ---------------------------------------------------------------------------------
+def test_a_heldout_difference_whose_interval_contains_0_is_not_a_win():
+    from searchd.loop.finish import summary_lines
+
+    def score(name, fid, diff, ci):
+        return {"name": name, "candidate_id": name, "status": "ok", "fid": fid,
+                "fid_ci": [fid - 0.1, fid + 0.1], "diff": diff, "diff_ci": ci}
+
+    best = {"search": {"metric": "fid"}, "best_baseline": "polynomial",
+            "heldout": {"level": 0.95, "n_samples": 100, "seed_base": 7, "scores": [
+                score("searched", 1.0, -0.05, [-0.2, 0.1]),
+                score("polynomial", 1.05, 0.0, [0.0, 0.0]),
+                score("logsnr", 2.0, 0.95, [0.5, 1.4])]}}
+    lines = summary_lines(best)
+    searched = next(ln for ln in lines if "searched" in ln)
+    assert "not significant (the interval contains 0)" in searched
+    assert "not significant" not in next(ln for ln in lines if "logsnr" in ln)
+    assert "diff" not in next(ln for ln in lines if ln.strip().startswith("polynomial"))

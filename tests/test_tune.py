@@ -145,7 +145,7 @@ def test_every_candidate_completes_once_and_is_recorded_before_the_searcher_lear
 
 @pytest.mark.ray
 def test_sigint_leaves_the_loop_unfinished_and_a_resume_scores_nothing_twice(
-    pool, tmp_path
+    pool, tmp_path, capfd
 ) -> None:
     space = make_space()
     searcher = RandomSearcher(space, METRIC, num_samples=12, seed=1)
@@ -154,6 +154,9 @@ def test_sigint_leaves_the_loop_unfinished_and_a_resume_scores_nothing_twice(
     out = run_tune(loop, pool.client(), storage_path=str(tmp_path), name="interrupted")
     stored = {s.id: r for _, scheds, res in rec.batches for s, r in zip(scheds, res)}
     assert not out.finished and not loop.finished and len(stored) == 4
+    # Tune's advice to resume with Tuner.restore is not shown: the run directory resumes.
+    captured = capfd.readouterr()
+    assert "Resume experiment with" not in captured.out + captured.err
     assert len(searcher.history) < 12
 
     # Resume as a run does: re-ask what was in flight; the stored results stand in.

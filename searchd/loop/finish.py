@@ -105,8 +105,8 @@ def best_json(
     held-out table (each difference marked ``significant``) and the baselines."""
     metric = cfg.metric.name
     sig = [float(x) for x in winner.sigmas]
-    for score in held["scores"]:
-        score["significant"] = significant(score)
+    for i, score in enumerate(held["scores"]):  # the baseline itself: no difference
+        score["significant"] = None if i == 1 + best_base else significant(score)
     out: dict[str, Any] = {
         "run_id": run_id,
         "model": model,

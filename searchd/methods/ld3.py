@@ -319,6 +319,34 @@ def ld3_schedule(
         ``"max_shift"``: the largest distance of a student noise from its given noise).
     """
     get_solver(solver)
+    _check_arguments(optimizer, iters, patience, lr_decay, slack, noise, teacher_samples)
+    lo = denoiser.sigma_min if sigma_min is None else sigma_min
+    hi = denoiser.sigma_max if sigma_max is None else sigma_max
+    param = Ld3Parameterization(n_steps, lo, hi, final_zero, space, rho, free_end)
+    b = noise.shape[0]
+    bs = b if batch_size is None else min(int(batch_size), b)
+    if bs < 1:
+        raise ValueError(f"batch_size = {batch_size!r}; it must be >= 1")
+    theta = (torch.zeros(param.n_params, dtype=torch.float64) if init is None
+             else param.encode(init)).requires_grad_(True)
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam([theta], lr=lr)
+    else:
+        opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9)
+    run = _Ld3Run(
+        param=param, theta=theta, opt=opt, noise=noise, target=teacher_samples.detach(),
+        model=with_sigma_gradient(denoiser, noise.device, noise.dtype, sigma_grad),
+        solver=solver, opts=dict(solver_options or {}),
+        dist=distance or feature_distance(features), batch_size=bs, clip=clip,
+        patience=patience, lr_decay=lr_decay, slack=slack,
+        step_z=(12.0 / n_steps) if slack_lr is None else float(slack_lr), seed=seed,
+    )
+    return run.fit(iters)
+
+
+def _check_arguments(optimizer: str, iters: int, patience: int | None, lr_decay: float,
+                     slack: float, noise: Tensor, teacher_samples: Tensor) -> None:
+    """``ld3_schedule``'s checks of its arguments (``ValueError``, one line)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer = {optimizer!r}; allowed: {list(OPTIMIZERS)}")
     if iters < 0:
@@ -332,100 +360,110 @@ def ld3_schedule(
     if noise.shape != teacher_samples.shape:
         raise ValueError(f"noise {tuple(noise.shape)} and teacher samples "
                          f"{tuple(teacher_samples.shape)} differ in shape")
-    lo = denoiser.sigma_min if sigma_min is None else sigma_min
-    hi = denoiser.sigma_max if sigma_max is None else sigma_max
-    param = Ld3Parameterization(n_steps, lo, hi, final_zero, space, rho, free_end)
-    opts = dict(solver_options or {})
-    dist = distance or feature_distance(features)
-    b = noise.shape[0]
-    bs = b if batch_size is None else min(int(batch_size), b)
-    if bs < 1:
-        raise ValueError(f"batch_size = {batch_size!r}; it must be >= 1")
-    model = with_sigma_gradient(denoiser, noise.device, noise.dtype, sigma_grad)
-    target = teacher_samples.detach()
-    z = noise.detach().clone()  # the student's noise (moves only with slack)
-    step_z = (12.0 / n_steps) if slack_lr is None else float(slack_lr)
 
-    theta = (torch.zeros(param.n_params, dtype=torch.float64) if init is None
-             else param.encode(init)).requires_grad_(True)
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam([theta], lr=lr)
-    else:
-        opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(int(seed))
 
-    def losses(zz: Tensor, sig: Tensor, rows: Tensor | slice) -> Tensor:
-        x = solve(model, zz, sig, solver=solver, **opts)
-        return dist(x, target[rows])
+class _Ld3Run:
+    """One LD3 optimization (``ld3_schedule``'s loop): the logits ``theta`` and their
+    optimizer, the student's noise ``z`` (moved only with slack), the best schedule seen, the
+    plateau counter and the history."""
 
-    history: list[dict[str, Any]] = []
-    best: tuple[float, np.ndarray, Tensor] | None = None
-    worse = 0
+    def __init__(self, *, param: Ld3Parameterization, theta: Tensor,
+                 opt: torch.optim.Optimizer, noise: Tensor, target: Tensor, model: Any,
+                 solver: str, opts: dict[str, Any], dist: Distance, batch_size: int,
+                 clip: float | None, patience: int | None, lr_decay: float, slack: float,
+                 step_z: float, seed: int) -> None:
+        self.param, self.theta, self.opt = param, theta, opt
+        self.noise, self.target, self.model = noise, target, model
+        self.solver, self.opts, self.dist = solver, opts, dist
+        self.b, self.bs = noise.shape[0], batch_size
+        self.clip, self.patience, self.lr_decay = clip, patience, lr_decay
+        self.slack, self.step_z = slack, step_z
+        self.z = noise.detach().clone()  # the student's noise (moves only with slack)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, np.ndarray, Tensor] | None = None
+        self.worse = 0
 
-    def record(step: int, loss: float, sig: Tensor) -> bool:
+    def losses(self, zz: Tensor, sig: Tensor, rows: Tensor | slice) -> Tensor:
+        """Per-sample distances [len(rows)] of the student from noise ``zz`` along ``sig``."""
+        x = solve(self.model, zz, sig, solver=self.solver, **self.opts)
+        return self.dist(x, self.target[rows])
+
+    def record(self, step: int, loss: float, sig: Tensor) -> bool:
         """Keep the loss of the current logits; True if they were reset to the best."""
-        nonlocal best, worse
         s = sig.detach().cpu().numpy().astype(np.float64)
-        history.append({"iter": step, "loss": loss, "sigmas": [float(v) for v in s]})
-        if math.isfinite(loss) and (best is None or loss < best[0]):
-            best, worse = (loss, s, theta.detach().clone()), 0
+        self.history.append({"iter": step, "loss": loss, "sigmas": [float(v) for v in s]})
+        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best, self.worse = (loss, s, self.theta.detach().clone()), 0
             return False
-        worse += 1
-        if patience is None or worse < patience or best is None:
+        self.worse += 1
+        if self.patience is None or self.worse < self.patience or self.best is None:
             return False
         # LD3's plateau rule: back to the best logits, smaller steps.
         with torch.no_grad():
-            theta.copy_(best[2])
-        for group in opt.param_groups:
-            group["lr"] *= lr_decay
-        worse = 0
+            self.theta.copy_(self.best[2])
+        for group in self.opt.param_groups:
+            group["lr"] *= self.lr_decay
+        self.worse = 0
         return True
 
-    for step in range(iters + 1):
-        sig = param.sigmas(theta)
-        last = step == iters or param.n_free == 0
-        if bs == b:
-            rows: Tensor | slice = slice(None)
-        else:
-            rows = torch.randperm(b, generator=gen)[:bs].to(noise.device)
-            with torch.no_grad():
-                full = float(losses(z, sig.detach(), slice(None)).mean())
-            if record(step, full, sig) and not last:
-                continue
-        if last:
-            if bs == b:
+    def fit(self, iters: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """``iters`` iterations; the best schedule seen and the history."""
+        full_batch = self.bs == self.b
+        for step in range(iters + 1):
+            sig = self.param.sigmas(self.theta)
+            last = step == iters or self.param.n_free == 0
+            if full_batch:
+                rows: Tensor | slice = slice(None)
+            else:
+                rows = torch.randperm(self.b, generator=self.gen)[:self.bs].to(
+                    self.noise.device)
                 with torch.no_grad():
-                    record(step, float(losses(z, sig.detach(), rows).mean()), sig)
-            break
-        zz = z[rows].clone().requires_grad_(slack > 0)
-        per = losses(zz, sig, rows)
-        loss = per.mean()
-        if bs == b and record(step, float(loss.detach()), sig):
-            continue
+                    full = float(self.losses(self.z, sig.detach(), slice(None)).mean())
+                if self.record(step, full, sig) and not last:
+                    continue
+            if last:
+                if full_batch:
+                    with torch.no_grad():
+                        self.record(step, float(self.losses(self.z, sig.detach(), rows).mean()),
+                                    sig)
+                break
+            if not self._step(step, sig, rows, full_batch):
+                break
+        if self.best is None:
+            raise ValueError("LD3 found no schedule with a finite loss")
+        return self.best[1], self.history
+
+    def _step(self, step: int, sig: Tensor, rows: Tensor | slice, full_batch: bool) -> bool:
+        """One optimizer step on the logits (and, with slack, on the noise); False to stop
+        (a non-finite gradient)."""
+        zz = self.z[rows].clone().requires_grad_(self.slack > 0)
+        loss = self.losses(zz, sig, rows).mean()
+        if full_batch and self.record(step, float(loss.detach()), sig):
+            return True
         if not loss.requires_grad:
             raise ValueError("the loss has no gradient: is the feature network or distance "
                              "differentiable?")
-        opt.zero_grad()
+        self.opt.zero_grad()
         loss.backward()
-        if not torch.isfinite(theta.grad).all():
+        if not torch.isfinite(self.theta.grad).all():
             logger.warning("ld3: non-finite gradient at iteration %d; stopping", step)
-            break
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_([theta], clip)
-        opt.step()
-        if slack > 0:
+            return False
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([self.theta], self.clip)
+        self.opt.step()
+        if self.slack > 0:
             # The gradient of each sample's own loss: the batch mean's, times the batch.
-            new_sig = param.sigmas(theta).detach()
-            idx = torch.arange(b, device=noise.device)[rows]
+            new_sig = self.param.sigmas(self.theta).detach()
+            idx = torch.arange(self.b, device=self.noise.device)[rows]
             idx2 = torch.cat([idx, idx])
-            z[rows] = relax_noise(
-                lambda zs, s=new_sig, i=idx2: losses(zs, s, i),
-                zz.detach(), zz.grad * zz.shape[0], noise[rows], step_z, slack,
+            self.z[rows] = relax_noise(
+                lambda zs, s=new_sig, i=idx2: self.losses(zs, s, i),
+                zz.detach(), zz.grad * zz.shape[0], self.noise[rows], self.step_z, self.slack,
             )
-            history[-1]["max_shift"] = float((z - noise).flatten(1).norm(dim=1).max())
-    if best is None:
-        raise ValueError("LD3 found no schedule with a finite loss")
-    return best[1], history
+            self.history[-1]["max_shift"] = float(
+                (self.z - self.noise).flatten(1).norm(dim=1).max())
+        return True
 
 
 def relax_noise(
