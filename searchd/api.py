@@ -229,7 +229,7 @@ def _engine(name: str, address: str | None, progress: Progress | None) -> Any:
 
 
 def _finished(plan: RunPlan, progress: Progress | None) -> SearchResult:
-    view = open_run(plan.run.uri)
+    view = open_run(plan.run)
     if progress is not None:
         progress(f"searchd: run {plan.run_id} is finished ({plan.run.display(BEST_FILE)}); "
                  f"nothing to do (python -m searchd.report {plan.run.uri})")
@@ -242,7 +242,9 @@ class RunView:
     """A run directory as read (no lock taken, nothing moved).
 
     Attributes:
-        uri: where the run is.
+        uri: where the run is (for display: an S3 URI without its query).
+        opened: what it was opened with (a location, query included, or a ``RunDir``);
+            ``run_dir()`` opens it again.
         run_id: its id.
         config: its ``config.yaml`` (plain data), if any.
         state: "finished", "running", "interrupted" or "not started" (``state_detail``
@@ -266,6 +268,7 @@ class RunView:
     searcher_states: list[int]
     best: dict[str, Any] | None
     baseline_names: dict[str, str] = field(default_factory=dict)
+    opened: str | RunDir = ""
 
     @property
     def metric(self) -> str:
@@ -299,21 +302,32 @@ class RunView:
 
         return [from_row(r, check_id=False) for r in self.rows]
 
+    def run_dir(self) -> RunDir:
+        """The run directory, opened again (for writing plots beside it, say)."""
+        if isinstance(self.opened, RunDir):
+            return self.opened
+        return RunDir(self.opened or self.uri)
+
     def result(self) -> SearchResult:
         """The run's result (``SearchResult``; "interrupted" while it has no best.json)."""
-        run = RunDir(self.uri)
+        run = self.run_dir()
         n = len(self.rows)
         return SearchResult.of_run(run, self.run_id or "", self.best, self.metric, n)
 
 
-def open_run(location: str | os.PathLike[str]) -> RunView:
-    """Read the run at ``location`` (a path or ``s3://...?region=...``): its state, its rows,
-    ``best.json``. Takes no lock and changes nothing, so a run in progress can be read.
+def open_run(location: str | os.PathLike[str] | RunDir) -> RunView:
+    """Read the run at ``location`` (a path, ``s3://...?region=...`` or an open ``RunDir``):
+    its state, its rows, ``best.json``. Takes no lock and changes nothing, so a run in
+    progress can be read.
 
     Raises ``NotARunError`` (one line) when the location is not a run directory,
     ``StorageError`` when it cannot be read.
     """
-    run = _run_dir(os.fspath(location))
+    if isinstance(location, RunDir):
+        run = _check_run(location)
+    else:
+        location = os.fspath(location)
+        run = _run_dir(location)
     config = _read_config(run)
     run_id = None
     if run.exists("run.json"):
@@ -325,7 +339,7 @@ def open_run(location: str | os.PathLike[str]) -> RunView:
         uri=run.uri, run_id=run_id or (rows[0]["run_id"] if rows else None), config=config,
         state=state, state_detail=detail, rows=rows, n_parts=n_parts, bad_parts=bad,
         set_aside=run.listdir(CORRUPT_DIR), searcher_states=run.searcher_state_generations(),
-        best=best,
+        best=best, opened=location,
     )
     view.baseline_names = _baseline_names(view)
     return view
@@ -337,7 +351,10 @@ def _run_dir(location: str) -> RunDir:
                            "(one with config.yaml and evaluations/)")
     if "://" not in location and not os.path.isdir(location):
         raise NotARunError(f"{location} is a file, not a searchd run directory")
-    run = open_location(location)
+    return _check_run(open_location(location))
+
+
+def _check_run(run: RunDir) -> RunDir:
     if not run.exists():
         raise NotARunError(f"{run.uri}: nothing there; expected a searchd run directory "
                            "(one with config.yaml and evaluations/)")

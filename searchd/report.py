@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_report(rep, top=args.top))
     if args.no_plots:
         return 0
-    run = RunDir(rep.uri)
+    run = rep.run_dir()
     written = redraw_plots(run, rep)
     print("")
     print("plots: " + ", ".join(run.display(p) for p in written))

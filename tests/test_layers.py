@@ -34,6 +34,9 @@ LAYERS: list[tuple[str, int, tuple[str, ...]]] = [
     ("evaluation", 1, ("searchd.evaluation",)),
     ("methods", 1, ("searchd.methods",)),
     ("adaptive", 1, ("searchd.adaptive",)),
+    # Converting a schedule for other samplers (best.json's usage; ``python -m searchd.export``)
+    # needs the solvers and the models only.
+    ("export", 1, ("searchd.export",)),
     ("storage", 2, ("searchd.storage",)),
     ("searchers", 2, ("searchd.searchers",)),
     ("config", 2, ("searchd.config",)),

@@ -76,11 +76,11 @@ def precomputed_schedule(space, name: str) -> Schedule:
 def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 0,
           mode: str = "min") -> ScheduleSearcher:
     if name.startswith("evolution"):
+        gens = 4 if budget is None else max(1, budget // 8)
         scale = (0.02, 0.3) if name == "evolution-mixed" else 0.15
         return EvolutionSearcher(space, METRIC, mode, population_num=8, select_num=3,
-                                 mutation_num=3, crossover_num=3, m_prob=0.4, max_epochs=4,
-                                 seed=seed, seeds=seeds, mutation_scale=scale,
-                                 max_candidates=budget)
+                                 mutation_num=3, crossover_num=3, m_prob=0.4, max_epochs=gens,
+                                 seed=seed, seeds=seeds, mutation_scale=scale)
     if name == "random":
         return RandomSearcher(space, METRIC, mode, num_samples=budget or 24, seed=seed,
                               seeds=seeds)
