@@ -20,20 +20,13 @@ from searchd.solvers._core import trajectory
 from searchd.solvers.prefix import PrefixStats, solve_prefix_tree
 from searchd.solvers.stepping import SolverState
 
+# Every solver with its defaults, and with each non-default value of each option: new
+# solvers and options are covered as they are registered.
 CONFIGS: list[tuple[str, dict]] = [
-    ("euler", {}),
-    ("heun", {}),
-    ("dpmpp_2m", {}),
-    ("dpmpp_3m", {}),
-    ("unipc", {"order": 1}),
-    ("unipc", {}),
-    ("unipc", {"order": 3}),
-    ("unipc", {"order": 3, "lower_order_final": False}),
-    ("ipndm", {"order": 2}),
-    ("ipndm", {}),
-    ("ipndm", {"variable_step": True}),
-    ("deis", {"order": 2}),
-    ("deis", {}),
+    (name, variant)
+    for name, spec in SOLVERS.items()
+    for variant in [{}] + [{k: v} for k, o in spec.options.items()
+                           for v in o.allowed if v != o.default]
 ]
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in CONFIGS]
 B = 40
