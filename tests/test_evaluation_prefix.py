@@ -104,3 +104,23 @@ def test_failures_stay_with_their_candidates(case, one_thread):
     clean = Evaluator(den, feats, ref, batch_size=64)
     assert [got[0].metrics, got[3].metrics] == [clean.evaluate([c], SEEDS)[0].metrics
                                                 for c in ok]
+
+
+def test_model_schedules_through_the_tree(case, one_thread):
+    """Candidates with model schedules (a composed zoo): the models of each step are part of
+    the prefix; scores bitwise those of scoring each alone."""
+    from searchd.models.compose import ComposedDenoiser
+
+    _, feats, ref = case
+    den = ComposedDenoiser([load("gmm-digits-k1"), load("gmm-digits-k8")])
+    sig = baseline("polynomial", 4, den.sigma_min, den.sigma_max, True, rho=7)
+    cands = [Schedule(sig, model_ids=m) for m in
+             ([0, 0, 1, 1], [0, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0])]
+    tree = Evaluator(den, feats, ref, batch_size=64, prefix_sharing=True)
+    plain = Evaluator(den, feats, ref, batch_size=64)
+    got = tree.evaluate(cands, SEEDS)
+    want = [plain.evaluate([c], SEEDS)[0] for c in cands]
+    assert [g.metrics for g in got] == [w.metrics for w in want]
+    assert all(g.ok for g in got)
+    # Per chunk: prefixes {0,1} | {00,01,11} | {001,011,111,000} | all 5 distinct.
+    assert tree.prefix_stats.observes == 3 * (2 + 3 + 4 + 5)
