@@ -8,9 +8,11 @@
 4. the faces: ``searchd.search`` / ``searchd.open_run`` (``searchd.api``) and the commands.
 
 Every ``import`` statement of every module counts, at the top of a file or inside a function
-(a late import hides a dependency; it does not remove it), ``TYPE_CHECKING`` blocks too. A
-module may import from its own layer or the layers below; the layers are listed below from
-the bottom, and within floor 1 and floor 2 they are ordered too.
+(a late import hides a dependency; it does not remove it). A module may import from its own
+layer or the layers below; the layers are listed below from the bottom, and within floor 1
+and floor 2 they are ordered too. An import inside ``if TYPE_CHECKING:`` counts for the
+layering (a type from a layer above is a dependency on it) but not for cycles (it never
+runs: a helper module may name the type of the module that calls it).
 """
 
 from __future__ import annotations
@@ -61,8 +63,21 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
     return out
 
 
-def imports_of(name: str, source: str, modules: Iterable[str]) -> tuple[set[str], set[str]]:
-    """(searchd modules, third-party top-level packages) that ``source`` imports anywhere."""
+def _type_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside ``if TYPE_CHECKING:`` blocks."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for stmt in node.body:
+                out.update(id(n) for n in ast.walk(stmt)
+                           if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return out
+
+
+def imports_of(name: str, source: str, modules: Iterable[str],
+               runtime_only: bool = False) -> tuple[set[str], set[str]]:
+    """(searchd modules, third-party top-level packages) that ``source`` imports anywhere
+    (with ``runtime_only``, leaving out those under ``if TYPE_CHECKING:``)."""
     known = set(modules)
     internal, external = set(), set()
     is_pkg = name in {m.rsplit(".", 1)[0] for m in known if "." in m}
@@ -72,7 +87,11 @@ def imports_of(name: str, source: str, modules: Iterable[str]) -> tuple[set[str]
             target = target.rpartition(".")[0]
         return target or None
 
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    skip = _type_only(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -108,11 +127,13 @@ def layer_of(module: str) -> tuple[int, str, int]:
     return best[1], best[2], best[3]
 
 
-def graph(root: Path = ROOT) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+def graph(root: Path = ROOT, runtime_only: bool = False
+          ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     files = module_files(root)
     internal, external = {}, {}
     for name, path in files.items():
-        internal[name], external[name] = imports_of(name, path.read_text(), files)
+        internal[name], external[name] = imports_of(name, path.read_text(), files,
+                                                    runtime_only)
     return internal, external
 
 
@@ -187,7 +208,7 @@ def test_no_import_goes_up_a_layer():
 
 
 def test_no_import_cycle():
-    edges, _ = graph()
+    edges, _ = graph(runtime_only=True)
     assert cycles(edges) == []
 
 
@@ -223,3 +244,23 @@ def test_an_upward_import_and_a_cycle_are_found_even_inside_a_function(tmp_path,
         "searchd.methods.gits (methods, floor 1) imports searchd.loop.stages (loop, floor 2)"]
     assert cycles(edges) == [["searchd.loop.stages", "searchd.methods.gits"]]
     assert forbidden(external) == ["searchd.loop.stages (floor 2) imports ray"]
+
+
+def test_a_type_only_import_counts_for_the_layers_but_not_for_cycles(tmp_path):
+    root = _tree(tmp_path, {
+        "__init__.py": "",
+        "evaluation/__init__.py": "",
+        "evaluation/evaluate.py": "from searchd.evaluation import helper\n",
+        "evaluation/helper.py": "from typing import TYPE_CHECKING\n"
+                                "if TYPE_CHECKING:\n"
+                                "    from searchd.evaluation.evaluate import Evaluator\n"
+                                "    from searchd.loop.stages import Setup\n",
+        "loop/__init__.py": "",
+        "loop/stages.py": "",
+    })
+    assert cycles(graph(root, runtime_only=True)[0]) == []
+    assert cycles(graph(root)[0]) == [["searchd.evaluation.evaluate",
+                                       "searchd.evaluation.helper"]]
+    assert upward(graph(root)[0]) == [
+        "searchd.evaluation.helper (evaluation, floor 1) imports searchd.loop.stages "
+        "(loop, floor 2)"]
