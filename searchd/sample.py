@@ -120,7 +120,7 @@ def _check_out(out: str) -> str | None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".searchd-"):
             pass
     except OSError as e:
-        return f"--out {out}: folder {folder} is not writable ({e.strerror})"
+        return f"--out {out}: folder {folder} is not writable (creating a file there: {e.strerror})"
     return None
 
 

@@ -194,8 +194,8 @@ def _check_out_dir(out_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".searchd-"):
             pass
     except OSError as e:
-        raise InputError(f"--out-dir {out_dir}: {existing} is not writable ({e.strerror})"
-                         ) from None
+        raise InputError(f"--out-dir {out_dir}: {existing} is not writable "
+                         f"(creating a file there: {e.strerror})") from None
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:

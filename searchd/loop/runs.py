@@ -61,7 +61,10 @@ def open_location(location: str) -> RunDir:
     try:
         return RunDir(location)
     except (ValueError, StorageError) as e:
-        raise BadInput(f"run directory {location}: {e}") from None
+        text = str(e)
+        if location not in text:
+            text = f"run directory {location}: {text}"
+        raise BadInput(text) from None
 
 
 def safe(key: str) -> bool:
