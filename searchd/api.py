@@ -232,7 +232,7 @@ def _finished(plan: RunPlan, progress: Progress | None) -> SearchResult:
     view = open_run(plan.run)
     if progress is not None:
         progress(f"searchd: run {plan.run_id} is finished ({plan.run.display(BEST_FILE)}); "
-                 f"nothing to do (python -m searchd.report {plan.run.uri})")
+                 f"nothing to do (python -m searchd.report {plan.run.location})")
     return view.result()
 
 
@@ -407,11 +407,11 @@ def _run_state(run: RunDir, best: Any, rows: Sequence[Any]) -> tuple[str, str]:
                 "not checked)"
             return "running", f"lock held by {lock.describe()}{where}"
         return "interrupted", (f"stale lock of {lock.describe()}, process gone; resume with: "
-                               f"python -m searchd.search --resume {run.uri}")
+                               f"python -m searchd.search --resume {run.location}")
     if not rows:
         return "not started", "no evaluations yet"
     return "interrupted", (f"no best.json and no lock; resume with: python -m searchd.search "
-                           f"--resume {run.uri}")
+                           f"--resume {run.location}")
 
 
 def _baseline_names(view: RunView) -> dict[str, str]:

@@ -185,7 +185,7 @@ def search(cluster: LoopbackCluster, s3_endpoint: str) -> dict[str, Any]:
     t0 = time.monotonic()
     marks: dict[str, float] = {}  # seconds since submission, printed (pytest -s)
     job = submit(cluster, search_command(run_uri))
-    wait_for(cluster, job, lambda: "1 evaluator actor(s) ready" in cluster.job_logs(job),
+    wait_for(cluster, job, lambda: "1 evaluator(s) ready" in cluster.job_logs(job),
              "the evaluator pool on the head")
     marks["pool on the head"] = time.monotonic() - t0
     cluster.add_node()

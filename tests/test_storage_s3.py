@@ -70,6 +70,7 @@ def _keys(s3: dict, prefix: str) -> list[str]:
 def test_s3_run_round_trip(s3):
     run = RunDir(_uri(s3, "runs/a"))
     assert run.is_object_store and run.uri == f"s3://{BUCKET}/runs/a"
+    assert run.location == _uri(s3, "runs/a")  # what --resume hints quote: the query kept
     run.write_text("config.yaml", "seed: 3\n")
     rows = make_rows(0, 9)
     parts = [run.append_evaluations(rows[i : i + 3]) for i in (0, 3, 6)]

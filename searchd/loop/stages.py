@@ -145,7 +145,7 @@ def search_and_finish(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> 
     n = loop.n_scored + setup.known_rows
     if not loop.finished:
         say(f"searchd: search interrupted; {n} evaluations are stored. Resume with: "
-            f"python -m searchd.search --resume {plan.run.uri}")
+            f"python -m searchd.search --resume {plan.run.location}")
         return RunOutcome("interrupted", plan.run_id, plan.run, evaluations=n)
     if plan.cfg.search.algorithm == "adaptive":
         train_predictor(plan, setup, say)
@@ -455,7 +455,7 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     best = loop.best()
     if best is None:
         raise RuntimeError("no candidate was scored successfully (every one failed; "
-                           f"`python -m searchd.report {run.uri}` lists the reasons)")
+                           f"`python -m searchd.report {run.location}` lists the reasons)")
     winner, winner_result = best
     metric = cfg.metric.name
     scored = [b for b in setup.baselines if loop.result_of(b.id) is not None]

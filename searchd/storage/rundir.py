@@ -243,6 +243,8 @@ class RunDir:
         self, uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
     ) -> None:
         self.filesystem, self.base, self.uri = open_location(uri_or_path, filesystem)
+        # As given (an S3 URI keeps its query): what to open it again with, e.g. --resume.
+        self.location = self.uri if filesystem is not None else os.fspath(uri_or_path)
         self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
         # Object stores: a PUT is atomic and there is no rename (only copy + delete).
         self.is_object_store = self.filesystem.type_name in OBJECT_STORES
