@@ -317,13 +317,18 @@ def diffusers_export(
         args.update(_MULTISTEP_FLOW if flow else {"use_flow_sigmas": False})
         route = "pinned"
     elif solver == "ipndm":
-        if not opts["variable_step"] or flow:
-            why = ("fixed equal-step Adams-Bashforth coefficients" if not opts["variable_step"]
-                   else "integration in sigma of a flow model's sample")
+        if flow:
             raise ExportError(
-                f"ipndm with {why} has no exact diffusers counterpart; the nearest is "
-                "LMSDiscreteScheduler, which is ipndm with variable_step=True (search with "
-                "--set solver.options.variable_step=true to export exactly)")
+                "ipndm on a flow model has no exact diffusers counterpart: "
+                "LMSDiscreteScheduler (ipndm with variable_step=True) feeds the network "
+                "variance-preserving inputs; the nearest is FlowMatchEulerDiscreteScheduler, or "
+                "search with euler, dpmpp_2m or unipc to export exactly")
+        if not opts["variable_step"]:
+            raise ExportError(
+                "ipndm with fixed equal-step Adams-Bashforth coefficients has no exact "
+                "diffusers counterpart; the nearest is LMSDiscreteScheduler, which is ipndm "
+                "with variable_step=True (search with --set solver.options.variable_step=true "
+                "to export exactly)")
         name = "LMSDiscreteScheduler"
         args = {"timestep_spacing": "trailing", **_NO_FAMILIES}
         route = "pinned"
@@ -659,7 +664,7 @@ def comfy_number(x: float) -> str:
 class ComfyExport:
     """The schedule for ComfyUI's and A1111's custom-sigma inputs.
 
-    ``text`` goes into ComfyUI's core ``ManualSigmas`` node (sampling/custom_sampling),
+    ``text`` goes into ComfyUI's core ``ManualSigmas`` node (experimental/custom_sampling),
     whose SIGMAS output feeds the ``sigmas`` input of ``SamplerCustom`` or
     ``SamplerCustomAdvanced``, with the sampler chosen by ``KSamplerSelect`` (``sampler``).
     ``a1111`` is the line for an A1111/Forge script's ``process(self, p)``: the web UI's
@@ -915,7 +920,7 @@ def snippet(form: Mapping[str, Any], to: str) -> str:
     if "error" in form:
         raise ExportError(str(form["error"]))
     if to == "comfy":
-        return (f"# ComfyUI: ManualSigmas node (sampling/custom_sampling) -> SamplerCustom "
+        return (f"# ComfyUI: ManualSigmas node (experimental/custom_sampling) -> SamplerCustom "
                 f"sigmas; sampler {form['sampler']}\n{form['text']}\n"
                 f"# JSON\n{json.dumps(form['json'])}\n"
                 f"# A1111 / Forge script, in process(self, p):\n{form['a1111']}\n"
