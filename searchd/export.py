@@ -547,11 +547,25 @@ def _pinned_class(base: type) -> type:
                     kwargs.setdefault(k, v)
             return super().step(*args, **kwargs)
 
+        def __reduce__(self) -> tuple[Any, ...]:
+            # Pickled as "pin these levels into this diffusers class and config" (the class
+            # itself is made at run time); the sampling state is not kept.
+            pin = self._searchd_pin
+            if pin is None:
+                return (base.from_config, (dict(self.config),))
+            return (_repin, (base, dict(self.config), pin.levels.tolist(), pin.step_defaults))
+
     Pinned.__name__ = base.__name__
     Pinned.__qualname__ = base.__qualname__
     Pinned.__doc__ = f"{base.__name__} running a schedule pinned by searchd.export.pin_schedule."
     _PINNED_CLASSES[base] = Pinned
     return Pinned
+
+
+def _repin(base: type, config: dict[str, Any], levels: list[float],
+           step_defaults: dict[str, Any]) -> Any:
+    """Unpickle a pinned scheduler."""
+    return pin_schedule(base.from_config(config), levels, **step_defaults)
 
 
 def _last_time(scheduler: Any, pin: _Pin) -> Any:

@@ -9,8 +9,10 @@ diffusers adapter, from the same noise. They must agree within 1e-5 relative (fl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import pickle
 import re
 import sys
 import types
@@ -305,6 +307,12 @@ def test_pinned_scheduler_contract(vp, tmp_path):
         vp.den.model_time(torch.tensor(ABOVE[:-1], dtype=torch.float32)).float().numpy())
     with pytest.raises(ExportError, match="not supported"):
         pin_schedule(diffusers.DDIMScheduler(), ZERO)
+    # A pipeline holding it can be copied and pickled (the levels come along).
+    back = pickle.loads(pickle.dumps(sched))
+    assert type(back).__name__ == "UniPCMultistepScheduler" and back.init_noise_sigma == (
+        sched.init_noise_sigma)
+    torch.testing.assert_close(back.sigmas, sched.sigmas)
+    torch.testing.assert_close(copy.deepcopy(sched).timesteps, sched.timesteps)
 
 
 # Flow models --------------------------------------------------------------------------------
@@ -506,3 +514,8 @@ def test_model_levels_reads_the_scheduler_config(vp_dir, flow_dir):
                                   "options": {"parameterization": {"kind": "flow"}}}}) == "flow"
     assert model_levels({"name": "gmm-digits"}) == "sigma"
     assert model_levels({"name": "digits-unet-s"}) == "sigma"  # searchd.json: edm_precond
+    # What the session passes: the validated configuration's model section.
+    from searchd.config import ModelConfig
+
+    assert model_levels(ModelConfig(name=f"diffusers:{flow_dir}")) == "flow"
+    assert model_levels(ModelConfig(zoo=["gmm-digits-k8", "gmm-digits-k64"])) == "sigma"
