@@ -3,12 +3,13 @@
 searchd's schedules are EDM noise levels ``sigma`` (``x = x0 + sigma n``) and its solvers
 start from ``noise * sigmas[0]``. Each form below reproduces that run in another sampler:
 
-- **diffusers** (``diffusers_export``): the scheduler class that runs the same update as the
-  searched solver, the constructor arguments that make it do exactly searchd's steps, and the
-  way in for the levels: the scheduler's public ``set_timesteps(sigmas=...)`` or
-  ``(timesteps=...)`` where it takes them, else ``pin_schedule`` (a documented override,
-  tested against the installed diffusers). Flow-matching models (SD3/Flux style) get the levels
-  in flow time ``t = sigma / (1 + sigma)``, what ``FlowMatchEulerDiscreteScheduler`` takes.
+- **diffusers** (``diffusers_export``; ``diffusers_scheduler`` builds it): the scheduler
+  class that runs the same update as the searched solver, the constructor arguments that make
+  it do exactly searchd's steps, and the way in for the levels: the scheduler's public
+  ``set_timesteps(sigmas=...)`` or ``(timesteps=...)`` where it takes them, else
+  ``pin_schedule`` (a documented override, tested against the installed diffusers).
+  Flow-matching models (SD3/Flux style) get the levels in flow time ``t = sigma / (1 +
+  sigma)``, what ``FlowMatchEulerDiscreteScheduler`` takes.
 - **k-diffusion** (``kdiffusion_export``): the sigma tensor for ``sample_*(model, x, sigmas)``.
 - **ComfyUI / A1111** (``comfy_export``): the text the ``ManualSigmas`` node parses, the JSON
   list, and A1111's ``p.sampler_noise_scheduler_override`` line.
@@ -362,6 +363,27 @@ def diffusers_export(
         timesteps=tuple(idx[:n]) if route == "timesteps" and idx is not None else None,
         init_noise_sigma=start, output_scale=out_scale, step_kwargs=step_kwargs,
     )
+
+
+def diffusers_scheduler(
+    sigmas: Sequence[float] | np.ndarray,
+    solver: str = "dpmpp_2m",
+    options: Mapping[str, Any] | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    flow: bool = False,
+) -> Any:
+    """A diffusers scheduler that runs ``solver`` on ``sigmas`` exactly as searchd does, in a
+    loop or a pipeline, whatever its class's ``set_timesteps`` accepts: the class and
+    arguments of ``diffusers_export``, built from the model's scheduler ``config`` (e.g.
+    ``pipe.scheduler.config``), with the levels pinned (``pin_schedule``). Call
+    ``set_timesteps()`` (or ``set_timesteps(N)``), start from ``noise *
+    init_noise_sigma``, and multiply the result by ``diffusers_export(...).output_scale``
+    (1 unless the schedule ends above 0 on a VP or flow scheduler)."""
+    form = diffusers_export(sigmas, solver, options, flow=flow)
+    sched = getattr(_diffusers(), form.scheduler).from_config(dict(config or {}),
+                                                              **form.arguments)
+    return pin_schedule(sched, form.sigmas, **form.step_kwargs)
 
 
 def _diffusers() -> Any:

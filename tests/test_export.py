@@ -31,6 +31,7 @@ from searchd.export import (  # noqa: E402
     ExportError,
     comfy_export,
     diffusers_export,
+    diffusers_scheduler,
     flow_time,
     kdiffusion_export,
     model_levels,
@@ -135,6 +136,15 @@ def test_exported_scheduler_reproduces_solve(vp, solver, opts, ending):
     assert rel(theirs, ours) < TOL, (form.scheduler, form.route)
     # The scheduler ran exactly N steps of the searched levels.
     assert form.n_steps == 5 and form.sigmas == tuple(sig)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_diffusers_scheduler_runs_in_a_plain_loop(vp, solver):
+    sched = diffusers_scheduler(ABOVE, solver, config=vp.config)
+    assert type(sched).__name__ == diffusers_export(ABOVE, solver).scheduler
+    sched.set_timesteps()
+    x = scheduler_loop(sched, vp.unet, vp.noise * sched.init_noise_sigma)
+    assert rel(x, solve(vp.den, vp.noise, ABOVE, solver=solver)) < TOL
 
 
 def test_routes_and_start_scales():
