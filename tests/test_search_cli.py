@@ -108,7 +108,8 @@ def test_tiny_search_end_to_end(tmp_path):
     assert [s["name"] for s in held["scores"]][0] == "searched"
     assert all(s["fid_ci"][0] <= s["fid_ci"][1] for s in held["scores"])
     assert held["scores"][0]["significant"] is True  # far better than polynomial here
-    assert "sigmas=" in best["usage"]["diffusers"]
+    assert best["usage"]["sigmas"] == best["sigmas"] and "pipe.scheduler" in (
+        best["usage"]["diffusers"]["code"])
     for name in ("metric_per_generation.png", "schedules.png", "samples_best.png"):
         assert (run / "report" / name).stat().st_size > 1000
     assert (run / "config.yaml").exists() and (run / "log.txt").exists()

@@ -13,7 +13,6 @@ loaded evaluator), ``best.json``, the plots, and the summary lines.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -159,27 +158,12 @@ def best_json(
     if sigma_grid is not None:
         g = np.asarray(sigma_grid)
         out["timesteps"] = [int(np.argmin(np.abs(np.log(g) - np.log(x)))) for x in sig if x > 0]
-    out["usage"] = usage(winner, out)
+    # How to use the schedule elsewhere (diffusers, k-diffusion, ComfyUI, searchd): one place.
+    from searchd.export import model_levels, usage_section
+
+    out["usage"] = usage_section(winner, cfg.solver.options,
+                                 flow=model_levels(cfg.model) == "flow", sigma_grid=sigma_grid)
     return out
-
-
-def usage(winner: Schedule, out: Mapping[str, Any]) -> dict[str, str]:
-    """``best.json``'s ``usage``: how to pass the schedule to a diffusers pipeline and to
-    searchd's own solvers (the one place it is built)."""
-    sig = [float(x) for x in winner.sigmas]
-    levels = sig[:-1] if winner.final_zero else sig
-    block = {
-        "diffusers": (
-            "pipe(..., sigmas=" + json.dumps([round(x, 6) for x in levels]) + ")"
-            + ("  # scheduler with final_sigmas_type='zero'" if winner.final_zero else "")
-        ),
-        "searchd": (
-            "solve(denoiser, noise, np.array(best['sigmas']), solver=best['solver'])"
-        ),
-    }
-    if "timesteps" in out:
-        block["diffusers_timesteps"] = f"pipe(..., timesteps={out['timesteps']})"
-    return block
 
 
 def name_of(schedule: Schedule) -> str:
