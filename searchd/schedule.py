@@ -92,6 +92,15 @@ def validate_model_ids(model_ids: Sequence[int] | np.ndarray, n_steps: int) -> n
     return arr
 
 
+def _strategy_of(value: Any) -> tuple[str, ...] | None:
+    """A stored strategy (a list of codes) as the field holds it; a string is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"strategy must be a list of per-step codes; got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """One candidate: noise levels, optional model per step, and the solver that runs it.
@@ -99,12 +108,18 @@ class Schedule:
     ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
     not part of the identity: two schedules with the same sigmas (to a relative 1e-9),
     models and solver are the same candidate and have the same ``id``.
+
+    ``strategy``: None (the solver's own per-step rule), or the solver's variant per step,
+    one code per step (``searchd.solvers.strategy``: ``"1"``, ``"2"``, ``"3"``, ``"2c"``),
+    stored in canonical form; it is part of the identity (a schedule without one keeps the
+    id it always had).
     """
 
     sigmas: np.ndarray
     model_ids: np.ndarray | None = None
     solver: str = "dpmpp_2m"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    strategy: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         sig = validate_sigmas(self.sigmas)
@@ -115,6 +130,11 @@ class Schedule:
         if not isinstance(self.solver, str) or not self.solver:
             raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.strategy is not None:
+            from searchd.solvers.strategy import canonical
+
+            object.__setattr__(self, "strategy", canonical(
+                self.solver, self.strategy, self.n_steps, self.final_zero))
 
     # Shape --------------------------------------------------------------------------------
     @property
@@ -157,6 +177,9 @@ class Schedule:
         if self.model_ids is not None:
             h.update(b"|m|")
             h.update(np.ascontiguousarray(self.model_ids, dtype="<i8").tobytes())
+        if self.strategy is not None:
+            h.update(b"|k|")
+            h.update(",".join(self.strategy).encode())
         return h.hexdigest()[:HASH_CHARS]
 
     def __hash__(self) -> int:
@@ -168,18 +191,23 @@ class Schedule:
     def __repr__(self) -> str:
         sig = ", ".join(f"{s:.4g}" for s in self.sigmas)
         ids = "" if self.model_ids is None else f", model_ids={self.model_ids.tolist()}"
-        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids})"
+        strat = "" if self.strategy is None else f", strategy={list(self.strategy)}"
+        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{strat})"
 
     # Serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form; floats are written with ``repr`` precision, so it round-trips."""
-        return {
+        """Plain-data form; floats are written with ``repr`` precision, so it round-trips.
+        ``strategy`` is present only where the schedule has one."""
+        out = {
             "id": self.id,
             "sigmas": [float(s) for s in self.sigmas],
             "model_ids": None if self.model_ids is None else [int(m) for m in self.model_ids],
             "solver": self.solver,
             "meta": dict(self.meta),
         }
+        if self.strategy is not None:
+            out["strategy"] = list(self.strategy)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
@@ -188,6 +216,7 @@ class Schedule:
             model_ids=None if d.get("model_ids") is None else np.asarray(d["model_ids"]),
             solver=d.get("solver", "dpmpp_2m"),
             meta=d.get("meta") or {},
+            strategy=_strategy_of(d.get("strategy")),
         )
         if "id" in d and d["id"] != s.id:
             raise ValueError(f"schedule id {d['id']!r} does not match its content ({s.id})")

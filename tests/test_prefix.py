@@ -222,5 +222,5 @@ def test_trajectory_inputs_are_all_keyed(den, noise):
     traj = trajectory(den, noise, baseline("polynomial", 3, 0.002, 80.0, True), None)
     assert set(vars(traj)) == {
         "denoiser", "model_ids", "final_zero", "dtype", "policy", "n_steps", "_batch",
-        "_levels", "_sigmas", "_lam",
+        "_levels", "_sigmas", "_lam", "strategy",
     }

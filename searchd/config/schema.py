@@ -205,6 +205,10 @@ class SpaceConfig(Section):
     sigma_min: float | None = Field(None, gt=0)  # override the model's noise range
     sigma_max: float | None = Field(None, gt=0)
     grid: str | None = None  # discrete: a named grid; null: the model's own grid
+    # The solver's per-step strategy searched with the timesteps (searchd.solvers.strategy):
+    # continuous/discrete spaces of dpmpp_2m, dpmpp_3m, unipc, ipndm, deis.
+    strategy: bool = False
+    max_order: int | None = Field(None, ge=1, le=4)  # strategy: highest multistep order
 
     @field_validator("grid")
     @classmethod
@@ -233,6 +237,9 @@ class SpaceConfig(Section):
                                         or self.budget_nfe is not None):
             raise FieldError("budget_ms", self.budget_ms or self.budget_nfe,
                              "latency budgets apply to space.kind models or joint only")
+        if self.strategy and self.model_schedule:
+            raise FieldError("strategy", True, f"a per-step strategy goes with space.kind "
+                             f"continuous or discrete, not {self.kind!r}")
         if self.sigma_min is not None and self.sigma_max is not None:
             if not self.sigma_min < self.sigma_max:
                 raise FieldError("sigma_min", self.sigma_min,
@@ -328,6 +335,23 @@ class PredictorSection(Section):
     min_train: int = Field(10, ge=2)  # scored candidates before the predictor is used
     hidden: int = Field(32, ge=1)  # GRU and MLP width
     steps: int = Field(300, ge=1)  # optimizer steps per (re)training
+
+
+class RacingConfig(Section):
+    """Racing before the winner is fixed (searchd.loop.racing): the top_k candidates
+    re-scored on ``blocks`` fresh blocks of search seeds; the winner chosen on the pooled
+    blocks. Evolution, random and Bayes; 0 turns it off."""
+
+    top_k: int = Field(8, ge=0)
+    blocks: int = Field(1, ge=1)
+
+
+class HalvingConfig(Section):
+    """Successive halving on samples per candidate within each batch
+    (searchd.loop.racing.HalvingScorer); rungs 1 turns it off."""
+
+    rungs: int = Field(1, ge=1)
+    eta: int = Field(2, ge=2)
 
 
 class GitsConfig(Section):
@@ -447,6 +471,22 @@ class SearchSection(Section):
     gits: GitsConfig = Field(default_factory=GitsConfig)
     ld3: Ld3Config = Field(default_factory=Ld3Config)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+    racing: RacingConfig = Field(default_factory=RacingConfig)
+    halving: HalvingConfig = Field(default_factory=HalvingConfig)
+
+    @property
+    def race_k(self) -> int:
+        """Candidates the race re-scores: ``racing.top_k``, at most a quarter of the budget
+        (a small search is not spent on its race); 0 (no race) below 2 or for the
+        algorithms without a search of their own."""
+        searched = self.algorithm in ("evolution", "random", "bayes")
+        k = min(self.racing.top_k, int(self.budget or 0) // 4)
+        return k if searched and k >= 2 else 0
+
+    @property
+    def race_blocks(self) -> int:
+        """Fresh blocks of search seeds the race uses (0: no race)."""
+        return self.racing.blocks if self.race_k else 0
 
     @field_validator("algorithm")
     @classmethod
@@ -683,7 +723,9 @@ class SearchConfig(Section):
     def _check_seed_ranges(self) -> None:
         s = self.samples
         ranges = [
-            ("samples.seed_base", s.seed_base, s.per_candidate),
+            # The search's seeds and the race's fresh blocks after them.
+            ("samples.seed_base", s.seed_base,
+             s.per_candidate * (1 + self.search.race_blocks)),
             ("samples.heldout_seed_base", s.heldout_seed_base, s.heldout),
         ]
         n_ref = self.metric.exact_reference

@@ -229,7 +229,8 @@ class RayEngine:
                              name="searchd-fault-watch", daemon=True).start()
         scratch = tempfile.mkdtemp(prefix="searchd-tune-")
         try:
-            outcome = run_tune(loop, workers.client, storage_path=scratch, name=name,
+            outcome = run_tune(loop, loop.scorer_for(workers.client), storage_path=scratch,
+                               name=name,
                                between=between or workers.grow)
         finally:
             stop.set()

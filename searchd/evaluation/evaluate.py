@@ -423,6 +423,7 @@ class Evaluator:
                     sigmas,
                     solver=solver,
                     model_ids=mids,
+                    strategy=schedule.strategy,
                     **self.solver_options,
                 )
                 parts.append(x.detach())
@@ -490,11 +491,13 @@ class Evaluator:
                 if isinstance(p, tuple):
                     s, solver, _ = p
                     key = (solver, s.n_steps, s.final_zero, s.model_ids is not None)
+                    if s.strategy is not None:  # one solve per per-step strategy
+                        key = (*key, s.strategy)
                     groups.setdefault(key, []).append(j)
 
             accs: dict[int, _Accumulator] = {}
             walls: dict[int, float] = {}
-            for (solver, _, _, _), js in groups.items():
+            for (solver, *_), js in groups.items():
                 t0 = time.perf_counter()
                 group_accs = {j: _Accumulator(self, n) for j in js}
                 accs.update(group_accs)
@@ -559,6 +562,7 @@ class Evaluator:
         mids = None
         if schedules[0].model_ids is not None:
             mids = torch.as_tensor(np.stack([s.model_ids for s in schedules]), dtype=torch.int64)
+        strategy = schedules[0].strategy  # a group shares its strategy (see _score)
         start = 0
         total = k * n
         while start < total:
@@ -578,7 +582,8 @@ class Evaluator:
                 continue
             idx = torch.as_tensor(rows)
             cand_idx, sample_idx = idx // n, idx % n
-            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs)
+            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs,
+                                 strategy)
             # Hand each candidate its rows (consecutive samples), checking finiteness.
             for c in torch.unique(cand_idx).tolist():
                 acc = accs[js[c]]
@@ -603,6 +608,7 @@ class Evaluator:
         sample_idx: Tensor,
         js: list[int],
         accs: dict[int, _Accumulator],
+        strategy: tuple[str, ...] | None = None,
     ) -> Tensor | None:
         """Samples of the given rows; a solver error is isolated to the candidates it hits."""
         from searchd.solvers import solve
@@ -616,6 +622,7 @@ class Evaluator:
                     sig[cand_idx[sel]],
                     solver=solver,
                     model_ids=m,
+                    strategy=strategy,
                     **self.solver_options,
                 ).detach()
 

@@ -70,6 +70,7 @@ def run_group_tree(
                 solver=solver,
                 model_ids=None if mids is None else [mids[c] for c in live],
                 stats=stats,
+                strategies=[schedules[c].strategy for c in live],
                 **ev.solver_options,
             )
         except Exception as e:  # noqa: BLE001 - e.g. bad options: every live candidate fails

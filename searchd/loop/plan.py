@@ -33,6 +33,17 @@ def _anchor(anchors: Mapping[str, Schedule] | None, name: str) -> Schedule:
     return anchors[name]
 
 
+def searcher_budget(search: SearchSection) -> int:
+    """The candidates the searcher may score: ``search.budget`` less the race's re-scorings,
+    and with successive halving as many candidates as the same samples pay for
+    (``searchd.loop.racing.search_budget``)."""
+    from searchd.loop.racing import search_budget
+
+    blocks = search.race_blocks
+    return search_budget(int(search.budget), search.race_k, blocks,
+                         search.halving.rungs, search.halving.eta)
+
+
 def _evolution(
     search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
     anchors: Mapping[str, Schedule] | None = None,
@@ -51,7 +62,7 @@ def _evolution(
         mutation_num=ev.mutation_num, crossover_num=ev.crossover_num, m_prob=ev.m_prob,
         max_epochs=ev.generations, seed=search.seed, seeds=seeds,
         mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
-        max_candidates=search.budget,
+        max_candidates=searcher_budget(search),
         predictor_top_fraction=pr.top_fraction if pr.enabled else None,
         predictor_min_train=pr.min_train,
         predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps),
@@ -64,7 +75,8 @@ def _random(
 ) -> ScheduleSearcher:
     from searchd.searchers.random_search import RandomSearcher
 
-    return RandomSearcher(space, metric, mode, num_samples=search.budget, seed=search.seed,
+    return RandomSearcher(space, metric, mode, num_samples=searcher_budget(search),
+                          seed=search.seed,
                           seeds=seeds)
 
 
@@ -75,7 +87,8 @@ def _bayes(
     from searchd.searchers.bayes import BayesSearcher
 
     return BayesSearcher(
-        space, metric, mode, sampler=search.bayes.sampler, num_samples=search.budget,
+        space, metric, mode, sampler=search.bayes.sampler,
+        num_samples=searcher_budget(search),
         seed=search.seed, seeds=seeds, n_startup_trials=search.bayes.n_startup_trials,
     )
 
@@ -160,6 +173,13 @@ def make_space(
     hi = sc.sigma_max if sc.sigma_max is not None else sigma_max
     if sc.kind in ("models", "joint"):
         return _model_space(config, lo, hi, zoo)
+    if sc.strategy:
+        from searchd.schedules.strategy_space import StrategySpace
+
+        inner = make_space(config.model_copy(update={"space": sc.model_copy(
+            update={"strategy": False})}), sigma_min, sigma_max, grid, zoo)
+        return StrategySpace(inner, config.solver.options,  # type: ignore[arg-type]
+                             max_order=sc.max_order)
     if sc.kind == "continuous":
         return ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,

@@ -96,6 +96,7 @@ class Setup:
     first_index: int = 0
     predictor: dict[str, Any] | None = None
     predictor_error: str | None = None
+    race_known: dict[tuple[str, int], CandidateResult] = field(default_factory=dict)
 
 
 Say = Callable[[str], None]
@@ -345,7 +346,11 @@ def _restore(run: RunDir, setup: Setup, say: Say) -> None:
     again, and every stored result (never scored again)."""
     from searchd.storage import table_to_rows
 
+    from searchd.loop.racing import is_race_row, race_known
+
     rows = table_to_rows(run.read_evaluations())
+    setup.race_known = race_known(rows)  # a race's rows: not search results
+    rows = [r for r in rows if not is_race_row(r)]
     try:
         records = [from_row(r) for r in rows]
     except ValueError as e:
@@ -376,9 +381,13 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
     progress = Progress(gens, total, cfg.metric.name, _stored_baseline_values(setup))
     recorder = Recorder(plan.run, plan.run_id, setup.searcher, progress, say)
     s = cfg.samples
+    from searchd.loop import racing
+
+    h = cfg.search.halving
     loop = SearchLoop(setup.searcher, range(s.seed_base, s.seed_base + s.per_candidate),
                       batch_size=int(cfg.search.candidates_per_trial), known=setup.known,
-                      observers=[recorder], first_index=setup.first_index)
+                      observers=[recorder], first_index=setup.first_index,
+                      wrap_scorer=racing.halving_wrapper(cfg.metric.name, h.rungs, h.eta))
     workers = setup.workers
 
     def between() -> None:
@@ -388,6 +397,11 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
                 f"{', '.join(workers.nodes)}")
 
     engine.drive(loop, workers, name=f"searchd-{plan.run_id}", between=between)
+    if loop.finished and cfg.search.race_k:
+        racing.run_race(loop, workers, top_k=cfg.search.race_k,
+                        blocks=racing.race_blocks(s.seed_base, s.per_candidate,
+                                                  cfg.search.race_blocks),
+                        run=plan.run, run_id=plan.run_id, known=setup.race_known, say=say)
     return loop
 
 
@@ -486,10 +500,14 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     )
     if cfg.search.algorithm == "adaptive":
         out["adaptive"] = _adaptive_json(cfg, setup, final.get("adaptive"))
+    if loop.race is not None:
+        out["racing"] = loop.race.to_json(metric)
     run.write_text(BEST_FILE, json.dumps(out, indent=2) + "\n")
     if cfg.report.plots:
+        from searchd.loop.racing import is_race_row
+
         rows = [r for r in table_to_rows(run.read_evaluations())
-                if r["status"] == "ok" and r["value"] is not None]
+                if r["status"] == "ok" and r["value"] is not None and not is_race_row(r)]
         fin.write_plots(run, winner, baselines, best_base, rows, values, final["images"],
                         metric, cfg.nfe)
     for line in fin.summary_lines(out):

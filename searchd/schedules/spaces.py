@@ -51,7 +51,8 @@ def reflect_unit(v: np.ndarray) -> np.ndarray:
 def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
     """The same candidate (same id) with ``meta`` merged into its provenance."""
     merged = {**dict(schedule.meta), **meta}
-    return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, merged)
+    return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, merged,
+                    schedule.strategy)
 
 
 @runtime_checkable

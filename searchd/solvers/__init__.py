@@ -44,6 +44,7 @@ def solve(
     *,
     solver: str = "dpmpp_2m",
     model_ids: Tensor | np.ndarray | Any | None = None,
+    strategy: Any = None,
     **opts: Any,
 ) -> Tensor:
     """Sample along a schedule.
@@ -58,6 +59,9 @@ def solve(
         solver: a name of ``SOLVERS``.
         model_ids: None, or model index per step [N] or per sample and step [B, N]; each
             denoiser call of step i then gets ``model_id=<int64 [B]>`` (column i).
+        strategy: None, or the solver's choice per step, one code per step [N]
+            (``searchd.solvers.strategy``: ``"2"``, ``"3"``, ``"2c"``, ...); it replaces
+            the solver's own rule for the multistep order (and UniPC's corrector).
         **opts: the solver's options (``SOLVERS[solver].options``).
 
     Returns:
@@ -65,7 +69,7 @@ def solve(
     """
     spec = get(solver)
     options = spec.resolve(opts)
-    traj = trajectory(denoiser, noise, sigmas, model_ids)
+    traj = trajectory(denoiser, noise, sigmas, model_ids, strategy, solver)
     x = noise * traj.sigmas[:, 0].to(noise.dtype).reshape((-1,) + (1,) * (noise.ndim - 1))
     return spec.fn(traj, x, **options)
 

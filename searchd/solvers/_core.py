@@ -34,6 +34,8 @@ class Trajectory:
         dtype: dtype of the samples (and of the sigma handed to the denoiser).
         n_steps: steps N.
         policy: the ``SchedulePolicy`` choosing the levels, or None (fixed schedule).
+        strategy: the per-step solver strategy (``searchd.solvers.strategy.Strategy``),
+            or None (the solver's own choices).
     """
 
     def __init__(
@@ -45,8 +47,10 @@ class Trajectory:
         dtype: torch.dtype,
         n_steps: int | None = None,
         policy: Any = None,
+        strategy: Any = None,
     ) -> None:
         self.denoiser = denoiser
+        self.strategy = strategy
         self.model_ids = model_ids
         self.final_zero = final_zero
         self.dtype = dtype
@@ -245,8 +249,11 @@ def check_model_ids(model_ids: Any, batch: int, n_steps: int, device: torch.devi
     return ids.contiguous()
 
 
-def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any) -> Trajectory:
-    """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy)."""
+def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any,
+               strategy: Any = None, solver: str | None = None) -> Trajectory:
+    """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy).
+
+    ``strategy``: per-step codes of ``solver`` (``searchd.solvers.strategy``), or None."""
     from searchd.solvers.policy import SchedulePolicy
 
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
@@ -268,6 +275,12 @@ def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any) -
         if model_ids is not None:
             ids = check_model_ids(model_ids, batch, sig.shape[1] - 1, noise.device)
         traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype)
+    if strategy is not None:
+        from searchd.solvers.strategy import resolve
+
+        if solver is None:
+            raise ValueError("a per-step strategy needs the solver it is a strategy of")
+        traj.strategy = resolve(solver, strategy, traj.n_steps, traj.final_zero)
     traj.begin(noise)
     return traj
 

@@ -80,6 +80,12 @@ def step_inputs(traj: Trajectory, k: int) -> tuple[np.ndarray, ...]:
     cols: list[np.ndarray] = [traj.sigmas[:, k].detach().cpu().numpy()]
     if traj.model_ids is not None and k < traj.n_steps:
         cols.append(traj.model_ids[:, k].cpu().numpy())
+    if traj.strategy is not None:
+        # The per-step strategy of the step that arrives at level k (its order and
+        # corrector make the state there); a marker at level 0 (a strategy keeps a longer
+        # history than the plain solver, so the two never share a state).
+        code = traj.strategy.key(k - 1) if k > 0 else b"strategy"
+        cols.append(np.frombuffer(code, dtype=np.uint8))
     return tuple(cols)
 
 
@@ -96,6 +102,7 @@ def solve_prefix_tree(
     solver: str = "dpmpp_2m",
     model_ids: Sequence[Tensor | np.ndarray | None] | None = None,
     stats: PrefixStats | None = None,
+    strategies: Sequence[Sequence[str] | None] | None = None,
     **opts: Any,
 ) -> list[Tensor | Exception]:
     """Sample every schedule on the same noise, integrating each shared prefix once.
@@ -107,6 +114,8 @@ def solve_prefix_tree(
             same ending (all end in 0 or none does).
         solver: a name of ``SOLVERS``; ``**opts`` its options, for every schedule.
         model_ids: None, or per schedule None / [N] / [B, N] (all None or none None).
+        strategies: None, or per schedule None or its per-step strategy codes [N]
+            (``searchd.solvers.strategy``); part of the prefix keys.
         stats: if given, the work done is added to it.
 
     Returns:
@@ -126,7 +135,12 @@ def solve_prefix_tree(
         raise ValueError(f"{len(model_ids)} model schedules for {len(schedules)} schedules")
     if len({m is None for m in model_ids}) > 1:
         raise ValueError("model_ids must be given for every schedule or for none")
-    trajs = [trajectory(denoiser, noise, s, m) for s, m in zip(schedules, model_ids)]
+    if strategies is None:
+        strategies = [None] * len(schedules)
+    if len(strategies) != len(schedules):
+        raise ValueError(f"{len(strategies)} strategies for {len(schedules)} schedules")
+    trajs = [trajectory(denoiser, noise, s, m, k, solver)
+             for s, m, k in zip(schedules, model_ids, strategies)]
     n_steps, final_zero = trajs[0].n_steps, trajs[0].final_zero
     for c, t in enumerate(trajs):
         if (t.n_steps, t.final_zero) != (n_steps, final_zero):
