@@ -783,7 +783,17 @@ def usage_section(
         "flow": bool(flow),
         "discrete": grid_indices(schedule.sigmas, sigma_grid) is not None,
     }
-    if schedule.model_ids is not None:
+    strategy = getattr(schedule, "strategy", None)
+    if strategy is not None:
+        # A per-step strategy (searchd.solvers.strategy): no scheduler of these tools changes
+        # its multistep order or corrector step by step as the strategy does.
+        why = (f"a per-step solver strategy ({schedule.solver} steps {','.join(strategy)}) "
+               "has no {tool} counterpart: its schedulers fix the multistep order for every "
+               "step; sample it with searchd (python -m searchd.sample --schedule best.json)")
+        out["diffusers"] = {"error": why.format(tool="diffusers")}
+        out["kdiffusion"] = {"error": why.format(tool="k-diffusion")}
+        out["comfy"] = {"error": why.format(tool="ComfyUI")}
+    elif schedule.model_ids is not None:
         out["diffusers"] = {"error": "a model schedule switches networks per step; diffusers "
                                      "schedulers drive one network (the levels are exported "
                                      "below)"}
@@ -793,12 +803,16 @@ def usage_section(
                                                 flow=flow, sigma_grid=sigma_grid).to_dict()
         except ExportError as e:
             out["diffusers"] = {"error": str(e)}
-    out["kdiffusion"] = kdiffusion_export(schedule.sigmas, schedule.solver, options,
-                                          flow=flow).to_dict()
-    out["comfy"] = comfy_export(schedule.sigmas, schedule.solver, options, flow=flow).to_dict()
+    if strategy is None:
+        out["kdiffusion"] = kdiffusion_export(schedule.sigmas, schedule.solver, options,
+                                              flow=flow).to_dict()
+        out["comfy"] = comfy_export(schedule.sigmas, schedule.solver, options,
+                                    flow=flow).to_dict()
+    extra = "" if strategy is None else f", strategy={list(strategy)!r}"
     out["searchd"] = {
         "code": ("from searchd.solvers import solve\n"
                  f"x = solve(denoiser, noise, {_fmt_list(sig)}, solver={schedule.solver!r}"
+                 + extra
                  + "".join(f", {k}={_fmt_value(v)}" for k, v in options.items()) + ")\n"),
         "command": "python -m searchd.sample --schedule best.json",
     }
@@ -925,7 +939,8 @@ def export_best(best: Mapping[str, Any], to: str, *, run_dir: Path | None = None
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}; allowed: {', '.join(TARGETS)}")
-    sched = Schedule(best["sigmas"], best.get("model_ids"), solver=str(best["solver"]))
+    sched = Schedule(best["sigmas"], best.get("model_ids"), solver=str(best["solver"]),
+                     strategy=best.get("strategy"))
     usage = best.get("usage") if isinstance(best.get("usage"), Mapping) else {}
     options = dict(best.get("solver_options") or usage.get("solver_options") or {})
     if "flow" in usage:

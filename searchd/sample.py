@@ -66,13 +66,16 @@ def frechet_distance_pixels(a: Tensor, b: Tensor) -> float:
 
 
 def generate(
-    den: Denoiser, solver: str, sigmas: np.ndarray, seeds: Sequence[int] | range, **opts
+    den: Denoiser, solver: str, sigmas: np.ndarray, seeds: Sequence[int] | range,
+    strategy: Sequence[str] | None = None, **opts
 ) -> Tensor:
-    """Samples [len(seeds), *shape] of ``den`` along ``sigmas`` [N+1], noise per seed."""
+    """Samples [len(seeds), *shape] of ``den`` along ``sigmas`` [N+1], noise per seed
+    (``strategy``: the solver's variant per step, ``searchd.solvers.strategy``)."""
     dtype = getattr(den, "dtype", torch.float32)
     device = getattr(den, "device", "cpu")
     noise = make_noise(seeds, tuple(den.shape), device=device, dtype=dtype)
-    return solve(den, noise, torch.as_tensor(sigmas, dtype=torch.float64), solver=solver, **opts)
+    return solve(den, noise, torch.as_tensor(sigmas, dtype=torch.float64), solver=solver,
+                 strategy=strategy, **opts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,6 +159,10 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
                          "searchd.sample runs one model")
     solver = args.solver or str(best["solver"])
     options = dict(best.get("solver_options") or {}) if solver == best["solver"] else {}
+    strategy = best.get("strategy")
+    if strategy is not None and solver != best["solver"]:
+        raise ValueError(f"{args.schedule}: its per-step strategy is one of {best['solver']}; "
+                         f"--solver {solver} cannot run it (leave --solver out)")
     model = args.model
     if model is None:
         model = str(best.get("model"))
@@ -163,7 +170,8 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"{args.schedule}: its model {model!r} is not a zoo name; give "
                              "--model")
     return {"sigmas": np.array(validate_sigmas(best["sigmas"])), "solver": solver,
-            "options": options, "model": model, "label": args.schedule}
+            "options": options, "model": model, "label": args.schedule,
+            "strategy": strategy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,6 +240,7 @@ def _run(args: Any) -> int:
     params = {} if args.rho is None else {"rho": args.rho}
     budget = 10 if args.nfe is None else args.nfe
     options: dict = {}
+    strategy = None if given is None else given.get("strategy")
     try:
         if given is None:
             steps = steps_for_budget(args.solver, budget)
@@ -247,13 +256,19 @@ def _run(args: Any) -> int:
     spent = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
 
     t0 = time.perf_counter()
-    x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), **options)
+    try:
+        x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), strategy,
+                     **options)
+    except ValueError as e:  # a strategy that does not fit the schedule
+        return _fail(str(e))
     seconds = time.perf_counter() - t0
     label = (args.schedule + (f"(rho={args.rho:g})" if args.rho is not None else "")
              if given is None else given["label"])
     print(f"model {args.model}  solver {args.solver}  schedule {label}  samples {args.n}")
     print(f"steps {steps}  NFE spent {spent} (budget {budget})")
     print("sigmas " + " ".join(f"{s:.4g}" for s in sigmas))
+    if strategy is not None:
+        print("strategy " + " ".join(strategy))
     print(f"sampling {seconds:.2f} s ({args.n / seconds:.0f} samples/s)")
 
     sample_data = getattr(den, "sample_data", None)

@@ -26,8 +26,8 @@ from searchd.loop.racing import (
     search_budget,
 )
 from searchd.schedule import Schedule
-from searchd.searchers.random_search import RandomSearcher
 from searchd.schedules.spaces import ContinuousSpace
+from searchd.searchers.random_search import RandomSearcher
 
 
 def sched(i: int) -> Schedule:

@@ -146,6 +146,8 @@ def best_json(
         },
         "best_baseline": name_of(baselines[best_base]),
     }
+    if winner.strategy is not None:
+        out["strategy"] = list(winner.strategy)  # the solver's variant per step
     if zoo is not None:
         out["model_ids"] = [int(m) for m in winner.model_ids]
         out["zoo"] = {

@@ -344,9 +344,8 @@ def _anchors(plan: RunPlan, space: Any, workers: Any, say: Say) -> list[dict[str
 def _restore(run: RunDir, setup: Setup, say: Say) -> None:
     """A resumed run: the searcher from its newest state, its pending candidates asked for
     again, and every stored result (never scored again)."""
-    from searchd.storage import table_to_rows
-
     from searchd.loop.racing import is_race_row, race_known
+    from searchd.storage import table_to_rows
 
     rows = table_to_rows(run.read_evaluations())
     setup.race_known = race_known(rows)  # a race's rows: not search results
