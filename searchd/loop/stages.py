@@ -143,7 +143,7 @@ def run(plan: RunPlan, engine: Engine, say: Say | None = None) -> RunOutcome:
 def search_and_finish(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> RunOutcome:
     """The search stage, the adaptive predictor if any, and the finish stage."""
     loop = search(plan, engine, setup, say)
-    n = loop.n_scored + setup.known_rows
+    n = _evaluations(loop, setup)
     if not loop.finished:
         say(f"searchd: search interrupted; {n} evaluations are stored. Resume with: "
             f"python -m searchd.search --resume {plan.run.location}")
@@ -493,7 +493,7 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     out = fin.best_json(
         run_id=plan.run_id, model=model_label(cfg), cfg=cfg, winner=winner,
         winner_result=winner_result, baselines=baselines, baseline_values=values,
-        best_base=best_base, held=held, evaluations=loop.n_scored + setup.known_rows,
+        best_base=best_base, held=held, evaluations=_evaluations(loop, setup),
         anchor_results=setup.anchor_results, zoo=setup.zoo, space=setup.space,
         sigma_grid=setup.facts.get("sigma_grid"),
     )
@@ -514,6 +514,12 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     if "adaptive" in out and out["adaptive"].get("status") == "ok":
         say(f"  load it beside your sampler: {run.display(out['adaptive']['torchscript'])}")
     return out
+
+
+def _evaluations(loop: SearchLoop, setup: Setup) -> int:
+    """Evaluations of the run: the search's and the race's re-scorings (stored or new)."""
+    raced = 0 if loop.race is None else loop.race.scored
+    return loop.n_scored + setup.known_rows + len(setup.race_known) + raced
 
 
 def _value(loop: SearchLoop, schedule: Schedule, metric: str) -> float | None:
