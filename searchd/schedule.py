@@ -131,7 +131,7 @@ class Schedule:
             raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
         object.__setattr__(self, "meta", dict(self.meta))
         if self.strategy is not None:
-            from searchd.solvers.strategy import canonical
+            from searchd.strategy_codes import canonical
 
             object.__setattr__(self, "strategy", canonical(
                 self.solver, self.strategy, self.n_steps, self.final_zero))

@@ -723,11 +723,12 @@ class SearchConfig(Section):
     def _check_seed_ranges(self) -> None:
         s = self.samples
         ranges = [
-            # The search's seeds and the race's fresh blocks after them.
-            ("samples.seed_base", s.seed_base,
-             s.per_candidate * (1 + self.search.race_blocks)),
+            ("samples.seed_base", s.seed_base, s.per_candidate),
             ("samples.heldout_seed_base", s.heldout_seed_base, s.heldout),
         ]
+        if self.search.race_blocks:  # the race's fresh blocks follow the search's seeds
+            ranges.append(("search.racing.blocks", s.seed_base + s.per_candidate,
+                           s.per_candidate * self.search.race_blocks))
         n_ref = self.metric.exact_reference
         if n_ref is not None:
             ranges.append(("samples.reference_seed_base", s.reference_seed_base, n_ref))

@@ -69,9 +69,8 @@ def to_row(
 
 def _fidelity(result: CandidateResult, metric: str) -> int | None:
     """The halving blocks a pooled result holds (``searchd.loop.racing``), else None."""
-    from searchd.loop.racing import blocks_reached
-
-    return blocks_reached(result, metric) or None
+    blocks = sum(1 for k in result.metrics if k.startswith(f"{metric}@block"))
+    return blocks or None
 
 
 def from_row(row: Mapping[str, Any], *, check_id: bool = True

@@ -276,7 +276,7 @@ def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any,
             ids = check_model_ids(model_ids, batch, sig.shape[1] - 1, noise.device)
         traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype)
     if strategy is not None:
-        from searchd.solvers.strategy import resolve
+        from searchd.strategy_codes import resolve
 
         if solver is None:
             raise ValueError("a per-step strategy needs the solver it is a strategy of")

@@ -90,7 +90,7 @@ class Stepper(ABC):
         that share a prefix share its state)."""
         if getattr(traj, "strategy", None) is None:
             return self.history
-        from searchd.solvers.strategy import MAX_ORDER
+        from searchd.strategy_codes import MAX_ORDER
 
         return max(self.history, MAX_ORDER)
 
