@@ -32,7 +32,7 @@ on/off; ipndm: 1 to 4; deis: 1 to 3. euler and heun have no per-step variant.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
