@@ -238,3 +238,24 @@ def test_teacher_distance_search_without_reference_ends_with_the_table(tmp_path,
     assert report_main([str(run)]) == 0
     rep = capsys.readouterr().out
     assert "Held-out scores, teacher_distance (100 samples" in rep
+
+
+def test_report_prints_the_teacher_distance_rows_of_a_fid_table(tmp_path, capsys):
+    from test_report import write_run
+
+    from searchd.report import main as report_main
+
+    made = write_run(tmp_path / "run", finished=True)
+    best = made["best"]
+    best["heldout"]["metric"] = "fid"
+    for i, s in enumerate(best["heldout"]["scores"]):
+        s.update(teacher_distance=0.5 + i, teacher_distance_ci=[0.25 + i, 0.75 + i],
+                 teacher_distance_diff=None if i == 0 else 0.125,
+                 teacher_distance_diff_ci=None if i == 0 else [-0.5, 0.75])
+    made["run"].write_json("best.json", best)
+    assert report_main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    fid = out.split("Held-out scores, fid (100 samples")[1].split("Held-out teacher_distance")[0]
+    assert "[1, 1.5]" in fid and "-2.5" in fid
+    td = out.split("Held-out teacher_distance (the searched metric")[1].split("Failures")[0]
+    assert "[0.25, 0.75]" in td and "no (CI contains 0)" in td and "[-0.5, +0.75]" in td
