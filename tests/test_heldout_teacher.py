@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_evaluation_heldout import Gaussian  # exact, elementwise: rows are independent
 
 from searchd.api import HeldoutScore
 from searchd.evaluation import Evaluator, heldout_scores
@@ -31,27 +32,6 @@ from searchd.solvers import solve
 
 TEACHER = TeacherSettings(n_steps=24)
 SEEDS = list(range(7000, 7160))
-
-
-class Gaussian:
-    """Exact denoiser of N(mu, diag(v)) on 8x8 images (elementwise: a row's output does not
-    depend on the other rows of its batch)."""
-
-    sigma_min, sigma_max, sigma_grid, cost = 0.002, 80.0, None, 1.0
-    shape, dtype, device = (1, 8, 8), torch.float64, torch.device("cpu")
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.mu = (torch.rand(self.shape, generator=g, dtype=torch.float64) - 0.5) * 0.8
-        self.v = 0.05 + 0.2 * torch.rand(self.shape, generator=g, dtype=torch.float64)
-
-    def __call__(self, x, sigma, **cond):
-        return self.mu + self.v / (self.v + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - self.mu)
-
-    def sample(self, n: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return self.mu + self.v.sqrt() * torch.randn((n, *self.shape), generator=g,
-                                                     dtype=torch.float64)
 
 
 def schedules() -> list[Schedule]:
