@@ -14,9 +14,9 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
 - ``solver``: ``name`` (a solver of ``searchd.solvers``), ``options``.
 - ``nfe`` or ``steps``: the budget of network evaluations, or the number of steps.
 - ``space``: ``kind`` continuous | discrete | models | joint; ``budget_ms`` / ``budget_nfe``
-  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
-  fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
-  overrides; ``grid`` (discrete).
+  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``) | flow (``shift``);
+  ``endpoints`` fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``;
+  ``sigma_min``/``sigma_max`` overrides; ``grid`` (discrete).
 - ``search``: ``algorithm`` evolution | random | bayes | gits | ld3 | adaptive; ``seed``;
   ``budget`` (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters,
   ``warm_start``); ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods'
@@ -59,7 +59,7 @@ from pydantic import (
     model_validator,
 )
 
-from searchd.schedules.baselines import AYS_TABLES, FAMILIES, GRIDS
+from searchd.schedules.baselines import AYS_TABLES, FAMILIES, FLOW_FAMILY_PARAMS, GRIDS
 
 # Solvers and what one step costs, for when searchd.solvers does not (yet) provide them.
 # DESIGN.md's list; Heun's last step to sigma = 0 is an Euler step (EDM), hence 2N - 1.
@@ -80,6 +80,7 @@ FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
     "ays": ("model",),
     "gits": (),  # computed with search.gits
     "ld3": (),  # computed with search.ld3
+    **FLOW_FAMILY_PARAMS,  # flow_uniform, flow_shift, flow_flux, flow_beta
 }
 EXACT_REFERENCE = re.compile(r"^exact:(\d+)$")
 DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
@@ -231,8 +232,9 @@ class SpaceConfig(Section):
     budget_ms: float | None = Field(None, gt=0)  # model schedules: ms per sample, or
     budget_nfe: float | None = Field(None, gt=0)  # NFE-equivalents of the slowest member
     timesteps: dict[str, Any] = {"family": "polynomial", "params": {"rho": 7}}  # kind models
-    warp: Literal["logsnr", "rho"] = "logsnr"  # continuous: coordinate of uniform gaps
+    warp: Literal["logsnr", "rho", "flow"] = "logsnr"  # continuous: coordinate of uniform gaps
     rho: float = Field(7.0, gt=0)  # exponent of warp "rho" (sigma^(1/rho))
+    shift: float = Field(1.0, gt=0)  # warp "flow": SD3's shift of flow time t
     endpoints: Literal["fixed", "free"] = "fixed"  # free: the top/bottom levels are searched
     endpoint_range: float = Field(0.3, gt=0, lt=0.5)  # free: reach, as a fraction of the span
     gap_ratio: float = Field(10.0, gt=1)  # continuous: max ratio of a gap to the last gap

@@ -114,7 +114,7 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
      "'evolution', 'random', 'bayes', 'gits', 'ld3' or 'adaptive'"),
     ("search.bayes.sampler=cmaes", "search.bayes.sampler", "'cmaes'", "'tpe' or 'gp'"),
     ("solver.name=rk4", "solver.name", "'rk4'", "dpmpp_2m"),
-    ("space.warp=linear", "space.warp", "'linear'", "'logsnr' or 'rho'"),
+    ("space.warp=linear", "space.warp", "'linear'", "'logsnr', 'rho' or 'flow'"),
     ("space.gap_ratio=0.5", "space.gap_ratio", "0.5", "greater than 1"),
     ("search.evolution.m_prob=1.5", "search.evolution.m_prob", "1.5", "less than or equal to 1"),
     ("search.evolution.select_num=40", "search.evolution.select_num", "40",

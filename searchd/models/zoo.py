@@ -8,7 +8,8 @@ Two tables, both open for adapters added later:
   ``ModelSpec(name="my-mixture", kind="gmm", path="mix.npz")``.
 
 Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``) and
-``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``); the kinds
+``digits-unet-{s,m,l}`` and ``digits-flow-{s,m}`` (the neural digits zoo, EDM-trained and
+rectified-flow, ``searchd.models.adapters``); the kinds
 ``gmm`` (an ``.npz`` mixture), ``diffusers`` (a diffusers pipeline or model directory, or a
 hub id), ``edm`` (an NVlabs EDM pickle) and ``generic`` (an entry point
 ``module:function``). The neural adapters are imported on first use, so importing this
@@ -211,10 +212,12 @@ def _neural_zoo_member(name: str) -> Factory:
 
 NEURAL_KINDS = ("diffusers", "edm", "generic")
 NEURAL_ZOO_NAMES = tuple(f"digits-unet-{w}" for w in ("s", "m", "l"))
+# Rectified-flow members (scripts/train_digits_flow.py): diffusers flow checkpoints.
+FLOW_ZOO_NAMES = tuple(f"digits-flow-{w}" for w in ("s", "m"))
 
 register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:
     register_kind(_kind, _adapter_kind(_kind))
 _register_embedded()
-for _name in NEURAL_ZOO_NAMES:
+for _name in (*NEURAL_ZOO_NAMES, *FLOW_ZOO_NAMES):
     register(_name, _neural_zoo_member(_name))
