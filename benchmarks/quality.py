@@ -569,14 +569,17 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
             lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
                       "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
+            # Flow rows: the levels in flow time t = sigma / (1 + sigma), as flow users set them.
+            flow = row.get("settings", {}).get("baselines") == "flow"
             lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
                       f"Best non-searched schedule: {LABELS.get(row['best_fixed'])}.", "",
                       "| schedule | held-out FID [95% CI] | diff to best non-searched "
-                      "[95% CI] | denoiser calls | wall s | candidates | sigmas |",
+                      "[95% CI] | denoiser calls | wall s | candidates | "
+                      + ("t |" if flow else "sigmas |"),
                       "| --- | --- | --- | --- | --- | --- | --- |"]
             for meth in row["methods"]:
                 m = row["methods"][meth]
-                sig = ", ".join(f"{x:.3g}" for x in m["sigmas"])
+                sig = ", ".join(f"{x / (1 + x) if flow else x:.3g}" for x in m["sigmas"])
                 diff = ("-" if meth == row["best_fixed"] else
                         f"{m['diff']:+.4f} [{m['diff_ci'][0]:+.4f}, {m['diff_ci'][1]:+.4f}]")
                 wall_txt = f"{m['wall_s']:.0f}"
