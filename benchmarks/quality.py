@@ -32,6 +32,15 @@ every NFE <= 6, at no more than 10x GITS's denoiser calls.
 
     nice python benchmarks/quality.py                 # the full run (results/quality.md, .png)
     python benchmarks/quality.py --tiny --out DIR     # a small version (the test suite's)
+
+Flow models (issue 20): ``--baselines flow`` replaces the three non-searched schedules by the
+flow-time families flow users run (``BASELINE_SETS["flow"]``), ``--space warp=flow shift=1``
+warps the search space in flow time, ``--searches evolution`` runs the warm-started evolution
+only. Target: the evolution >= 25% better held-out FID than the best flow baseline and >= 15%
+better than GITS and LD3 at NFE <= 6, every interval excluding 0 (``flow_target_met``):
+
+    nice python benchmarks/quality.py --models digits-flow-s --solvers euler --nfe 4 5 6 \
+        --baselines flow --searches evolution --space warp=flow shift=1 --threads 1
 """
 
 from __future__ import annotations

@@ -38,25 +38,30 @@ in the denoised image; SD3 measured logit-normal to be the better of the two (Es
 the location sits below SD3's 0 (SD3 shifts toward more noise for larger images).
 
 Data (scikit-learn's 1,797 digits scaled to [-1, 1], kept at 8x8), networks (the digits
-UNet widths s and m), optimizer (Adam, linear warm-up then cosine decay following the CPU
-time used, gradient clipping 1, EMA of the weights, which is what is saved) and the CPU-time
-bound (one thread, ``--max-minutes`` of process time) are those of
-``scripts/train_digits_unet.py``, so the flow and EDM zoos compare like for like.
+UNet widths s and m), the training loop (``train_digits_unet.fit``: Adam, linear warm-up
+then cosine decay following the CPU time used, gradient clipping 1, EMA of the weights, which
+is what is saved) and the CPU-time bound (one thread, ``--max-minutes`` of process time) are
+those of ``scripts/train_digits_unet.py``, so the flow and EDM zoos compare like for like.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
-from train_digits_unet import SHAPE, build_unet, digits_data, forward_flops
+from train_digits_unet import (
+    DATA_RECORD,
+    SHAPE,
+    build_unet,
+    digits_data,
+    fit,
+    forward_flops,
+    load_stage,
+    stage_totals,
+)
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "searchd" / "models" / "data"
 NUM_TRAIN_TIMESTEPS = 1000  # the network is fed 1000 t, as SD3-style models are
@@ -114,55 +119,18 @@ def train_width(
     data = digits_data()
     stages: list[dict] = []
     if init_from is not None:
-        src = init_from / f"digits-flow-{width}"
-        net = UNet2DModel.from_pretrained(src, low_cpu_mem_usage=False).train()
-        prev = json.loads((src / "searchd.json").read_text())["training"]
-        stages = [*prev.pop("stages", []), prev]
+        net, stages = load_stage(init_from / f"digits-flow-{width}")
     else:
         net = build_unet(width)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
-    warmup = max(1, min(100, iters // 20))
-    start, cpu_start = time.perf_counter(), time.process_time()
-    losses: list[float] = []
-    done = 0
-    for step in range(iters):
-        # Warm-up, then cosine decay to 5% over the larger of iterations and CPU time used.
-        progress = max(step / iters, (time.process_time() - cpu_start) / (max_minutes * 60))
-        if progress >= 1.0:
-            print(f"[{width}] stopping at step {step}: {max_minutes} CPU minutes used", flush=True)
-            break
-        frac = min(1.0, (step + 1) / warmup)
-        cos = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-        for g in opt.param_groups:
-            g["lr"] = lr * frac * cos
-        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
-        loss = flow_loss(net, data[idx], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        # EMA with a half-life in iterations (shorter at the start).
-        decay = 0.5 ** (1.0 / max(1.0, min(ema_halflife, (step + 1) / 4)))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
-        losses.append(float(loss.detach()))
-        done = step + 1
-        if done % log_every == 0:
-            print(
-                f"[{width}] step {done}/{iters} loss {np.mean(losses[-log_every:]):.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(time.perf_counter() - start) / 60:.1f} min "
-                f"({(time.process_time() - cpu_start) / 60:.1f} CPU min)",
-                flush=True,
-            )
-    minutes = (time.perf_counter() - start) / 60
-    cpu_minutes = (time.process_time() - cpu_start) / 60
+    ema, run = fit(net, flow_loss, data, gen, iters=iters, batch=batch, lr=lr,
+                   ema_halflife=ema_halflife, max_minutes=max_minutes, tag=width,
+                   log_every=log_every)
     out = out_root / f"digits-flow-{width}"
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out, safe_serialization=True)
     scheduler().save_pretrained(out)
+    run["seed"] = seed
+    run["t_sampling"] = {"kind": "logit_normal", "mean": T_MEAN, "std": T_STD}
     record = {
         "format": "searchd-digits-flow",
         "shape": list(SHAPE),
@@ -174,32 +142,13 @@ def train_width(
             "timestep": f"{NUM_TRAIN_TIMESTEPS} t",
             "scheduler": "scheduler_config.json (FlowMatchEulerDiscreteScheduler)",
         },
-        "data": {
-            "dataset": "sklearn.datasets.load_digits",
-            "n": int(data.shape[0]),
-            "scaling": "x / 8 - 1",
-            "resolution": 8,
-        },
-        "training": {
-            "iterations": done,
-            "planned_iterations": iters,
-            "batch": batch,
-            "lr": lr,
-            "ema_halflife_iters": ema_halflife,
-            "seed": seed,
-            "t_sampling": {"kind": "logit_normal", "mean": T_MEAN, "std": T_STD},
-            "minutes": round(minutes, 2),
-            "cpu_minutes": round(cpu_minutes, 2),
-            "final_loss": float(np.mean(losses[-200:])),
-            "threads": 1,
-            "stages": stages,
-            "total_cpu_minutes": round(cpu_minutes + sum(st["cpu_minutes"] for st in stages), 2),
-            "total_iterations": done + sum(st["iterations"] for st in stages),
-        },
+        "data": DATA_RECORD,
+        "training": stage_totals(run, stages),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     (out / "searchd.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[{width}] saved to {out} ({done} steps, {minutes:.1f} min)", flush=True)
+    print(f"[{width}] saved to {out} ({run['iterations']} steps, {run['minutes']:.1f} min)",
+          flush=True)
     return record
 
 
