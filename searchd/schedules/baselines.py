@@ -121,7 +121,6 @@ CURVES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-
 # Flow-time families: what users of rectified-flow models run ---------------------------------
 # A rectified-flow model x_t = (1 - t) x0 + t n is the EDM model x = x_t / (1 - t) at
 # sigma = t / (1 - t) (searchd.models.generic.Flow), so its users' schedules, set in t, are
