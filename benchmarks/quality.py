@@ -473,9 +473,11 @@ def _case_settings(mres: dict[str, Any], st: Settings) -> list[str]:
             continue
         fams = "; ".join(f"{LABELS.get(k, k)}: `{f}` {p or ''}".rstrip()
                          for k, (f, p) in BASELINE_SETS[cs["baselines"]].items())
+        space = {k: v for k, v in cs["space"].items()
+                 if not (k == "rho" and cs["space"].get("warp") != "rho")}
         line = (f"NFE {r['nfe']}: non-searched schedules `--baselines {cs['baselines']}` "
                 f"({fams}); space: continuous, "
-                + ", ".join(f"{k}={v}" for k, v in cs["space"].items()) + ".")
+                + ", ".join(f"{k}={v}" for k, v in space.items()) + ".")
         if line not in out:
             out.append(line)
     # One line for all NFEs when they share their settings.
@@ -573,10 +575,13 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         for key, nfes in other.items():
             lines += [f"NFE {', '.join(nfes)}: the evolution ran with other settings ({key}); "
                       "see the command line and `quality-diagnosis.md`.", ""]
-        missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r["target_met"]]
+        key = "flow_target_met" if _flow_rows(mres) else "target_met"
+        missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r.get(key)]
         if missed:
-            lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
-                      "`benchmarks/results/quality-diagnosis.md`.", ""]
+            lines += [f"**{'Flow t' if key == 'flow_target_met' else 'T'}arget not met at NFE "
+                      f"{', '.join(missed)}.** What limits it: "
+                      "`benchmarks/results/quality-diagnosis.md`"
+                      + (f" ({mres['model']})." if key == "flow_target_met" else "."), ""]
         for row in mres["rows"]:
             # Flow rows: the levels in flow time t = sigma / (1 + sigma), as flow users set them.
             flow = row.get("settings", {}).get("baselines") == "flow"
