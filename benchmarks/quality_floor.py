@@ -4,7 +4,7 @@ The quality benchmark's FIDs are against the data (the digits zoo's reference is
 training digits), so a neural model's FID has two parts: the model's own error, which no
 schedule removes, and the sampling error of a few steps, which a schedule can trade against
 it. This script scores, on the benchmark's held-out seeds and evaluator, a many-step solution
-(Heun, ``--heun-steps`` steps, EDM's polynomial schedule and uniform flow time) together with
+(Heun, ``--heun-steps`` steps, on EDM's polynomial schedule or ``--floor`` families) with
 the schedules of ``quality.json`` rows (the evolution's, the best baseline's, GITS's), with
 paired bootstrap intervals of each difference to the many-step solution.
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver", required=True)
     p.add_argument("--nfe", nargs="+", type=int, required=True)
     p.add_argument("--heun-steps", type=int, default=18, help="18: 35 NFE")
+    p.add_argument("--floor", nargs="+", default=["polynomial"],
+                   help="schedule families of the many-step solutions (first: the reference)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -57,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = Q.make_evaluator(a.model, st)
     den = ev.denoiser
     sched: dict[str, Schedule] = {
-        f"heun {a.heun_steps} steps, polynomial": Schedule(
-            baseline("polynomial", a.heun_steps, den.sigma_min, den.sigma_max), solver="heun"),
-        f"heun {a.heun_steps} steps, uniform t": Schedule(
-            baseline("flow_uniform", a.heun_steps, den.sigma_min, den.sigma_max), solver="heun"),
+        f"heun {a.heun_steps} steps, {fam}": Schedule(
+            baseline(fam, a.heun_steps, den.sigma_min, den.sigma_max), solver="heun")
+        for fam in a.floor
     }
     for row in case["rows"]:
         if row["nfe"] not in a.nfe:
