@@ -52,6 +52,7 @@ def test_members_load_through_the_diffusers_adapter_as_a_users_checkpoint():
     for name, d in dens.items():
         flow = flow_parameterization(d)
         assert flow is not None and flow.time_scale == 1000.0 and not flow.data_at_one
+        assert flow.shift == 1.0 and not flow.dynamic_shifting  # its scheduler config's
         assert d.shape == (1, 8, 8) and d.sigma_min == 0.002 and d.sigma_max == 80.0
         assert d.sigma_grid is None and hasattr(d, "sample_data")
         # The same folder given as a user's checkpoint (kind diffusers): the same denoiser.

@@ -67,7 +67,9 @@ def load(sd3_dir: Path, guidance: float = 1.0):
 
 def test_sd3_denoiser_is_the_flow_formula_on_the_transformer(sd3_dir):
     den = load(sd3_dir)
-    assert flow_parameterization(den) is not None and den.shape == (4, 8, 8)
+    flow = flow_parameterization(den)
+    assert flow is not None and den.shape == (4, 8, 8)
+    assert flow.shift == 3.0 and not flow.dynamic_shifting  # the scheduler config's
     net = SD3Transformer2DModel.from_pretrained(sd3_dir / "transformer").eval()
     hidden, pooled = tiny_text_encoder()(PROMPTS)
     sigma = torch.tensor([0.1, 2.0, 40.0, 0.7], dtype=torch.float64)
@@ -97,7 +99,7 @@ def test_guided_euler_is_the_sd3_pipeline_loop(sd3_dir):
     h0, p0 = enc([""])
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_dir / "scheduler")
     sigmas = baseline("flow_shift", 5, den.sigma_min, den.sigma_max, shift=3.0)
-    given = scheduler_sigmas(sigmas, shift=sched.config.shift)
+    given = scheduler_sigmas(sigmas, shift=flow_parameterization(den).shift)
     sched.set_timesteps(sigmas=given.tolist())
     np.testing.assert_allclose(sched.sigmas[:-1].double().numpy(),
                                Flow.sigma_to_t(sigmas[:-1]), rtol=2e-6)

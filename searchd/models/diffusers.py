@@ -175,12 +175,15 @@ def parameterization_from_scheduler(
     zero-terminal-SNR rescaling as diffusers computes them; the cumulative product in
     float64), and ``prediction_type``
     from the config unless given. ``FlowMatch*`` schedulers: rectified flow with the network
-    fed ``num_train_timesteps * t``.
+    fed ``num_train_timesteps * t`` (the scheduler's ``shift`` and ``use_dynamic_shifting``
+    are kept on the ``Flow``: they say how that scheduler treats given sigmas).
     """
     diffusers = _diffusers()
     cls_name = str(config.get("_class_name", "DDPMScheduler"))
     if "FlowMatch" in cls_name:
-        return Flow(time_scale=float(config.get("num_train_timesteps", 1000)))
+        return Flow(time_scale=float(config.get("num_train_timesteps", 1000)),
+                    shift=float(config.get("shift", 1.0) or 1.0),
+                    dynamic_shifting=bool(config.get("use_dynamic_shifting", False)))
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"unknown scheduler class {cls_name!r} in the scheduler config")

@@ -330,9 +330,16 @@ class Flow(Parameterization):
         data_at_one: bool = False,
         sigma_min: float = EDM_SIGMA_MIN,
         sigma_max: float = EDM_SIGMA_MAX,
+        shift: float = 1.0,
+        dynamic_shifting: bool = False,
     ):
         self.time_scale, self.data_at_one = float(time_scale), bool(data_at_one)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        # What the checkpoint's FlowMatch scheduler does to the sigmas= it is given (its
+        # config's shift, or a shift from the image size with dynamic shifting): the
+        # model itself does not depend on it; handing a schedule to that scheduler does
+        # (searchd.schedules.baselines.scheduler_sigmas).
+        self.shift, self.dynamic_shifting = float(shift), bool(dynamic_shifting)
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         t = sigma / (1 + sigma)
@@ -350,6 +357,8 @@ class Flow(Parameterization):
             **super().describe(),
             "time_scale": self.time_scale,
             "data_at_one": self.data_at_one,
+            "shift": self.shift,
+            "dynamic_shifting": self.dynamic_shifting,
         }
 
 
