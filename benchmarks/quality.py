@@ -492,8 +492,9 @@ def _flow_target(mres: dict[str, Any], pct: Any) -> list[str]:
     lines = ["### Target (flow): evolution >= 25% better than the best flow baseline, >= 15% "
              "better than GITS and LD3, intervals excluding 0", "",
              "| NFE | evolution | best flow baseline | better than it by [95% CI] | "
-             "better than GITS by [95% CI] | better than LD3 by [95% CI] | target met |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "better than GITS by [95% CI] | better than LD3 by [95% CI] | calls / GITS's | "
+             "target met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in mres["rows"]:
         m, bf = row["methods"], row["best_fixed"]
         need = row["nfe"] <= 6
@@ -503,7 +504,8 @@ def _flow_target(mres: dict[str, Any], pct: Any) -> list[str]:
         lines.append(
             f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {LABELS.get(bf, bf)} "
             f"{_f(m[bf]['fid'])} | {pct(row['evolution_vs_fixed'])} | "
-            f"{pct(row['evolution_vs_gits'])} | {pct(row['evolution_vs_ld3'])} | {met} |")
+            f"{pct(row['evolution_vs_gits'])} | {pct(row['evolution_vs_ld3'])} | "
+            f"{row['evolution_cost_over_gits']:.2f} | {met} |")
     return [*lines, ""]
 
 
@@ -547,23 +549,26 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         lines += _case_settings(mres, st)
         pct = lambda d: (f"{100 * d['improvement']:.1f}% [{100 * d['ci'][0]:.1f}, "  # noqa: E731
                          f"{100 * d['ci'][1]:.1f}]")
-        if _flow_rows(mres):
+        flow_case = _flow_rows(mres)
+        if flow_case:
+            # The flow table holds the GITS and LD3 comparisons too: no second table.
             lines += _flow_target(mres, pct)
-        lines += ["### Target: warm-started evolution vs GITS and LD3", "",
-                  "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
-                  "better than LD3 by [95% CI] | calls / GITS's | target met |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in mres["rows"]:
-            m = row["methods"]
-            vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
-            need = row["nfe"] <= 6
-            met = ("yes" if row["target_met"] else "**no**") if need else (
-                "(not required) " + ("yes" if row["target_met"] else "no"))
-            lines.append(
-                f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {_f(m['gits']['fid'])} | "
-                f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
-                f"{row['evolution_cost_over_gits']:.2f} | {met} |")
-        lines.append("")
+        else:
+            lines += ["### Target: warm-started evolution vs GITS and LD3", "",
+                      "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
+                      "better than LD3 by [95% CI] | calls / GITS's | target met |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for row in mres["rows"]:
+                m = row["methods"]
+                vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
+                need = row["nfe"] <= 6
+                met = ("yes" if row["target_met"] else "**no**") if need else (
+                    "(not required) " + ("yes" if row["target_met"] else "no"))
+                lines.append(
+                    f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {_f(m['gits']['fid'])} | "
+                    f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
+                    f"{row['evolution_cost_over_gits']:.2f} | {met} |")
+            lines.append("")
         # Rows merged from runs with other evolution settings (rows written before the
         # settings were kept have none: they ran without the offspring pre-screen).
         other: dict[str, list[str]] = {}
@@ -575,13 +580,17 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         for key, nfes in other.items():
             lines += [f"NFE {', '.join(nfes)}: the evolution ran with other settings ({key}); "
                       "see the command line and `quality-diagnosis.md`.", ""]
-        key = "flow_target_met" if _flow_rows(mres) else "target_met"
+        key = "flow_target_met" if flow_case else "target_met"
         missed = [str(r["nfe"]) for r in mres["rows"] if r["nfe"] <= 6 and not r.get(key)]
-        if missed:
-            lines += [f"**{'Flow t' if key == 'flow_target_met' else 'T'}arget not met at NFE "
-                      f"{', '.join(missed)}.** What limits it: "
-                      "`benchmarks/results/quality-diagnosis.md`"
-                      + (f" ({mres['model']})." if key == "flow_target_met" else "."), ""]
+        if missed and flow_case:
+            # The mixture's diagnosis does not cover flow models; the converged model's
+            # floor beside these rows does (benchmarks/quality_floor.py).
+            lines += [f"**Flow target not met at NFE {', '.join(missed)}.** The converged "
+                      f"model's floor beside these schedules: "
+                      "`benchmarks/results/quality_floor.md`.", ""]
+        elif missed:
+            lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
+                      "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
             # Flow rows: the levels in flow time t = sigma / (1 + sigma), as flow users set them.
             flow = row.get("settings", {}).get("baselines") == "flow"
@@ -648,6 +657,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _recorded_command(json_path: Path) -> str | None:
+    """The command line of the quality.md beside a quality.json (a merged result written
+    before merged files kept their command), or None."""
+    md = json_path.with_suffix(".md")
+    if not md.is_file():
+        return None
+    for line in md.read_text().splitlines():
+        if line.startswith("Command: `") and line.endswith("`"):
+            return line[len("Command: `"):-1]
+    return None
+
+
 def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
     """Rows of several runs (same settings, other NFEs) in one result; wall times add up."""
     files = [out / "quality.json", *others]
@@ -661,15 +682,17 @@ def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
             have = {row["nfe"] for row in cur["rows"]}
             cur["rows"] += [row for row in m["rows"] if row["nfe"] not in have]
             cur["rows"].sort(key=lambda row: row["nfe"])
-    commands = []
-    for r in runs:
+    commands, parts = [], []
+    for f, r in zip([f for f in files if f.exists()], runs):
         nfes = sorted({row["nfe"] for m in r["models"] for row in m["rows"]})
-        commands.append(r.get("command") or "nice python benchmarks/quality.py --nfe "
-                        + " ".join(map(str, nfes)))
+        commands.append(r.get("command") or _recorded_command(f)
+                        or "nice python benchmarks/quality.py --nfe " + " ".join(map(str, nfes)))
+        # A merged result counts the processes it was merged from, not itself.
+        parts += r.get("parts") or [str(f)]
     command = " ; ".join(commands)
     res = {"solver": runs[0]["solver"], "models": list(models.values()),
            "wall_s": sum(float(r.get("wall_s", 0.0)) for r in runs),
-           "parts": [str(f) for f in files if f.exists()]}
+           "parts": parts, "command": command}
     (out / "quality.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     (out / "quality.md").write_text(markdown(res, st, command, res["wall_s"]))
     plot(res, out / "quality.png")

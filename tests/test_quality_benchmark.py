@@ -158,3 +158,22 @@ def test_tiny_quality_benchmark_on_a_flow_model(tmp_path, quality, monkeypatch):
     assert isinstance(row["flow_target_met"], bool)
     text = (tmp_path / "quality.md").read_text()
     assert "Target (flow)" in text and "SD3 shift 3" in text and "--baselines flow" in text
+    # Its GITS and LD3 comparisons are in the flow table; the mixture's second table is not
+    # repeated, and a miss points at the floor measurement, not the mixture's diagnosis.
+    assert "Target: warm-started evolution vs GITS and LD3" not in text
+    assert "quality-diagnosis.md` (" not in text
+
+    # Merging it into an earlier merged result keeps that result's commands and processes.
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    old = {k: v for k, v in res.items() if k != "command"}
+    old["models"] = [dict(model, model="gmm-digits-k64")]
+    old["parts"] = ["/runs/a/quality.json", "/runs/b/quality.json"]
+    (prev / "quality.json").write_text(json.dumps(old))
+    (prev / "quality.md").write_text("# Quality\n\nCommand: `cmd a ; cmd b`\n")
+    assert quality.main(["--merge", str(tmp_path / "quality.json"), "--out", str(prev)]) == 0
+    merged = json.loads((prev / "quality.json").read_text())
+    assert merged["parts"] == [*old["parts"], str(tmp_path / "quality.json")]
+    assert merged["command"] == "cmd a ; cmd b ; " + res["command"]
+    assert [m["model"] for m in merged["models"]] == ["gmm-digits-k64", "digits-flow-s"]
+    assert f"Command: `cmd a ; cmd b ; {res['command']}`" in (prev / "quality.md").read_text()
