@@ -29,6 +29,7 @@ import torch
 
 from searchd.models.base import Denoiser
 from searchd.models.gmm import GaussianMixtureDenoiser
+from searchd.models.names import FLOW_ZOO_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -209,11 +210,6 @@ def _neural_zoo_member(name: str) -> Factory:
 
     return factory
 
-
-NEURAL_KINDS = ("diffusers", "edm", "generic")
-NEURAL_ZOO_NAMES = tuple(f"digits-unet-{w}" for w in ("s", "m", "l"))
-# Rectified-flow members (scripts/train_digits_flow.py): diffusers flow checkpoints.
-FLOW_ZOO_NAMES = tuple(f"digits-flow-{w}" for w in ("s", "m"))
 
 register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:
