@@ -107,7 +107,8 @@ LABELS = {
     "bayes": "bayes (TPE)", "random": "random",
 }
 MODEL_NOTES = ("Models: the embedded Gaussian-mixture zoo (reference: exact samples of the "
-               "mixture) and, where listed, the neural digits zoo (digits-unet-s/m/l; "
+               "mixture) and, where listed, the neural digits zoo (digits-unet-s/m/l, and "
+               "the rectified-flow digits-flow-s/m, whose levels are shown in flow time t; "
                "reference: the 1,797 training digits, sample i = digit i mod 1797).")
 
 
@@ -484,7 +485,7 @@ def _flow_target(mres: dict[str, Any], pct: Any) -> list[str]:
     """The flow target table (issue 20): the searched schedule against the best flow baseline
     (chosen on the search seeds) and GITS and LD3, every interval excluding 0."""
     lines = ["### Target (flow): evolution >= 25% better than the best flow baseline, >= 15% "
-             "better than GITS and LD3, intervals excluding 0", "",
+             "better than GITS and LD3, intervals excluding 0 (required: euler, NFE <= 6)", "",
              "| NFE | evolution | best flow baseline | better than it by [95% CI] | "
              "better than GITS by [95% CI] | better than LD3 by [95% CI] | calls / GITS's | "
              "target met |",
