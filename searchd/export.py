@@ -769,7 +769,8 @@ def usage_section(
     """``best.json``'s ``usage``: the schedule in every form, each usable as written.
 
     Keys: ``sigmas`` (full precision, with the final 0 if any), ``solver`` and
-    ``solver_options``, ``flow`` (levels exported in t), ``discrete`` (all levels on the
+    ``solver_options``, ``flow`` (levels exported in t), ``t`` (flow models only: the
+    levels in flow time ``t = sigma / (1 + sigma)``), ``discrete`` (all levels on the
     model's grid), ``diffusers`` (``DiffusersExport.to_dict()``, or ``{"error": ...}``
     naming the nearest counterpart), ``kdiffusion``, ``comfy``, and ``searchd`` (the lines
     that sample it with searchd itself).
@@ -783,6 +784,8 @@ def usage_section(
         "flow": bool(flow),
         "discrete": grid_indices(schedule.sigmas, sigma_grid) is not None,
     }
+    if flow:  # the levels in flow time, with the final 0: what flow users set (issue 20)
+        out["t"] = [float(x) for x in flow_time(schedule.sigmas)]
     if schedule.model_ids is not None:
         out["diffusers"] = {"error": "a model schedule switches networks per step; diffusers "
                                      "schedulers drive one network (the levels are exported "

@@ -164,7 +164,7 @@ def make_space(
         return ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
             sc.endpoints == "free", gap_ratio=sc.gap_ratio,
-            endpoint_range=sc.endpoint_range, solver=config.solver.name,
+            endpoint_range=sc.endpoint_range, solver=config.solver.name, shift=sc.shift,
         )
     if sc.grid is not None:
         grid = GRIDS[sc.grid]()
@@ -195,6 +195,7 @@ def _model_space(config: SearchConfig, lo: float, hi: float,
     times = ContinuousSpace(
         config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho, sc.endpoints == "free",
         gap_ratio=sc.gap_ratio, endpoint_range=sc.endpoint_range, solver=config.solver.name,
+        shift=sc.shift,
     )
     return JointSpace(times, lat, budget, names=names)
 

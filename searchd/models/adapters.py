@@ -31,13 +31,18 @@ from searchd.models.base import Denoiser
 from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
-from searchd.models.names import NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import FLOW_ZOO_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
 from searchd.models.runtime import Runtime
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
 NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAMES}
+# Its rectified-flow members (scripts/train_digits_flow.py): diffusers flow checkpoints whose
+# parameterization comes from their FlowMatchEulerDiscreteScheduler config, as a user's
+# SD3-style checkpoint's does.
+FLOW_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in FLOW_ZOO_NAMES}
+_SHIPPED: dict[str, Path] = {**NEURAL_ZOO, **FLOW_ZOO}
 
 # Options of kind "generic" (searchd.models.generic.load_entry_point).
 GENERIC_OPTIONS = (
@@ -168,16 +173,18 @@ def load_neural_zoo(
     dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> Denoiser:
-    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``).
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``; the flow members
+    ``digits-flow-s``, ``-m``), loaded by ``load_diffusers`` like any diffusers folder.
 
     Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
     ``metric.reference: exact:1797`` scores against the dataset's own statistics.
     """
-    if name not in NEURAL_ZOO:
-        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(NEURAL_ZOO)}")
-    path = NEURAL_ZOO[name]
+    if name not in _SHIPPED:
+        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(_SHIPPED)}")
+    path = _SHIPPED[name]
     if not (path / "config.json").is_file():
-        raise ValueError(f"{name}: weights missing at {path} (run scripts/train_digits_unet.py)")
+        script = "train_digits_flow" if name in FLOW_ZOO else "train_digits_unet"
+        raise ValueError(f"{name}: weights missing at {path} (run scripts/{script}.py)")
     rt = _runtime(options, device, dtype)
     den = load_diffusers(path, runtime=rt, name=name, **options)
     den.sample_data = DigitsData()  # type: ignore[attr-defined]
@@ -264,11 +271,11 @@ def load_spec(
     """
     name, kind, _, options = _spec_fields(spec)
     if kind is None:
-        if name in NEURAL_ZOO:
+        if name in _SHIPPED:
             return load_neural_zoo(str(name), device, dtype, **options)
         raise ValueError(
             f"unknown model {name!r}: give a kind ({', '.join(KINDS)}) or one of "
-            f"{', '.join(sorted(NEURAL_ZOO))}"
+            f"{', '.join(sorted(_SHIPPED))}"
         )
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
