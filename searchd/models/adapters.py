@@ -32,12 +32,14 @@ from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
 from searchd.models.runtime import Runtime
-from searchd.models.zoo import NEURAL_ZOO_NAMES, known_kinds
+from searchd.models.zoo import CONDITIONAL_NEURAL_NAMES, NEURAL_ZOO_NAMES, known_kinds
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
 NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAMES}
+# Class-conditional digits UNets (scripts/train_digits_unet_cond.py): name -> directory.
+CONDITIONAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in CONDITIONAL_NEURAL_NAMES}
 
 # Options of kind "generic" (searchd.models.generic.load_entry_point).
 GENERIC_OPTIONS = (
@@ -168,19 +170,28 @@ def load_neural_zoo(
     dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> Denoiser:
-    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``).
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``, ``-cond-s``).
 
     Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
-    ``metric.reference: exact:1797`` scores against the dataset's own statistics.
+    ``metric.reference: exact:1797`` scores against the dataset's own statistics; the
+    class-conditional member's (``ClassDigitsData``) gives real digits of each seed's class.
     """
-    if name not in NEURAL_ZOO:
-        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(NEURAL_ZOO)}")
-    path = NEURAL_ZOO[name]
+    known = {**NEURAL_ZOO, **CONDITIONAL_ZOO}
+    if name not in known:
+        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(known)}")
+    path = known[name]
     if not (path / "config.json").is_file():
-        raise ValueError(f"{name}: weights missing at {path} (run scripts/train_digits_unet.py)")
+        script = "train_digits_unet_cond.py" if name in CONDITIONAL_ZOO else "train_digits_unet.py"
+        raise ValueError(f"{name}: weights missing at {path} (run scripts/{script})")
     rt = _runtime(options, device, dtype)
     den = load_diffusers(path, runtime=rt, name=name, **options)
-    den.sample_data = DigitsData()  # type: ignore[attr-defined]
+    if den.conditional:
+        from searchd.models.conditional import ClassDigitsData
+
+        # Exact samples of the class each seed asks for (seed mod 10): real digits.
+        den.sample_data = ClassDigitsData()  # type: ignore[attr-defined]
+    else:
+        den.sample_data = DigitsData()  # type: ignore[attr-defined]
     return den
 
 
@@ -263,7 +274,7 @@ def load_spec(
     """
     name, kind, _, options = _spec_fields(spec)
     if kind is None:
-        if name in NEURAL_ZOO:
+        if name in NEURAL_ZOO or name in CONDITIONAL_ZOO:
             return load_neural_zoo(str(name), device, dtype, **options)
         raise ValueError(
             f"unknown model {name!r}: give a kind ({', '.join(KINDS)}) or one of "

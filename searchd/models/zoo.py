@@ -7,8 +7,10 @@ Two tables, both open for adapters added later:
 - kinds (``register_kind``): families loaded from a path given in the spec, e.g.
   ``ModelSpec(name="my-mixture", kind="gmm", path="mix.npz")``.
 
-Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``) and
-``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``); the kinds
+Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``),
+``gmm-digits-cond`` (one mixture per digit class, ``searchd.models.conditional``),
+``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``) and
+``digits-unet-cond-s`` (its class-conditional member, with an unconditional mode); the kinds
 ``gmm`` (an ``.npz`` mixture), ``diffusers`` (a diffusers pipeline or model directory, or a
 hub id), ``edm`` (an NVlabs EDM pickle) and ``generic`` (an entry point
 ``module:function``). The neural adapters are imported on first use, so importing this
@@ -188,6 +190,19 @@ def _register_embedded() -> None:
         register(path.stem, _embedded(path))
     if members:
         register_alias("gmm-digits", max(members)[1].stem)
+    cond = DATA_DIR / "gmm-digits-cond.npz"
+    if cond.is_file():
+        register(cond.stem, _embedded_conditional(cond))
+
+
+def _embedded_conditional(path: Path) -> Factory:
+    def factory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        from searchd.models.conditional import ConditionalGaussianMixture
+
+        return ConditionalGaussianMixture.from_npz(path, device=device, dtype=dtype,
+                                                   name=path.stem)
+
+    return factory
 
 
 # Neural adapters (searchd.models.adapters), imported on first use -----------------------------
@@ -211,10 +226,12 @@ def _neural_zoo_member(name: str) -> Factory:
 
 NEURAL_KINDS = ("diffusers", "edm", "generic")
 NEURAL_ZOO_NAMES = tuple(f"digits-unet-{w}" for w in ("s", "m", "l"))
+# Class-conditional digits UNets (not members of the unconditional zoo's model schedules).
+CONDITIONAL_NEURAL_NAMES = ("digits-unet-cond-s",)
 
 register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:
     register_kind(_kind, _adapter_kind(_kind))
 _register_embedded()
-for _name in NEURAL_ZOO_NAMES:
+for _name in (*NEURAL_ZOO_NAMES, *CONDITIONAL_NEURAL_NAMES):
     register(_name, _neural_zoo_member(_name))

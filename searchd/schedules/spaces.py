@@ -21,6 +21,7 @@ follow too. Numerical code only: Ray is imported lazily, by ``tune_space`` alone
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -51,7 +52,7 @@ def reflect_unit(v: np.ndarray) -> np.ndarray:
 def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
     """The same candidate (same id) with ``meta`` merged into its provenance."""
     merged = {**dict(schedule.meta), **meta}
-    return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, merged)
+    return dataclasses.replace(schedule, meta=merged)
 
 
 @runtime_checkable
