@@ -195,8 +195,10 @@ class ClassStats:
         return self
 
     def merge(self, other: ClassStats) -> ClassStats:
-        for s, o in zip(self.stats, other.stats):
-            s.merge(o)
+        """Add another part's statistics (disjoint samples) in place; returns self."""
+        if len(other.stats) != len(self.stats):
+            raise ValueError(f"cannot merge {len(other.stats)} classes into {len(self.stats)}")
+        self.stats = [s.merge(o) for s, o in zip(self.stats, other.stats)]
         self.correct = self.correct + other.correct
         return self
 
@@ -209,7 +211,7 @@ class ClassStats:
         ``fid_class_<c>`` per class."""
         per_class, pool = reference.frechet()
         fids = [float(ref(s)) for ref, s in zip(per_class, self.stats)]
-        pooled = FeatureStats.merge_all([s.copy() for s in self.stats])
+        pooled = FeatureStats.merge_all(self.stats)
         out = {"fid_class": float(np.mean(fids)), "fid": float(pool(pooled)),
                "accuracy": float(self.correct.sum() / max(1, self.counts.sum()))}
         out.update({f"fid_class_{c}": v for c, v in enumerate(fids)})
@@ -389,6 +391,7 @@ class ConditionalEvaluator:
             cid = c.id if isinstance(c, Schedule) else str(dict(c).get("id", "invalid"))
             try:
                 s = c if isinstance(c, Schedule) else Schedule.from_dict(c)
+                s.check_range(self.denoiser.sigma_min, self.denoiser.sigma_max)
                 solver = self.evaluator.solver or s.solver
                 cost = nfe(solver, s.n_steps, s.final_zero)
                 feats, logits = self.outputs(s, seeds)
