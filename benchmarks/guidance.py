@@ -34,6 +34,9 @@ schedule; on gmm-digits-cond, whether guidance helps at low NFE at all.
 
     nice python benchmarks/guidance.py                   # results/guidance.md and .json
     python benchmarks/guidance.py --tiny --out DIR       # a small version (the test suite's)
+    # parts side by side (one process per model and NFE), then one table:
+    nice python benchmarks/guidance.py --models gmm-digits-cond --nfe 6 --out DIR1 ...
+    python benchmarks/guidance.py --merge DIR1/guidance.json DIR2/guidance.json ...
 """
 
 from __future__ import annotations
@@ -362,11 +365,35 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                     f"{_ci_txt(m['accuracy'], m['accuracy_ci'])} | {adiff} | "
                     f"{m['network_calls']} | {m['candidates'] or '-'} | [{g}] | [{sig}] |")
             lines.append("")
-    lines += [f"Total wall time {wall / 60:.1f} min. Machine: {platform.machine()}, "
+    parts = len(res.get("parts", []))
+    lines += [f"Total wall time {wall / 60:.1f} min"
+              + (f" (summed over {parts} processes run side by side)" if parts > 1 else "")
+              + f". Machine: {platform.machine()}, "
               f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
               "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg())
               + " at the end.", ""]
     return "\n".join(lines)
+
+
+def merge(out: Path, files: Sequence[Path], st: Settings) -> int:
+    """Rows of several runs (one process per model and NFE) in one result; the commands are
+    listed and the wall times added up."""
+    runs = [json.loads(f.read_text()) for f in files]
+    models: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for m in r["models"]:
+            cur = models.setdefault(m["model"], {**m, "rows": []})
+            have = {row["nfe"] for row in cur["rows"]}
+            cur["rows"] = sorted(cur["rows"] + [row for row in m["rows"]
+                                                if row["nfe"] not in have],
+                                 key=lambda row: row["nfe"])
+    command = " ; ".join(r.get("command", "?") for r in runs)
+    res = {"models": list(models.values()), "wall_s": sum(r.get("wall_s", 0.0) for r in runs),
+           "command": command, "parts": [str(f) for f in files]}
+    (out / "guidance.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    (out / "guidance.md").write_text(markdown(res, st, command, res["wall_s"]))
+    print(f"merged {len(runs)} runs into {out / 'guidance.md'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=None, help="candidates per search")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--out", default=str(RESULTS), help="directory of guidance.md/.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="compute nothing: merge these guidance.json files (runs of the same "
+                        "settings over other models or NFEs) into <out>/guidance.md/.json")
     a = p.parse_args(argv)
     st = tiny_settings() if a.tiny else Settings()
     for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
@@ -395,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     command = "python benchmarks/guidance.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.merge:
+        return merge(out, [Path(m) for m in a.merge], st)
     res: dict[str, Any] = {"models": []}
     for m in st.models:
         res["models"].append(bench_model(m, st, log))
