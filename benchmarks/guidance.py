@@ -9,12 +9,18 @@ and each NFE (= steps, the last to 0), the schedules compared are:
   the steps whose level lies in (0.28, 1.61]) on the same timesteps;
 - searched timesteps with constant guidance at the best constant w (chosen on the search
   seeds among 1, 2, 4);
-- timesteps and guidance searched jointly: the interval family (w in [1, 6] and the interval
-  searched) and free per-step weights (w in [0, 5], snapped to 1 within 0.05).
+- timesteps and guidance searched jointly: the interval family (w in [0.5, 4] and the
+  interval searched) and free per-step weights (w in [0, 4], snapped to 1 within 0.05);
+- the ablation of the better joint schedule (by its search objective): its timesteps with
+  w = 1 on every step, which says whether its guidance, rather than its timesteps, is what
+  makes it better;
+- a sweep of constant w around 1 on the searched timesteps (does any guidance help there?).
 
-The searches are searchd's evolution (mixed-scale mutation, warm-started from the four
-non-searched schedules, no offspring pre-screen: its predictor does not see the weights),
-run in-process on the benchmark's own scorer with the same candidate budget each, on the
+The searches are searchd's evolution (mixed-scale mutation, no offspring pre-screen: its
+predictor does not see the weights), run in-process on the benchmark's own scorer with the
+same candidate budget each: the timesteps-only search warm-started from the best constant,
+the joint searches from the four non-searched schedules *and* the timesteps-only winner
+(so they start where it ended, and their cost adds to its), on the
 objective ``searchd.evaluation.conditional.GuidanceObjective``: class-conditional FID
 subject to accuracy >= that of the best constant-guidance schedule (the floor), as an
 exact penalty. Every schedule is then re-scored on held-out seeds: class-conditional FID
@@ -30,7 +36,9 @@ class ``seed mod 10`` (the same in every schedule).
 Targets (issue 23): on digits-unet-cond-s at NFE 6 the jointly searched schedule beats the
 best constant-guidance baseline by >= 20% held-out class-conditional FID, at equal or
 better accuracy, with an interval excluding 0, and beats the searched-timesteps-only
-schedule; on gmm-digits-cond, whether guidance helps at low NFE at all.
+schedule, showing that searching the guidance adds something (checked twice: the joint
+schedule beats the timesteps-only one, and beats its own timesteps at w = 1); on
+gmm-digits-cond, whether guidance helps at low NFE at all.
 
     nice python benchmarks/guidance.py                   # results/guidance.md and .json
     python benchmarks/guidance.py --tiny --out DIR       # a small version (the test suite's)
@@ -82,7 +90,7 @@ from searchd.schedules.guidance_spaces import (  # noqa: E402
     constant_guidance,
     interval_guidance,
 )
-from searchd.schedules.spaces import ContinuousSpace  # noqa: E402
+from searchd.schedules.spaces import ContinuousSpace, with_meta  # noqa: E402
 from searchd.search.evolution import EvolutionSearcher  # noqa: E402
 from searchd.solvers import network_calls  # noqa: E402
 
@@ -93,12 +101,14 @@ REFERENCE_SEED_BASE = 2_000_000
 CONSTANT_WS = (1.0, 2.0, 4.0)
 FIXED = ("w1", "w2", "w4", "interval")
 SEARCHED = ("timesteps", "joint_interval", "joint_steps")
-METHODS = (*FIXED, *SEARCHED)
+METHODS = (*FIXED, *SEARCHED, "joint_w1")
+SWEEP_WS = (0.5, 0.75, 1.25, 1.5)  # constant w on the searched timesteps (besides w*)
 LABELS = {"w1": "constant w=1", "w2": "constant w=2", "w4": "constant w=4",
           "interval": "paper interval (w=2, (0.28, 1.61])",
           "timesteps": "searched timesteps, constant w*",
           "joint_interval": "joint: timesteps + interval (w searched)",
-          "joint_steps": "joint: timesteps + per-step w"}
+          "joint_steps": "joint: timesteps + per-step w",
+          "joint_w1": "ablation: the better joint's timesteps, w=1"}
 
 
 @dataclass
@@ -115,8 +125,8 @@ class Settings:
         mutation_scale=(0.02, 0.3), random_fill=True))
     space: dict[str, Any] = field(default_factory=lambda: dict(
         warp="rho", rho=7.0, free_endpoints=True, gap_ratio=10.0, endpoint_range=0.3))
-    interval_w: tuple[float, float] = (1.0, 6.0)
-    step_w: tuple[float, float] = (0.0, 5.0)
+    interval_w: tuple[float, float] = (0.5, 4.0)
+    step_w: tuple[float, float] = (0.0, 4.0)
     one_band: float = 0.05
     resamples: int = 200
     seed: int = 0
@@ -126,8 +136,8 @@ def tiny_settings() -> Settings:
     """Every code path on a few hundred samples (the test suite's)."""
     s = Settings(models=["gmm-digits-cond"], nfes=[4], per_candidate=200, heldout=300,
                  reference=1000, candidates=12, resamples=30)
-    s.evolution = dict(s.evolution, population_num=4, select_num=2, mutation_num=2,
-                       crossover_num=1)
+    s.evolution = dict(s.evolution, population_num=6, select_num=2, mutation_num=3,
+                       crossover_num=2)
     return s
 
 
@@ -216,14 +226,11 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
         cost: dict[str, dict[str, Any]] = {f: {"candidates": 0, "search_calls": 0,
                                                "wall_s": 0.0} for f in FIXED}
         for name, space in spaces.items():
-            seeds = []
-            for s in fixed:
-                try:
-                    seeds.append(space.check(s))
-                except ValueError:
-                    continue
-            if name == "timesteps":
-                seeds = [sched[best]]
+            # The joint searches start from the fixed schedules and the timesteps-only
+            # winner (projected: its weights w* are in every joint family).
+            seeds = [sched[best]] if name == "timesteps" else [
+                with_meta(space.project(s), origin="baseline")
+                for s in (*fixed, sched["timesteps"])]
             t1 = time.perf_counter()
             searcher = EvolutionSearcher(space, "fid", "min", max_epochs=10_000, seed=st.seed,
                                          seeds=seeds, max_candidates=st.candidates,
@@ -237,17 +244,24 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
                           "wall_s": time.perf_counter() - t1, "search_objective": out["value"]}
             log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best objective "
                 f"{out['value']:.4f}, {cost[name]['wall_s']:.0f} s")
+        joint = min(("joint_interval", "joint_steps"),
+                    key=lambda k: cost[k]["search_objective"])
+        sched["joint_w1"] = constant_guidance(sched[joint], 1.0)
+        cost["joint_w1"] = {"candidates": 0, "search_calls": 0, "wall_s": 0.0}
+        for w in SWEEP_WS:
+            sched[f"sweep_{w:g}"] = constant_guidance(sched["timesteps"], w)
         t1 = time.perf_counter()
         held = heldout(scorer, sched, held_seeds, st)
         log(f"  NFE {nfe}: held-out scoring of {len(sched)} schedules in "
             f"{time.perf_counter() - t1:.0f} s")
-        rows.append(summarize(model, nfe, sched, cost, held, best, search_vals, objective))
+        rows.append(summarize(model, nfe, sched, cost, held, best, search_vals, objective,
+                              joint))
     return {"model": model, "solver": st.solver, "rows": rows}
 
 
 def summarize(model: str, nfe: int, sched: dict[str, Schedule], cost: dict[str, Any],
               held: dict[str, Any], best: str, search_vals: dict[str, Any],
-              objective: GuidanceObjective) -> dict[str, Any]:
+              objective: GuidanceObjective, joint: str) -> dict[str, Any]:
     ref = held[best]
     out: dict[str, Any] = {"model": model, "nfe": nfe, "best_constant": best,
                            "objective": objective.describe(),
@@ -271,19 +285,31 @@ def summarize(model: str, nfe: int, sched: dict[str, Schedule], cost: dict[str, 
         entry["improvement"] = rel
         entry["improvement_ci"] = _ci(1.0 - b["fid_class"] / ref["boot"]["fid_class"], rel)
         out["methods"][name] = entry
-    joint = min(("joint_interval", "joint_steps"),
-                key=lambda k: cost[k].get("search_objective", np.inf))
-    j, t = held[joint], held["timesteps"]
-    d = j["metrics"]["fid_class"] - t["metrics"]["fid_class"]
     out["joint"] = joint  # the joint search with the better search objective
-    out["joint_vs_timesteps"] = {"diff": d, "diff_ci": _ci(j["boot"]["fid_class"]
-                                                           - t["boot"]["fid_class"], d)}
+    j = held[joint]
+    for other in ("timesteps", "joint_w1"):
+        t = held[other]
+        d = j["metrics"]["fid_class"] - t["metrics"]["fid_class"]
+        out[f"joint_vs_{other}"] = {"diff": d, "diff_ci": _ci(j["boot"]["fid_class"]
+                                                             - t["boot"]["fid_class"], d)}
+    out["joint_guided_steps"] = int(np.sum(np.asarray(sched[joint].guidance) != 1.0))
+    w_star = float(sched["timesteps"].guidance[0])
+    out["sweep"] = {}
+    for w in sorted({w_star, *SWEEP_WS}):
+        h = held["timesteps"] if w == w_star else held[f"sweep_{w:g}"]
+        m = h["metrics"]
+        out["sweep"][f"{w:g}"] = {
+            **{k: m[k] for k in ("fid_class", "fid", "accuracy")},
+            "fid_class_ci": _ci(h["boot"]["fid_class"], m["fid_class"]),
+            "accuracy_ci": _ci(h["boot"]["accuracy"], m["accuracy"]),
+            "network_calls": h["calls"]}
     e = out["methods"][joint]
     out["target"] = {
         "improvement_ge_20pct": e["improvement"] >= 0.20,
         "ci_excludes_0": e["improvement_ci"][0] > 0,
         "accuracy_not_worse": e["accuracy_diff_ci"][1] >= 0,
         "beats_timesteps_only": out["joint_vs_timesteps"]["diff_ci"][1] < 0,
+        "guidance_contributes": out["joint_vs_joint_w1"]["diff_ci"][1] < 0,
     }
     out["target_met"] = all(out["target"].values())
     return out
@@ -318,9 +344,10 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         "by class FID). Network calls: forward passes per sample (a step with w != 1 costs "
         "two).", "",
         f"Searches: evolution ({', '.join(f'{k}={v}' for k, v in st.evolution.items())}), "
-        f"{st.candidates} candidates each, warm-started from the non-searched schedules of "
-        "their space (the timesteps-only search from the best constant), no offspring "
-        f"pre-screen; space: continuous, {', '.join(f'{k}={v}' for k, v in st.space.items())}; "
+        f"{st.candidates} candidates each, no offspring pre-screen; the timesteps-only search "
+        "warm-started from the best constant, the joint ones from the four non-searched "
+        "schedules and the timesteps-only winner (their cost adds to its); space: "
+        f"continuous, {', '.join(f'{k}={v}' for k, v in st.space.items())}; "
         f"interval family w in {list(st.interval_w)}; per-step w in {list(st.step_w)} "
         f"(within {st.one_band} of 1 -> 1). Objective: class FID + penalty below the "
         "accuracy floor (`GuidanceObjective`: the best constant's search accuracy; one "
@@ -330,18 +357,21 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         lines += [f"## {mres['model']}", "",
                   "| NFE | best constant | its class FID | joint (kind) | joint class FID | "
                   "better by [95% CI] | accuracy diff [95% CI] | joint - timesteps-only "
-                  "[95% CI] | target met |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "[95% CI] | joint - its timesteps at w=1 [95% CI] | guided steps | "
+                  "target met |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in mres["rows"]:
             b = row["methods"][row["best_constant"]]
             j = row["methods"][row["joint"]]
-            jt = row["joint_vs_timesteps"]
+            jt, jw = row["joint_vs_timesteps"], row["joint_vs_joint_w1"]
             lines.append(
                 f"| {row['nfe']} | {LABELS[row['best_constant']]} | {_f(b['fid_class'])} | "
                 f"{row['joint']} | {_f(j['fid_class'])} | {100 * j['improvement']:.1f}% "
                 f"[{100 * j['improvement_ci'][0]:.1f}, {100 * j['improvement_ci'][1]:.1f}] | "
                 f"{_ci_txt(j['accuracy_diff'], j['accuracy_diff_ci'], True)} | "
                 f"{_ci_txt(jt['diff'], jt['diff_ci'], True)} | "
+                f"{_ci_txt(jw['diff'], jw['diff_ci'], True)} | "
+                f"{row['joint_guided_steps']} of {row['nfe']} | "
                 + ("yes" if row["target_met"] else "**no** ("
                    + ", ".join(k for k, v in row["target"].items() if not v) + ")") + " |")
         lines.append("")
@@ -364,6 +394,13 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                     f"{_ci_txt(m['fid'], m['fid_ci'])} | "
                     f"{_ci_txt(m['accuracy'], m['accuracy_ci'])} | {adiff} | "
                     f"{m['network_calls']} | {m['candidates'] or '-'} | [{g}] | [{sig}] |")
+            lines += ["", "Constant w on the searched timesteps (held out):", "",
+                      "| w | class FID [95% CI] | pool FID | accuracy [95% CI] | network calls |",
+                      "| --- | --- | --- | --- | --- |"]
+            for w, m in row["sweep"].items():
+                lines.append(f"| {w} | {_ci_txt(m['fid_class'], m['fid_class_ci'])} | "
+                             f"{_f(m['fid'])} | {_ci_txt(m['accuracy'], m['accuracy_ci'])} | "
+                             f"{m['network_calls']} |")
             lines.append("")
     parts = len(res.get("parts", []))
     lines += [f"Total wall time {wall / 60:.1f} min"

@@ -59,7 +59,15 @@ def test_tiny_guidance_benchmark(tmp_path, guidance_bench):
     w_best = best["guidance"][0]
     assert row["methods"]["timesteps"]["guidance"] == [w_best] * 4
     assert set(row["target"]) == {"improvement_ge_20pct", "ci_excludes_0",
-                                  "accuracy_not_worse", "beats_timesteps_only"}
+                                  "accuracy_not_worse", "beats_timesteps_only",
+                                  "guidance_contributes"}
+    # The ablation: the better joint schedule's timesteps at w = 1.
+    joint = row["methods"][row["joint"]]
+    assert row["methods"]["joint_w1"]["sigmas"] == joint["sigmas"]
+    assert row["methods"]["joint_w1"]["guidance"] == [1.0] * 4
+    if row["joint_guided_steps"] == 0:  # no guidance: the ablation is the same schedule
+        assert row["joint_vs_joint_w1"]["diff"] == 0.0
+    assert {"0.5", "0.75", "1.25", "1.5"} <= set(row["sweep"])
     assert row["objective"]["floor"] == row["search_metrics"][row["best_constant"]]["accuracy"]
     text = (tmp_path / "guidance.md").read_text()
     assert "| 4 |" in text and "paper interval" in text and "class FID" in text
