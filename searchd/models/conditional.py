@@ -257,21 +257,10 @@ class ConditionalGaussianMixture(GaussianMixtureDenoiser):
         )
 
     # Files --------------------------------------------------------------------------------
-    def save_npz(self, path: str | Path) -> None:
+    def save_npz(self, path: str | Path, **extra: np.ndarray) -> None:
         """Write the parameters, the class of each component and the metadata (``.npz``)."""
-        np.savez(
-            path,
-            weights=self.weights.numpy(),
-            means=self.means.numpy(),
-            covs=self.covs.numpy(),
-            component_class=self.component_class.numpy(),
-            n_classes=np.int64(self.n_classes),
-            shape=np.asarray(self.shape, dtype=np.int64),
-            cost=np.float64(self.cost),
-            sigma_min=np.float64(self.sigma_min),
-            sigma_max=np.float64(self.sigma_max),
-            name=np.str_(self.name),
-        )
+        super().save_npz(path, component_class=self.component_class.numpy(),
+                         n_classes=np.int64(self.n_classes), **extra)
 
     @classmethod
     def from_npz(
@@ -283,20 +272,13 @@ class ConditionalGaussianMixture(GaussianMixtureDenoiser):
         **overrides: Any,
     ) -> ConditionalGaussianMixture:
         """Load a file written by ``save_npz``; ``overrides`` replace stored fields."""
-        with np.load(path, allow_pickle=False) as f:
-            if "component_class" not in f:
-                raise ValueError(f"{path}: not a class-conditional mixture (no component_class)")
-            kw: dict[str, Any] = {
-                "shape": tuple(int(s) for s in f["shape"]),
-                "cost": float(f["cost"]),
-                "sigma_min": float(f["sigma_min"]),
-                "sigma_max": float(f["sigma_max"]),
-                "name": str(f["name"]),
-            }
-            arrays = (f["weights"], f["means"], f["covs"], f["component_class"])
-            n_classes = int(f["n_classes"])
+        arrays, kw = cls.read_npz(path)
+        if "component_class" not in arrays:
+            raise ValueError(f"{path}: not a class-conditional mixture (no component_class)")
         kw.update(overrides)
-        return cls(*arrays, n_classes, device=device, dtype=dtype, **kw)
+        return cls(arrays["weights"], arrays["means"], arrays["covs"],
+                   arrays["component_class"], int(arrays["n_classes"]), device=device,
+                   dtype=dtype, **kw)
 
     def __repr__(self) -> str:
         return (

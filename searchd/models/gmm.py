@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -308,8 +309,9 @@ class GaussianMixtureDenoiser:
         return second - torch.outer(m, m)
 
     # Files --------------------------------------------------------------------------------
-    def save_npz(self, path: str | Path) -> None:
-        """Write the parameters (float64) and metadata to an ``.npz`` file."""
+    def save_npz(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Write the parameters (float64) and metadata to an ``.npz`` file (with ``extra``
+        arrays: a subclass's own fields)."""
         np.savez(
             path,
             weights=self.weights.numpy(),
@@ -320,7 +322,23 @@ class GaussianMixtureDenoiser:
             sigma_min=np.float64(self.sigma_min),
             sigma_max=np.float64(self.sigma_max),
             name=np.str_(self.name),
+            **extra,
         )
+
+    @staticmethod
+    def read_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and the constructor keywords (shape, cost, range, name) of a file
+        written by ``save_npz``."""
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        kw = {
+            "shape": tuple(int(s) for s in arrays["shape"]),
+            "cost": float(arrays["cost"]),
+            "sigma_min": float(arrays["sigma_min"]),
+            "sigma_max": float(arrays["sigma_max"]),
+            "name": str(arrays["name"]),
+        }
+        return arrays, kw
 
     @classmethod
     def from_npz(
@@ -333,15 +351,8 @@ class GaussianMixtureDenoiser:
     ) -> GaussianMixtureDenoiser:
         """Load a mixture written by ``save_npz``; keyword ``overrides`` replace stored fields
         (e.g. ``sigma_min``, ``name``)."""
-        with np.load(path, allow_pickle=False) as f:
-            kw = {
-                "shape": tuple(int(s) for s in f["shape"]),
-                "cost": float(f["cost"]),
-                "sigma_min": float(f["sigma_min"]),
-                "sigma_max": float(f["sigma_max"]),
-                "name": str(f["name"]),
-            }
-            weights, means, covs = f["weights"], f["means"], f["covs"]
+        arrays, kw = cls.read_npz(path)
+        weights, means, covs = arrays["weights"], arrays["means"], arrays["covs"]
         kw.update(overrides)
         return cls(weights, means, covs, device=device, dtype=dtype, **kw)
 
