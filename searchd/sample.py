@@ -1,11 +1,15 @@
-"""``python -m searchd.sample``: sample a model with one solver and one baseline schedule.
+"""``python -m searchd.sample``: sample a model with one solver and one schedule.
 
-Writes a PNG grid of the samples and prints the NFE spent and, for models with exact
-samples (the embedded Gaussian mixtures), the pixel-space Frechet distance against as many
-exact samples, with the floor (the same distance between two independent exact sets).
+The schedule is a baseline family (``--schedule polynomial --nfe 6``), a searched schedule
+(``--schedule runs/x/best.json``: its levels, solver and model), or levels given on the
+command line (``--sigmas 80,3.1,0.9,0.2,0``). Writes a PNG grid of the samples and prints the
+NFE spent and, for models with exact samples (the embedded Gaussian mixtures), the
+pixel-space Frechet distance against as many exact samples, with the floor (the same
+distance between two independent exact sets).
 
     python -m searchd.sample --model gmm-digits-k64 --solver dpmpp_2m --schedule polynomial \\
         --nfe 6 --out grid.png
+    python -m searchd.sample --schedule runs/quickstart/best.json --out best.png
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ from searchd.evaluation import FeatureStats, frechet_distance
 from searchd.models import Denoiser, known_models, load
 from searchd.noise import make_noise, seed_range
 from searchd.plots import save_image_grid
+from searchd.schedule import validate_sigmas
 from searchd.schedules.baselines import FAMILIES, baseline
 from searchd.solvers import SOLVERS, nfe, solve
 
@@ -71,14 +77,23 @@ def generate(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m searchd.sample",
-        description="Sample a model with one solver and one baseline schedule; write a PNG "
-        "grid and print the NFE spent and the pixel-space Frechet distance to exact samples.",
+        description="Sample a model with one solver and one schedule (a baseline family, a "
+        "best.json, or explicit --sigmas); write a PNG grid and print the NFE spent and the "
+        "pixel-space Frechet distance to exact samples.",
     )
-    p.add_argument("--model", default="gmm-digits", help="zoo name (default: gmm-digits)")
-    p.add_argument("--solver", default="dpmpp_2m", help="ODE solver (default: dpmpp_2m)")
-    p.add_argument("--schedule", default="polynomial", help="baseline family")
+    p.add_argument("--model", default=None,
+                   help="zoo name (default: best.json's model, else gmm-digits)")
+    p.add_argument("--solver", default=None,
+                   help="ODE solver (default: best.json's solver, else dpmpp_2m)")
+    p.add_argument("--schedule", default=None,
+                   help="a baseline family (default: polynomial) or a best.json file, whose "
+                   "levels, solver and solver options are used")
+    p.add_argument("--sigmas", default=None,
+                   help="explicit noise levels, comma-separated and decreasing, e.g. "
+                   "80,3.1,0.9,0.2,0 (a final 0 makes the last step denoise)")
     p.add_argument("--rho", type=float, default=None, help="rho of the polynomial family")
-    p.add_argument("--nfe", type=int, default=10, help="NFE budget (default: 10)")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="NFE budget of a baseline family (default: 10)")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default: 1000)")
     p.add_argument("--seed-base", type=int, default=0, help="sample i uses seed seed_base + i")
     p.add_argument("--out", default="grid.png", help="PNG grid of the first 64 samples")
@@ -92,14 +107,77 @@ def _fail(message: str) -> int:
     return 2
 
 
+def parse_sigmas(text: str) -> np.ndarray:
+    """``--sigmas 80,3.1,0.9,0``: float64 levels [N+1]; ``ValueError`` naming the bad entry."""
+    parts = [p.strip() for p in text.split(",")]
+    vals = []
+    for i, p in enumerate(parts):
+        try:
+            vals.append(float(p))
+        except ValueError:
+            raise ValueError(
+                f"--sigmas entry {i} = {p!r} is not a number; give comma-separated decreasing "
+                "levels, e.g. 80,3.1,0.9,0.2,0"
+            ) from None
+    try:
+        return np.array(validate_sigmas(vals))
+    except ValueError as e:
+        raise ValueError(f"--sigmas: {e}") from None
+
+
+def explicit_schedule(args: argparse.Namespace) -> dict | None:
+    """The schedule given by ``--sigmas`` or ``--schedule FILE`` (levels, solver, options,
+    model, label), or None for a baseline family. ``ValueError`` for conflicting options or
+    a bad file, before anything is loaded."""
+    is_file = args.schedule is not None and args.schedule not in FAMILIES and (
+        args.schedule.endswith(".json") or Path(args.schedule).exists()
+    )
+    if args.sigmas is None and not is_file:
+        return None
+    if args.sigmas is not None and args.schedule is not None:
+        raise ValueError("give --sigmas or --schedule, not both")
+    for flag, value in (("--nfe", args.nfe), ("--rho", args.rho)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to baseline families; the given schedule fixes "
+                             "the steps")
+    if args.sigmas is not None:
+        return {"sigmas": parse_sigmas(args.sigmas), "solver": args.solver or "dpmpp_2m",
+                "options": {}, "model": args.model, "label": "given"}
+    from searchd.export import load_best
+
+    best = load_best(args.schedule)
+    if best.get("model_ids") is not None:
+        raise ValueError(f"{args.schedule}: a model schedule (zoo {best.get('model')}); "
+                         "searchd.sample runs one model")
+    solver = args.solver or str(best["solver"])
+    options = dict(best.get("solver_options") or {}) if solver == best["solver"] else {}
+    model = args.model
+    if model is None:
+        model = str(best.get("model"))
+        if model not in known_models():
+            raise ValueError(f"{args.schedule}: its model {model!r} is not a zoo name; give "
+                             "--model")
+    return {"sigmas": np.array(validate_sigmas(best["sigmas"])), "solver": solver,
+            "options": options, "model": model, "label": args.schedule}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (2 for unknown names or bad values)."""
     args = _parser().parse_args(argv)
+    try:
+        given = explicit_schedule(args)
+    except ValueError as e:
+        return _fail(str(e))
+    if given is not None:
+        args.model, args.solver = given["model"] or "gmm-digits", given["solver"]
+    args.model = args.model or "gmm-digits"
+    args.solver = args.solver or "dpmpp_2m"
+    args.schedule = args.schedule if given is None and args.schedule else "polynomial"
     if args.model not in known_models():
         return _fail(f"unknown model {args.model!r}; known models: {', '.join(known_models())}")
     if args.solver not in SOLVERS:
         return _fail(f"unknown solver {args.solver!r}; known solvers: {', '.join(SOLVERS)}")
-    if args.schedule not in FAMILIES:
+    if given is None and args.schedule not in FAMILIES:
         return _fail(
             f"unknown schedule family {args.schedule!r}; known families: {', '.join(FAMILIES)}"
         )
@@ -112,19 +190,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     den = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
     params = {} if args.rho is None else {"rho": args.rho}
+    budget = 10 if args.nfe is None else args.nfe
+    options: dict = {}
     try:
-        steps = steps_for_budget(args.solver, args.nfe)
-        sigmas = baseline(args.schedule, steps, den.sigma_min, den.sigma_max, **params)
+        if given is None:
+            steps = steps_for_budget(args.solver, budget)
+            sigmas = baseline(args.schedule, steps, den.sigma_min, den.sigma_max, **params)
+        else:
+            sigmas, options = given["sigmas"], given["options"]
+            steps = sigmas.size - 1
+            validate_sigmas(sigmas, den.sigma_min, den.sigma_max)
+            SOLVERS[args.solver].resolve(options)
+            budget = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
     except ValueError as e:
         return _fail(str(e))
-    spent = nfe(args.solver, steps, final_zero=True)
+    spent = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
 
     t0 = time.perf_counter()
-    x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n))
+    x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), **options)
     seconds = time.perf_counter() - t0
-    label = args.schedule + (f"(rho={args.rho:g})" if args.rho is not None else "")
+    label = (args.schedule + (f"(rho={args.rho:g})" if args.rho is not None else "")
+             if given is None else given["label"])
     print(f"model {args.model}  solver {args.solver}  schedule {label}  samples {args.n}")
-    print(f"steps {steps}  NFE spent {spent} (budget {args.nfe})")
+    print(f"steps {steps}  NFE spent {spent} (budget {budget})")
     print("sigmas " + " ".join(f"{s:.4g}" for s in sigmas))
     print(f"sampling {seconds:.2f} s ({args.n / seconds:.0f} samples/s)")
 

@@ -109,3 +109,21 @@ def test_heldout_scores_with_paired_differences():
     assert far["diff_ci"][0] > 0  # rho = 2 is clearly worse than rho = 7 at 4 steps
     with pytest.raises(ValueError, match="overlap the search seeds"):
         heldout_scores(ev, scheds, range(900, 1100), search_seeds=range(0, 1000))
+
+
+@pytest.mark.parametrize("outer_elements", [1 << 22, 40])
+@pytest.mark.parametrize("max_dim", [256, 0])
+def test_weighted_grams_equal_the_direct_products(monkeypatch, outer_elements, max_dim):
+    """Both paths (packed outer products, in one block or in many with a ragged last one;
+    the batched product) give ``G^T diag(c) G`` for every resample."""
+    from searchd.evaluation import heldout
+
+    monkeypatch.setattr(heldout, "_OUTER_ELEMENTS", outer_elements)
+    monkeypatch.setattr(heldout, "_PACKED_MAX_DIM", max_dim)
+    rng = np.random.default_rng(1)
+    g = torch.as_tensor(rng.standard_normal((103, 7)))
+    counts = bootstrap_counts(103, 5, seed=2)
+    got = heldout.weighted_grams(g, counts)
+    for b in range(5):
+        want = g.numpy().T @ np.diag(counts[b].numpy()) @ g.numpy()
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-12, atol=1e-12)

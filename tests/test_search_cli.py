@@ -95,7 +95,8 @@ def test_tiny_search_end_to_end(tmp_path):
     assert held["n_samples"] == 600 and held["seed_base"] == 1_000_000
     assert [s["name"] for s in held["scores"]][0] == "searched"
     assert all(s["fid_ci"][0] <= s["fid_ci"][1] for s in held["scores"])
-    assert "sigmas=" in best["usage"]["diffusers"]
+    assert best["usage"]["sigmas"] == best["sigmas"] and "pipe.scheduler" in (
+        best["usage"]["diffusers"]["code"])
     for name in ("metric_per_generation.png", "schedules.png", "samples_best.png"):
         assert (run / "report" / name).stat().st_size > 1000
     assert (run / "config.yaml").exists() and (run / "log.txt").exists()

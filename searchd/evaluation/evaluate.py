@@ -47,11 +47,13 @@ from searchd.evaluation.metrics import (
     KIDReference,
     inception_score,
 )
+from searchd.evaluation.prefix import run_group_tree
 from searchd.evaluation.reference import ReferenceStats
 from searchd.evaluation.stats import DEFAULT_CHUNK, FeatureStats
 from searchd.models.conditional import row_conditioning, supports_guidance
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
+from searchd.solvers.prefix import PrefixStats
 
 METRICS = ("fid", "kid", "is", "sfid", "teacher_distance")
 _NEEDS_REFERENCE = frozenset({"fid", "kid", "sfid"})
@@ -263,6 +265,10 @@ class Evaluator:
         kid_subsets, kid_subset_size, kid_seed: KID as clean-fid (100 subsets of <= 1000).
         is_splits: splits of the Inception Score.
         keep_stats: attach each candidate's FeatureStats to its result.
+        prefix_sharing: sample each group of candidates through a tree of shared prefixes
+            (``searchd.evaluation.prefix``): candidates agreeing on their first levels share
+            those steps' solver work, and every result is bitwise that of scoring the
+            candidate alone; ``prefix_stats`` sums the work done and saved.
     """
 
     def __init__(
@@ -283,6 +289,7 @@ class Evaluator:
         kid_seed: int = 0,
         is_splits: int = 10,
         keep_stats: bool = True,
+        prefix_sharing: bool = False,
     ) -> None:
         from searchd.solvers import get as solver_spec
 
@@ -389,6 +396,9 @@ class Evaluator:
         self._teacher_cache_key: tuple[int, ...] | None = None
         self._teacher_now: Tensor | None = None
         self._seeds_now: list[int] = []
+        # Prefix-tree sampling (searchd.evaluation.prefix): on request, and its work counts.
+        self.prefix_sharing = bool(prefix_sharing)
+        self.prefix_stats = PrefixStats()
 
     # Caches ------------------------------------------------------------------------------------
     def noise(self, seeds: Sequence[int]) -> Tensor:
@@ -539,7 +549,11 @@ class Evaluator:
                 group_accs = {j: _Accumulator(self, n) for j in js}
                 accs.update(group_accs)
                 sched = [prepared[j][0] for j in js]  # type: ignore[index]
-                self._run_group(solver, sched, js, group_accs, noise)
+                if self.prefix_sharing:
+                    stats = run_group_tree(self, solver, sched, js, group_accs, noise)
+                    self.prefix_stats.add(stats)
+                else:
+                    self._run_group(solver, sched, js, group_accs, noise)
                 for acc in group_accs.values():
                     acc.finish()
                 seconds = time.perf_counter() - t0

@@ -12,7 +12,9 @@ The bootstrap is vectorized. With ``B`` the reference's factor (``B B^T = S_ref`
 ``G = F B`` (F the per-sample features [n, d]), the matrix whose eigenvalues give
 ``tr sqrt(S_b S_ref)`` for a resample with counts ``c`` is
 ``(G^T diag(c) G - n m m^T) / (n - 1)`` with ``m = G^T c / n``: one weighted Gram matrix per
-resample (batched matmuls) and one batched ``eigvalsh``, all float64.
+resample (``weighted_grams``: on the CPU the resample counts times the per-sample outer
+products, one large matrix product; on a GPU batched matmuls) and one batched ``eigvalsh``,
+all float64.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from searchd.schedule import Schedule
 DEFAULT_RESAMPLES = 500
 # Resamples per batched Gram matrix (bounds memory: chunk * n * d float64 values).
 _CHUNK_ELEMENTS = 1 << 24
+# Packed outer products (CPU, d <= _PACKED_MAX_DIM): values of the packed Gram matrices of a
+# chunk of resamples, and of the outer products of a block of samples (float64).
+_PACKED_MAX_DIM = 256
+_PACKED_ELEMENTS = 1 << 25
+_OUTER_ELEMENTS = 1 << 22
 
 
 def bootstrap_counts(n: int, resamples: int, seed: int = 0) -> Tensor:
@@ -61,13 +68,13 @@ def bootstrap_fid(
         raise ValueError(f"counts have {c.shape[1]} columns; there are {n} samples")
     g = f @ reference.factor  # [n, d]
     out = []
-    chunk = max(1, _CHUNK_ELEMENTS // (n * d))
+    chunk = _resample_chunk(g.device, n, d)
     sq_norms = (f * f).sum(1)  # [n]
     for a in range(0, c.shape[0], chunk):
         cb = c[a : a + chunk]  # [b, n]
         mean = cb @ f / n  # [b, d]
         mean_g = cb @ g / n  # [b, d] = R mean
-        gram = torch.matmul(g.T, cb[:, :, None] * g)  # [b, d, d]
+        gram = weighted_grams(g, cb)  # [b, d, d]
         m = (gram - n * mean_g[:, :, None] * mean_g[:, None, :]) / (n - 1)
         ev = eigvalsh(0.5 * (m + m.transpose(1, 2)))
         tr_cross = ev.clamp_min(0).sqrt().sum(1)
@@ -75,6 +82,50 @@ def bootstrap_fid(
         diff = mean - reference.mu
         out.append((diff * diff).sum(1) + tr_gen + reference.trace - 2.0 * tr_cross)
     return torch.cat(out).cpu()
+
+
+def weighted_grams(g: Tensor, counts: Tensor) -> Tensor:
+    """``G^T diag(c_b) G`` for every row ``c_b`` of ``counts`` [b, n]; ``g`` [n, d] -> [b, d, d].
+
+    On the CPU with ``d <= 256`` (the digits and pixel feature spaces): resample weights
+    applied to per-sample outer products, ``counts @ [g_i g_i^T]_i`` with each outer product
+    packed to its upper triangle (``d (d + 1) / 2`` values), built for a block of samples at a
+    time: one large matrix product per block, half the multiply-adds of the per-resample
+    products and far better use of the core. Otherwise (a GPU, or Inception's d = 2048,
+    where the packed products would not fit) one batched product per resample.
+    """
+    n, d = g.shape
+    if not _packed(g.device, d):
+        return torch.matmul(g.T, counts[:, :, None] * g)
+    iu = torch.triu_indices(d, d)
+    size = iu.shape[1]
+    acc = torch.zeros(counts.shape[0], size, dtype=torch.float64)
+    rows = max(1, _OUTER_ELEMENTS // size)
+    outer = torch.empty(min(rows, n), size, dtype=torch.float64)
+    for a in range(0, n, rows):
+        block = g[a : a + rows]
+        m = block.shape[0]
+        # Row j of the block: g_j g_j^T, upper triangle row by row.
+        start = 0
+        for i in range(d):
+            torch.mul(block[:, i : i + 1], block[:, i:], out=outer[:m, start : start + d - i])
+            start += d - i
+        acc.addmm_(counts[:, a : a + m], outer[:m])
+    out = torch.empty(counts.shape[0], d, d, dtype=torch.float64)
+    out[:, iu[0], iu[1]] = acc
+    out[:, iu[1], iu[0]] = acc
+    return out
+
+
+def _packed(device: torch.device, d: int) -> bool:
+    return device.type == "cpu" and d <= _PACKED_MAX_DIM
+
+
+def _resample_chunk(device: torch.device, n: int, d: int) -> int:
+    """Resamples per call of ``weighted_grams`` (bounds its memory)."""
+    if _packed(device, d):
+        return max(1, _PACKED_ELEMENTS // (d * (d + 1) // 2))
+    return max(1, _CHUNK_ELEMENTS // (n * d))
 
 
 INTERVALS = ("centered", "basic", "percentile")

@@ -52,8 +52,12 @@ GRIDS: dict[str, Callable[[], np.ndarray]] = {
     "iddpm_cosine": iddpm_cosine_grid,
 }
 
-# Align Your Steps: the published 10-step noise levels (Sabour et al., 2024), as given on the
-# authors' project page. Other step counts are log-linear interpolations of these.
+# Align Your Steps: the published 10-step schedules (Sabour et al., 2024). SD 1.5 and SDXL:
+# the Stable Diffusion training grid's levels at the authors' published timesteps, plus its
+# lowest level (what ComfyUI's AlignYourStepsScheduler uses; the authors' 3-decimal sigma list
+# differs from these by at most 0.0035); SVD: the published sigmas. Other step counts are
+# log-linear interpolations. ``ays_table`` reads them from diffusers' ``AysSchedules`` when
+# diffusers is installed; this copy is the fallback (tests/test_export_ays.py checks both agree).
 AYS_TABLES: dict[str, tuple[float, ...]] = {
     "sd15": (
         14.6146412293,
@@ -83,6 +87,47 @@ AYS_TABLES: dict[str, tuple[float, ...]] = {
     ),
     "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
 }
+
+
+# diffusers' AysSchedules keys of each table, and the SD grid the timesteps index.
+AYS_DIFFUSERS_KEYS = {"sd15": "StableDiffusionTimesteps", "sdxl": "StableDiffusionXLTimesteps",
+                      "svd": "StableDiffusionVideoSigmas"}
+
+
+def sd_scaled_linear_grid(n: int = 1000, beta_start: float = 0.00085,
+                          beta_end: float = 0.012) -> np.ndarray:
+    """Ascending sigmas of Stable Diffusion's "scaled_linear" discrete schedule (float64)."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    abar = np.cumprod(1.0 - betas)
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def ays_table(model: str, *, use_diffusers: bool = True) -> np.ndarray:
+    """The 11 published AYS levels of ``model`` (sd15, sdxl, svd), float64, decreasing.
+
+    With diffusers installed (and ``use_diffusers``) they are read from its
+    ``AysSchedules``: SD 1.5 / SDXL as the SD grid at its published timesteps plus the
+    grid's lowest level, rounded to the 10 decimals the tables are published with (so a
+    baseline is the same with or without diffusers); SVD as its published sigmas with the
+    table's own last level (diffusers ends it in 0, for a final denoising step). Otherwise
+    ``AYS_TABLES``.
+    """
+    if model not in AYS_TABLES:
+        raise ValueError(f"unknown AYS table {model!r}; known: {sorted(AYS_TABLES)}")
+    copy = np.asarray(AYS_TABLES[model], dtype=np.float64)
+    if not use_diffusers:
+        return copy
+    try:
+        from diffusers.schedulers import AysSchedules
+    except ImportError:
+        return copy
+    published = AysSchedules.get(AYS_DIFFUSERS_KEYS[model])
+    if published is None:  # an older diffusers without this table
+        return copy
+    if model == "svd":
+        return np.concatenate([np.asarray(published[:-1], dtype=np.float64), copy[-1:]])
+    grid = sd_scaled_linear_grid()
+    return np.round(grid[np.asarray(list(published) + [0], dtype=np.int64)], 10)
 
 
 def loglinear_interp(levels: np.ndarray, num: int) -> np.ndarray:
@@ -164,10 +209,7 @@ def baseline(
         )
     n_points = n_steps if final_zero else n_steps + 1
     if name == "ays":
-        model = params.pop("model", "sd15")
-        if model not in AYS_TABLES:
-            raise ValueError(f"unknown AYS table {model!r}; known: {sorted(AYS_TABLES)}")
-        table = np.asarray(AYS_TABLES[model])
+        table = ays_table(params.pop("model", "sd15"))
         # As the authors' how-to and ComfyUI do: interpolate to n_steps + 1 levels; with a final
         # 0 the table's last level (its sigma_min) is replaced by 0.
         levels = table if table.size == n_steps + 1 else loglinear_interp(table, n_steps + 1)

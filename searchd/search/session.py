@@ -599,18 +599,10 @@ class SearchSession:
             g = np.asarray(grid)
             idx = [int(np.argmin(np.abs(np.log(g) - np.log(x)))) for x in sig if x > 0]
             out["timesteps"] = idx
-        levels = sig[:-1] if winner.final_zero else sig
-        out["usage"] = {
-            "diffusers": (
-                "pipe(..., sigmas=" + json.dumps([round(x, 6) for x in levels]) + ")"
-                + ("  # scheduler with final_sigmas_type='zero'" if winner.final_zero else "")
-            ),
-            "searchd": (
-                "solve(denoiser, noise, np.array(best['sigmas']), solver=best['solver'])"
-            ),
-        }
-        if "timesteps" in out:
-            out["usage"]["diffusers_timesteps"] = f"pipe(..., timesteps={out['timesteps']})"
+        from searchd.export import model_levels, usage_section
+
+        out["usage"] = usage_section(winner, cfg.solver.options,
+                                     flow=model_levels(cfg.model) == "flow", sigma_grid=grid)
         return out
 
     def _adaptive_json(self, final: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,10 +18,13 @@ no limit there.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from searchd.solvers._core import Trajectory, combine, lagrange_weights
+from searchd.solvers.stepping import SolverState, Stepper, run
 
 # Below this many steps UniPC lowers the order of its last steps (``lower_order_final``). UniPC's
 # code and diffusers' UniPC scheduler do it at every N, which makes a schedule ending above 0
@@ -38,108 +41,135 @@ def kernel_moments(h: Tensor, k: int) -> list[Tensor]:
     return moments
 
 
-def dpmpp_2m(traj: Trajectory, x: Tensor) -> Tensor:
+class DPMpp2M(Stepper):
     """DPM-Solver++(2M) (Lu et al. 2022), deterministic, as k-diffusion's ``sample_dpmpp_2m``.
 
     First step first order (DDIM); then the data prediction is extrapolated linearly
     ``D + (D - D_prev) / (2 r)``, ``r = h_prev / h``, and integrated with weight
     ``1 - e^{-h}``. Second order; 1 evaluation per step.
     """
-    n = traj.n_steps
-    denoised_prev = h_prev = None
-    for i in range(n):
-        denoised = traj.denoise(x, i)
-        if traj.final_zero and i == n - 1:
+
+    history = 2
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i, x = state.step, state.x
+        if traj.final_zero and i == traj.n_steps - 1:
             # Step to sigma = 0: the data prediction.
-            return denoised
+            return state.moved(state.denoised[0])
         sig, lam = traj.sigmas, traj.lam
         h = lam[:, i + 1] - lam[:, i]
         ratio = sig[:, i + 1] / sig[:, i]
         m0 = -torch.expm1(-h)
-        if denoised_prev is None:
+        if len(state.denoised) == 1:
             # First-order step (DDIM).
-            x = combine([(ratio, x), (m0, denoised)])
-        else:
-            # Second-order multistep step.
-            half_inv_r = 0.5 * h / h_prev
-            x = combine(
+            return state.moved(combine([(ratio, x), (m0, state.denoised[0])]))
+        # Second-order multistep step.
+        denoised, denoised_prev = state.denoised
+        half_inv_r = 0.5 * h / (lam[:, i] - lam[:, i - 1])
+        return state.moved(
+            combine(
                 [(ratio, x), (m0 * (1 + half_inv_r), denoised), (-m0 * half_inv_r, denoised_prev)]
             )
-        denoised_prev, h_prev = denoised, h
-    return x
+        )
 
 
-def dpmpp_3m(traj: Trajectory, x: Tensor) -> Tensor:
-    """DPM-Solver++(3M), deterministic (k-diffusion's ``sample_dpmpp_3m_sde`` with eta = 0).
+class ExponentialAdams(Stepper):
+    """Exponential Adams-Bashforth in lambda with Lagrange interpolation of ``D``.
 
-    The data prediction is interpolated by the polynomial through the last 1, 2, 3 data
+    The data prediction is interpolated by the polynomial through the last ``order`` data
     predictions (in lambda) and integrated exactly against the kernel ``e^{-(h-u)}``.
-    Warm-up: orders 1, 2, then 3. Third order; 1 evaluation per step.
-
-    The third-order term is the exact integral of the quadratic interpolant. k-diffusion
-    writes it as ``-phi_3 * d2`` with ``d2 = (d1_0 - d1_1) / (r0 + r1)``, which is half of
-    that integral (so its 3M is second order); see docs/notes-solvers.md.
+    Warm-up: orders 1, 2, ... up to ``order``.
     """
-    return _exponential_adams(traj, x, order=3)
 
+    def __init__(self, order: int) -> None:
+        self.history = order
 
-def _exponential_adams(traj: Trajectory, x: Tensor, order: int) -> Tensor:
-    """Exponential Adams-Bashforth in lambda with Lagrange interpolation of ``D``."""
-    n = traj.n_steps
-    history: list[Tensor] = []  # data predictions, newest first
-    for i in range(n):
-        denoised = traj.denoise(x, i)
-        history = [denoised, *history][:order]
-        if traj.final_zero and i == n - 1:
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i, history = state.step, state.denoised
+        if traj.final_zero and i == traj.n_steps - 1:
             # Step to sigma = 0: the data prediction.
-            return denoised
+            return state.moved(history[0])
         sig, lam = traj.sigmas, traj.lam
         k = len(history)
         h = lam[:, i + 1] - lam[:, i]
         nodes = [lam[:, i - j] - lam[:, i] for j in range(k)]
         weights = lagrange_weights(nodes, kernel_moments(h, k))
         # Exponential multistep step.
-        x = combine([(sig[:, i + 1] / sig[:, i], x), *zip(weights, history)])
-    return x
+        return state.moved(combine([(sig[:, i + 1] / sig[:, i], state.x), *zip(weights, history)]))
 
 
-def unipc(traj: Trajectory, x: Tensor, order: int = 2, lower_order_final: bool = True) -> Tensor:
+class UniPC(Stepper):
     """UniPC (Zhao et al. 2023), multistep, data prediction, ``B(h) = e^h - 1`` (bh2).
 
     Each step ``i`` evaluates ``m_i = D(x_i, sigma_i)`` once, uses it in the corrector UniC
-    to refine ``x_i`` (no extra evaluation), then predicts ``x_{i+1}`` with UniP. The
-    predictor of order ``p`` uses ``m_i, ..., m_{i-p+1}``; the corrector of that step adds
-    ``m_{i+1}`` and has order ``p + 1``. Warm-up: ``p = 1, 2, ...`` up to ``order``; with
-    ``lower_order_final`` and fewer than 15 steps, ``p <= N - i`` in the last steps. The
-    last step has no corrector (its evaluation would be an extra one). Default ``order=2``
-    (bh2 with order 2 is diffusers' default and the authors' choice for guided sampling;
-    see docs/notes-solvers.md for why not 3 here).
+    to refine ``x_i`` (no extra evaluation; it reads levels up to i, so it is part of
+    ``observe``), then predicts ``x_{i+1}`` with UniP. The predictor of order ``p`` uses
+    ``m_i, ..., m_{i-p+1}``; the corrector of that step adds ``m_{i+1}`` and has order
+    ``p + 1``. Warm-up: ``p = 1, 2, ...`` up to ``order``; with ``lower_order_final`` and
+    fewer than 15 steps, ``p <= N - i`` in the last steps. The last step has no corrector
+    (its evaluation would be an extra one). Default ``order=2`` (bh2 with order 2 is
+    diffusers' default and the authors' choice for guided sampling; see
+    docs/notes-solvers.md for why not 3 here).
     """
-    n = traj.n_steps
 
-    def step_order(i: int) -> int:
-        p = min(order, i + 1)
-        if lower_order_final and n < UNIPC_LOWER_ORDER_FINAL_BELOW:
-            p = min(p, n - i)
+    def __init__(self, order: int = 2, lower_order_final: bool = True) -> None:
+        self.history = order
+        self.order = order
+        self.lower_order_final = lower_order_final
+
+    def step_order(self, traj: Trajectory, i: int) -> int:
+        """Order p of the predictor of step i."""
+        p = min(self.order, i + 1)
+        if self.lower_order_final and traj.n_steps < UNIPC_LOWER_ORDER_FINAL_BELOW:
+            p = min(p, traj.n_steps - i)
         return p
 
-    history: list[Tensor] = []  # data predictions m_j, newest first
-    x_prev = p_prev = None
-    for i in range(n):
-        denoised = traj.denoise(x, i)
-        if traj.final_zero and i == n - 1:
+    def observe(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i = state.step
+        denoised = traj.denoise(state.x, i)
+        observed = state.with_evaluation(denoised, self.history)
+        if (traj.final_zero and i == traj.n_steps - 1) or state.previous is None:
+            return observed
+        # UniC corrector of the step i-1 -> i, with the new evaluation.
+        p_prev = self.step_order(traj, i - 1)
+        x = _unipc_update(
+            traj.sigmas, traj.lam, i - 1, state.previous, list(state.denoised[:p_prev]),
+            p_prev, denoised,
+        )
+        return replace(observed, x=x)
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i = state.step
+        if traj.final_zero and i == traj.n_steps - 1:
             # Step to sigma = 0: the data prediction.
-            return denoised
-        sig, lam = traj.sigmas, traj.lam
-        if x_prev is not None:
-            # UniC corrector of the step i-1 -> i, with the new evaluation.
-            x = _unipc_update(sig, lam, i - 1, x_prev, history[:p_prev], p_prev, denoised)
-        history = [denoised, *history][:order]
-        p = step_order(i)
+            return state.moved(state.denoised[0])
+        p = self.step_order(traj, i)
         # UniP predictor of the step i -> i+1.
-        x_prev, p_prev = x, p
-        x = _unipc_update(sig, lam, i, x, history[:p], p, None)
-    return x
+        x = _unipc_update(
+            traj.sigmas, traj.lam, i, state.x, list(state.denoised[:p]), p, None
+        )
+        return state.moved(x)
+
+
+def dpmpp_2m(traj: Trajectory, x: Tensor) -> Tensor:
+    """DPM-Solver++(2M) along the whole trajectory (see ``DPMpp2M``)."""
+    return run(DPMpp2M(), traj, x)
+
+
+def dpmpp_3m(traj: Trajectory, x: Tensor) -> Tensor:
+    """DPM-Solver++(3M), deterministic (k-diffusion's ``sample_dpmpp_3m_sde`` with eta = 0).
+
+    ``ExponentialAdams`` of order 3: warm-up orders 1, 2, then 3. Third order; 1 evaluation
+    per step. The third-order term is the exact integral of the quadratic interpolant.
+    k-diffusion writes it as ``-phi_3 * d2`` with ``d2 = (d1_0 - d1_1) / (r0 + r1)``, which
+    is half of that integral (so its 3M is second order); see docs/notes-solvers.md.
+    """
+    return run(ExponentialAdams(3), traj, x)
+
+
+def unipc(traj: Trajectory, x: Tensor, order: int = 2, lower_order_final: bool = True) -> Tensor:
+    """UniPC along the whole trajectory (see ``UniPC``)."""
+    return run(UniPC(order, lower_order_final), traj, x)
 
 
 def _unipc_update(

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from searchd.solvers._core import Trajectory, combine, lagrange_weights
+from searchd.solvers.stepping import SolverState, Stepper, run
 
 # Adams-Bashforth coefficients for equal steps, newest first (iPNDM).
 AB_COEFFICIENTS: dict[int, tuple[float, ...]] = {
@@ -40,7 +41,12 @@ DEIS_QUADRATURE_NODES = 24
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(DEIS_QUADRATURE_NODES)
 
 
-def ipndm(traj: Trajectory, x: Tensor, order: int = 4, variable_step: bool = False) -> Tensor:
+def _residuals(state: SolverState) -> list[Tensor]:
+    """``x_j - D_j`` of the steps kept, newest first (``eps_j`` times ``sigma_j``)."""
+    return [x - d for x, d in zip(state.evaluated, state.denoised)]
+
+
+class IPNDM(Stepper):
     """Improved PNDM: ``x_{i+1} = x_i + (s_{i+1} - s_i) sum_j b_j eps_{i-j}``.
 
     ``b`` are the equal-step Adams-Bashforth coefficients of order ``k = min(order, i + 1)``,
@@ -52,25 +58,27 @@ def ipndm(traj: Trajectory, x: Tensor, order: int = 4, variable_step: bool = Fal
     ``int_{s_i}^{s_{i+1}} l_j(s) ds`` for the Lagrange basis over ``s_i, ..., s_{i-k+1}``,
     of order ``order`` on any smooth schedule. 1 evaluation per step.
     """
-    residuals: list[Tensor] = []  # x_j - D_j, newest first
-    for i in range(traj.n_steps):
-        denoised = traj.denoise(x, i)
-        sig = traj.sigmas
-        residuals = [x - denoised, *residuals][:order]
+
+    def __init__(self, order: int = 4, variable_step: bool = False) -> None:
+        self.history = order
+        self.variable_step = variable_step
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i, sig = state.step, traj.sigmas
+        residuals = _residuals(state)
         k = len(residuals)
         dsig = sig[:, i + 1] - sig[:, i]
-        if variable_step:
+        if self.variable_step:
             nodes = [sig[:, i - j] - sig[:, i] for j in range(k)]
             coeffs = lagrange_weights(nodes, [dsig ** (n + 1) / (n + 1) for n in range(k)])
         else:
             coeffs = [dsig * b for b in AB_COEFFICIENTS[k]]
         # Adams-Bashforth step on eps_j = (x_j - D_j) / sigma_j.
         terms = [(c / sig[:, i - j], r) for j, (c, r) in enumerate(zip(coeffs, residuals))]
-        x = x + combine(terms)
-    return x
+        return state.moved(state.x + combine(terms))
 
 
-def deis(traj: Trajectory, x: Tensor, order: int = 3) -> Tensor:
+class DEIS(Stepper):
     """DEIS tAB (Zhang & Chen 2023): ``x_{i+1} = x_i + sum_j C_ij eps_{i-j}``.
 
     ``C_ij = int_{t_i}^{t_{i+1}} l_j(t) (dsigma/dt) dt = int_{s_i}^{s_{i+1}} l_j(t(s)) ds``,
@@ -79,15 +87,17 @@ def deis(traj: Trajectory, x: Tensor, order: int = 3) -> Tensor:
     ``u = sqrt(t)``, in which ``sigma`` is analytic down to ``sigma = 0``. 1 evaluation per
     step.
     """
-    residuals: list[Tensor] = []  # x_j - D_j, newest first
-    for i in range(traj.n_steps):
-        denoised = traj.denoise(x, i)
-        sig = traj.sigmas
+
+    def __init__(self, order: int = 3) -> None:
+        self.history = order
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i, sig = state.step, traj.sigmas
         t = vp_time(traj.positive)
         u = torch.sqrt(t)
         if traj.final_zero:
             u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
-        residuals = [x - denoised, *residuals][:order]
+        residuals = _residuals(state)
         k = len(residuals)
         if k == 1:
             coeffs = [sig[:, i + 1] - sig[:, i]]
@@ -96,8 +106,17 @@ def deis(traj: Trajectory, x: Tensor, order: int = 3) -> Tensor:
             coeffs = deis_coefficients(u[:, i], u[:, i + 1], nodes)
         # Multistep step on eps_j = (x_j - D_j) / sigma_j.
         terms = [(c / sig[:, i - j], r) for j, (c, r) in enumerate(zip(coeffs, residuals))]
-        x = x + combine(terms)
-    return x
+        return state.moved(state.x + combine(terms))
+
+
+def ipndm(traj: Trajectory, x: Tensor, order: int = 4, variable_step: bool = False) -> Tensor:
+    """Improved PNDM along the whole trajectory (see ``IPNDM``)."""
+    return run(IPNDM(order, variable_step), traj, x)
+
+
+def deis(traj: Trajectory, x: Tensor, order: int = 3) -> Tensor:
+    """DEIS tAB along the whole trajectory (see ``DEIS``)."""
+    return run(DEIS(order), traj, x)
 
 
 def vp_time(sigma: Tensor) -> Tensor:

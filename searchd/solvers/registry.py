@@ -8,9 +8,11 @@ from typing import Any
 
 from torch import Tensor
 
-from searchd.solvers.exponential import dpmpp_2m, dpmpp_3m, unipc
-from searchd.solvers.linear_multistep import deis, ipndm
-from searchd.solvers.single_step import euler, heun
+from searchd.solvers._core import Trajectory
+from searchd.solvers.exponential import DPMpp2M, ExponentialAdams, UniPC
+from searchd.solvers.linear_multistep import DEIS, IPNDM
+from searchd.solvers.single_step import Euler, Heun
+from searchd.solvers.stepping import Stepper, run
 
 
 @dataclass(frozen=True)
@@ -32,18 +34,19 @@ class Option:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A solver: ``fn(trajectory, x, **options) -> x``, its options and properties.
+    """A solver: ``stepper(**options) -> Stepper``, its options and properties.
 
     Attributes:
         name: registry key.
-        fn: the solver loop (see ``searchd.solvers._core.Trajectory``).
+        stepper: builds the solver's ``Stepper`` (``searchd.solvers.stepping``) from its
+            resolved options.
         order: theoretical convergence order as a function of the resolved options.
         evals_per_step: denoiser calls per step (Heun: 2, none on a step to sigma = 0).
         options: keyword options, with defaults and allowed values.
     """
 
     name: str
-    fn: Callable[..., Tensor]
+    stepper: Callable[..., Stepper]
     order: Callable[[Mapping[str, Any]], int]
     evals_per_step: int = 1
     options: Mapping[str, Option] = field(default_factory=dict)
@@ -57,6 +60,10 @@ class SolverSpec:
                 f"{self.name}: unknown option(s) {unknown}; allowed options: {allowed}"
             )
         return {k: o.check(self.name, k, opts.get(k, o.default)) for k, o in self.options.items()}
+
+    def fn(self, traj: Trajectory, x: Tensor, **options: Any) -> Tensor:
+        """The whole solver loop along ``traj`` from ``x`` (resolved options)."""
+        return run(self.stepper(**options), traj, x)
 
     def theoretical_order(self, **opts: Any) -> int:
         """Global order of accuracy with these options (defaults for the missing ones).
@@ -83,13 +90,13 @@ class SolverSpec:
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec
     for spec in (
-        SolverSpec("euler", euler, lambda o: 1),
-        SolverSpec("heun", heun, lambda o: 2, evals_per_step=2),
-        SolverSpec("dpmpp_2m", dpmpp_2m, lambda o: 2),
-        SolverSpec("dpmpp_3m", dpmpp_3m, lambda o: 3),
+        SolverSpec("euler", Euler, lambda o: 1),
+        SolverSpec("heun", Heun, lambda o: 2, evals_per_step=2),
+        SolverSpec("dpmpp_2m", DPMpp2M, lambda o: 2),
+        SolverSpec("dpmpp_3m", lambda: ExponentialAdams(3), lambda o: 3),
         SolverSpec(
             "unipc",
-            unipc,
+            UniPC,
             lambda o: o["order"] + 1,
             options={
                 "order": Option(2, (1, 2, 3), "UniP order p (the corrector UniC makes it p + 1)"),
@@ -100,7 +107,7 @@ SOLVERS: dict[str, SolverSpec] = {
         ),
         SolverSpec(
             "ipndm",
-            ipndm,
+            IPNDM,
             lambda o: o["order"] if o["variable_step"] else min(o["order"], 2),
             options={
                 "order": Option(4, (1, 2, 3, 4), "Adams-Bashforth order"),
@@ -111,7 +118,7 @@ SOLVERS: dict[str, SolverSpec] = {
         ),
         SolverSpec(
             "deis",
-            deis,
+            DEIS,
             lambda o: o["order"],
             options={"order": Option(3, (1, 2, 3), "degree + 1 of the polynomial in VP time")},
         ),

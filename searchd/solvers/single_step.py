@@ -5,42 +5,46 @@ from __future__ import annotations
 from torch import Tensor
 
 from searchd.solvers._core import Trajectory, combine
+from searchd.solvers.stepping import SolverState, Stepper, run
 
 
-def euler(traj: Trajectory, x: Tensor) -> Tensor:
+def _euler_step(traj: Trajectory, state: SolverState) -> Tensor:
+    """``x' = (s'/s) x + (1 - s'/s) D``: the Euler step ``x + (s' - s) (x - D) / s``."""
+    sig, i = traj.sigmas, state.step
+    ratio = sig[:, i + 1] / sig[:, i]
+    return combine([(ratio, state.x), (1 - ratio, state.denoised[0])])
+
+
+class Euler(Stepper):
     """Euler's method in sigma (first order; 1 evaluation per step).
 
     Written as ``x' = (s'/s) x + (1 - s'/s) D``, which is the Euler step
     ``x + (s' - s) (x - D) / s`` and, for ``s' = 0``, returns ``D``.
     """
-    for i in range(traj.n_steps):
-        denoised = traj.denoise(x, i)
-        sig = traj.sigmas
-        s, s_next = sig[:, i], sig[:, i + 1]
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
         # Euler step.
-        ratio = s_next / s
-        x = combine([(ratio, x), (1 - ratio, denoised)])
-    return x
+        return state.moved(_euler_step(traj, state))
 
 
-def heun(traj: Trajectory, x: Tensor) -> Tensor:
+class Heun(Stepper):
     """EDM's second-order Heun method (Karras et al. 2022, Algorithm 1, deterministic).
 
     Two evaluations per step, except the step to ``sigma = 0``, which is an Euler step
-    (it returns the denoiser's output), hence ``2N - 1`` evaluations with a final 0.
+    (it returns the denoiser's output), hence ``2N - 1`` evaluations with a final 0. The
+    correction's evaluation is at the next level, so it belongs to ``advance``.
     """
-    for i in range(traj.n_steps):
-        denoised = traj.denoise(x, i)
-        sig = traj.sigmas
-        s, s_next = sig[:, i], sig[:, i + 1]
+
+    def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
+        i, x, denoised = state.step, state.x, state.denoised[0]
         # Euler step.
-        ratio = s_next / s
-        x_euler = combine([(ratio, x), (1 - ratio, denoised)])
+        x_euler = _euler_step(traj, state)
         if traj.final_zero and i == traj.n_steps - 1:
-            x = x_euler
-            break
+            return state.moved(x_euler)
         # Heun correction: average the slopes at both ends.
         denoised_next = traj.denoise(x_euler, i, i + 1)
+        sig = traj.sigmas
+        s, s_next = sig[:, i], sig[:, i + 1]
         half_step = 0.5 * (s_next - s)
         x = combine(
             [
@@ -50,4 +54,14 @@ def heun(traj: Trajectory, x: Tensor) -> Tensor:
                 (-half_step / s_next, denoised_next),
             ]
         )
-    return x
+        return state.moved(x)
+
+
+def euler(traj: Trajectory, x: Tensor) -> Tensor:
+    """Euler's method along the whole trajectory (see ``Euler``)."""
+    return run(Euler(), traj, x)
+
+
+def heun(traj: Trajectory, x: Tensor) -> Tensor:
+    """Heun's method along the whole trajectory (see ``Heun``)."""
+    return run(Heun(), traj, x)
