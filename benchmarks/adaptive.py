@@ -42,12 +42,12 @@ from searchd.adaptive.product import sample_features
 from searchd.evaluation import Evaluator
 from searchd.evaluation.heldout import bootstrap_counts, scores_from_features
 from searchd.evaluation.reference import exact_reference
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.methods.ld3 import ld3_schedule
 from searchd.models import load
 from searchd.noise import make_noise, seed_range
 from searchd.schedule import Schedule
 from searchd.schedules import baseline
-from searchd.search.ld3 import ld3_schedule
-from searchd.search.teacher import TeacherCache, TeacherSettings
 from searchd.solvers import nfe as nfe_of
 from searchd.solvers import solve
 

@@ -1,11 +1,11 @@
 """Candidates per second of a search on a one-node vs a two-node Ray cluster, on loopback.
 
 Each configuration is a real cluster of ``ray start`` nodes on this machine
-(clusters/loopback.py) and a real ``ray job submit`` of the quickstart search at its own cost
-per candidate (2,000 samples, 5 evaluations), with one evaluator actor per node. The rate is
-measured from the run's own record: candidates stored after the first generation divided by
-the time between the first and the last stored generation (the ``time`` column of the
-Parquet rows), so start-up (Ray workers, model, reference statistics) and the final held-out
+(``searchd.distributed.loopback``) and a real ``ray job submit`` of the quickstart search at
+its own cost per candidate (2,000 samples, 5 evaluations), with one evaluator actor per node.
+The rate is measured from the run's own record: candidates stored after the first generation
+divided by the time between the first and the last stored generation (the ``time`` column of
+the Parquet rows), so start-up (Ray workers, model, reference statistics) and the final held-out
 re-scoring are left out.
 
     python benchmarks/cluster_scaling.py --out benchmarks/results/cluster_scaling.md
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from searchd.distributed.loopback import LoopbackCluster
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clusters"))
-from loopback import LoopbackCluster  # noqa: E402
 
 
 def overrides(generations: int, population: int, workers: int) -> list[str]:

@@ -91,7 +91,7 @@ from searchd.schedules.guidance_spaces import (  # noqa: E402
     interval_guidance,
 )
 from searchd.schedules.spaces import ContinuousSpace, with_meta  # noqa: E402
-from searchd.search.evolution import EvolutionSearcher  # noqa: E402
+from searchd.searchers.evolution import EvolutionSearcher  # noqa: E402
 from searchd.solvers import network_calls  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

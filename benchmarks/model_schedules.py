@@ -43,14 +43,15 @@ from searchd.evaluation import Evaluator
 from searchd.evaluation.features import load_features
 from searchd.evaluation.heldout import heldout_scores
 from searchd.evaluation.reference import exact_reference
+from searchd.loop import EvaluatorScorer, SearchLoop
 from searchd.models.compose import compose
 from searchd.schedule import Schedule
 from searchd.schedules.baselines import baseline
 from searchd.schedules.model_spaces import JointSpace
 from searchd.schedules.spaces import ContinuousSpace, with_meta
-from searchd.search.base import FINISHED
-from searchd.search.evolution import EvolutionSearcher
-from searchd.search.predictor import PredictorConfig, SchedulePredictor, kendall_tau
+from searchd.searchers.base import FINISHED
+from searchd.searchers.evolution import EvolutionSearcher
+from searchd.searchers.predictor import PredictorConfig, SchedulePredictor, kendall_tau
 
 ZOO = ["gmm-digits-k1", "gmm-digits-k8", "gmm-digits-k64"]
 SMIN, SMAX = 0.002, 80.0
@@ -59,26 +60,19 @@ MAX_STEPS_SMALL = 24  # most steps tried for a small member alone
 
 
 def run_search(searcher, evaluator: Evaluator, seeds: list[int]) -> list[dict[str, Any]]:
-    """Drive a searcher generation by generation (all suggestions out, then one batched
-    evaluation); returns every scored candidate in order."""
+    """Run a searcher in the in-process search loop, a generation per batch (one batched
+    evaluation each); returns every scored candidate in order."""
     out: list[dict[str, Any]] = []
-    n = 0
-    while True:
-        batch = []
-        while True:
-            cfg = searcher.suggest(f"t{n}")
-            if cfg is None or cfg == FINISHED:
-                break
-            batch.append((f"t{n}", Schedule.from_dict(cfg["schedule"])))
-            n += 1
-        if not batch:
-            return out
-        results = evaluator.evaluate([s for _, s in batch], seeds)
-        for (tid, s), r in zip(batch, results):
-            v = r.metrics.get("fid") if r.ok else None
-            searcher.on_trial_complete(tid, {"fid": v} if v is not None else None,
-                                       error=v is None)
-            out.append({"schedule": s, "fid": math.inf if v is None else float(v)})
+
+    class Rows:
+        def recorded(self, batch: Any, new: Any) -> None:
+            for s, r in zip(batch.schedules, batch.results):
+                v = r.value("fid")
+                out.append({"schedule": s, "fid": math.inf if v is None else float(v)})
+
+    SearchLoop(searcher, seeds, batch_size=1 << 20, observers=[Rows()]).run(
+        EvaluatorScorer(evaluator))
+    return out
 
 
 def best_so_far(rows: list[dict[str, Any]]) -> np.ndarray:
@@ -274,20 +268,21 @@ class _ModelIds:
     def __init__(self, inner: EvolutionSearcher, member: int) -> None:
         self.inner, self.member = inner, member
 
-    def suggest(self, tid: str):
-        cfg = self.inner.suggest(tid)
-        if cfg is None or cfg == FINISHED:
-            return cfg
-        s = Schedule.from_dict(cfg["schedule"])
-        return {"schedule": Schedule(s.sigmas, np.full(s.n_steps, self.member), s.solver,
-                                     s.meta).to_dict()}
+    def __getattr__(self, name: str) -> Any:  # metric, mode, algorithm, best, ...
+        return getattr(self.inner, name)
 
-    def on_trial_complete(self, tid, result=None, error=False):
-        self.inner.on_trial_complete(tid, result, error)
+    def ask(self, key: str):
+        s = self.inner.ask(key)
+        if s is None or s == FINISHED:
+            return s
+        return Schedule(s.sigmas, np.full(s.n_steps, self.member), s.solver, s.meta)
+
+    def tell(self, key, value=None, *, error=False):
+        self.inner.tell(key, value, error=error)
 
 
 def _calls(s: Schedule) -> np.ndarray:
-    from searchd.models.compose import calls_per_step
+    from searchd.schedules.cost import calls_per_step
 
     return calls_per_step(s.solver, s.n_steps, s.final_zero)
 

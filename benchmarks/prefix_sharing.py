@@ -59,7 +59,7 @@ from searchd.schedule import Schedule  # noqa: E402
 from searchd.schedules import baseline  # noqa: E402
 from searchd.schedules.local import mutate_level  # noqa: E402
 from searchd.schedules.spaces import ContinuousSpace, with_meta  # noqa: E402
-from searchd.search.evolution import EvolutionSearcher  # noqa: E402
+from searchd.searchers.evolution import EvolutionSearcher  # noqa: E402
 from searchd.solvers import solve  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,8 +90,8 @@ class LevelMutation:
 
 def search(searcher: EvolutionSearcher, evaluator: Evaluator, seeds: Sequence[int],
            batch: int) -> dict[str, Any]:
-    """The in-process search loop of benchmarks/quality.py (to be replaced by the library's
-    own in-process loop): one ``evaluate`` call per generation."""
+    """The library's in-process search loop (``searchd.loop.SearchLoop``, through
+    ``quality.run_searcher``): one ``evaluate`` call per generation."""
     return quality.run_searcher(searcher, evaluator, seeds, batch)
 
 

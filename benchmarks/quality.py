@@ -3,7 +3,7 @@
 For each model, solver (dpmpp_2m by default; ``--solvers``) and NFE, the schedules compared are:
 
 - not searched: polynomial rho = 7 (EDM), logsnr (uniform in log-SNR), time_uniform (VP);
-- the published methods, as searchd runs them (``searchd.search.anchors``): GITS (defaults:
+- the published methods, as searchd runs them (``searchd.methods``): GITS (defaults:
   256 warm-up samples, 61-point grid, Heun teacher, ``dev``, coefficient 1.15) and LD3
   (defaults: 64 training samples, 100 Adam iterations, Heun teacher of 64 steps, the loss the
   actors use: the digits feature network's space);
@@ -19,7 +19,7 @@ for every schedule), the paired difference to the best non-searched schedule (ch
 search seeds, as ``python -m searchd.search`` chooses its best baseline) with its interval,
 and the search cost: denoiser calls (samples through the network in forward calls: a
 candidate scored on n samples at NFE k costs n k; GITS's teacher and LD3's teacher and
-training counted by ``anchors.CountingDenoiser``) and wall time.
+training counted by ``counting.CountingDenoiser``) and wall time.
 
 Budget: each search gets ``--budget-factor`` (10) times GITS's denoiser calls in all. The
 warm-started evolution pays for GITS and LD3 out of it; Bayes and random spend it all on
@@ -55,13 +55,15 @@ from searchd.evaluation import Evaluator, load_features
 from searchd.evaluation.frechet import FrechetReference
 from searchd.evaluation.heldout import bootstrap_counts, bootstrap_fid, bootstrap_interval
 from searchd.evaluation.reference import exact_reference
+from searchd.loop import EvaluatorScorer, SearchLoop
+from searchd.methods.anchors import compute_anchor
+from searchd.methods.counting import CountingDenoiser, warmup_noise
+from searchd.methods.gits import gits_dp, gits_plan, path_cost
 from searchd.models import load
 from searchd.schedule import Schedule
 from searchd.schedules import baseline
 from searchd.schedules.spaces import ContinuousSpace, with_meta
-from searchd.search.anchors import CountingDenoiser, compute_anchor
-from searchd.search.base import FINISHED, ScheduleSearcher
-from searchd.search.gits import gits_dp, gits_plan, path_cost, warmup_noise
+from searchd.searchers.base import ScheduleSearcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_BASE = 0
@@ -149,44 +151,29 @@ def tiny_settings() -> Settings:
 # Searching in-process -------------------------------------------------------------------------
 def run_searcher(searcher: ScheduleSearcher, evaluator: Evaluator, seeds: Sequence[int],
                  batch: int) -> dict[str, Any]:
-    """Drive a searcher without Tune: ask for up to ``batch`` candidates (a whole generation
-    for the evolution, which then waits for results), score them in one batched call, report
-    each result under its own trial id, until the searcher is FINISHED."""
-    n_trials = 0
-    calls = 0
-    scored: list[tuple[Schedule, float | None]] = []
-    while True:
-        ids, schedules = [], []
-        finished = False
-        while len(schedules) < batch:
-            tid = f"t{n_trials}"
-            cfg = searcher.suggest(tid)
-            if cfg is None:
-                break
-            if cfg == FINISHED:
-                finished = True
-                break
-            n_trials += 1
-            ids.append(tid)
-            schedules.append(searcher.space.decode(cfg))
-        if not schedules:
-            if finished or not searcher.pending:
-                break
-            raise RuntimeError("searcher waits for results that were all reported")
-        results = evaluator.evaluate(schedules, seeds)
-        for tid, s, r in zip(ids, schedules, results):
-            calls += int(r.nfe) * int(r.n_samples)
-            v = r.metrics.get("fid") if r.status == "ok" else None
-            scored.append((s, v))
-            searcher.on_trial_complete(tid, {"fid": v} if v is not None else None,
-                                       error=v is None)
-        if finished:
-            break
+    """Run a searcher in the in-process search loop (``searchd.loop.SearchLoop``): up to
+    ``batch`` candidates per batch (a whole generation for the evolution, which then waits
+    for results), each batch scored in one call of the evaluator, until it is FINISHED."""
+
+    class Tally:
+        calls = 0
+        scored: list[tuple[Schedule, float | None]] = []
+
+        def recorded(self, b: Any, new: Sequence[int]) -> None:
+            for j in new:
+                r = b.results[j]
+                self.calls += int(r.nfe) * int(r.n_samples)
+                self.scored.append((b.schedules[j], r.value(searcher.metric)))
+
+    tally = Tally()
+    tally.scored = []
+    loop = SearchLoop(searcher, seeds, batch_size=batch, observers=[tally])
+    loop.run(EvaluatorScorer(evaluator))
     best = searcher.best
     if best is None:
         raise RuntimeError(f"{searcher.algorithm}: no candidate was scored")
-    return {"schedule": best["schedule"], "value": best["value"], "candidates": len(scored),
-            "calls": calls, "scored": scored}
+    return {"schedule": best["schedule"], "value": best["value"], "candidates": len(tally.scored),
+            "calls": tally.calls, "scored": tally.scored}
 
 
 # One model --------------------------------------------------------------------------------------
@@ -273,9 +260,9 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         base_vals = {f: res.metrics["fid"] for f, res in
                      zip(FIXED, ev.evaluate(bases, search_seeds))}
         best_fixed = min(FIXED, key=lambda f: base_vals[f])
-        from searchd.search.bayes import BayesSearcher
-        from searchd.search.evolution import EvolutionSearcher
-        from searchd.search.random_search import RandomSearcher
+        from searchd.searchers.bayes import BayesSearcher
+        from searchd.searchers.evolution import EvolutionSearcher
+        from searchd.searchers.random_search import RandomSearcher
 
         n_evo = evolution_candidates(st, g["calls"], r["denoiser_calls"], nfe)
         n_free = int(budget // per_cand)

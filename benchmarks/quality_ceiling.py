@@ -38,8 +38,8 @@ import torch
 
 from searchd.schedule import Schedule
 from searchd.schedules.spaces import with_meta
-from searchd.search.bayes import BayesSearcher
-from searchd.search.evolution import EvolutionSearcher
+from searchd.searchers.bayes import BayesSearcher
+from searchd.searchers.evolution import EvolutionSearcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402  (the benchmark beside this script: its settings and parts)

@@ -28,7 +28,7 @@ import torch
 
 from searchd.schedule import Schedule
 from searchd.schedules.spaces import with_meta
-from searchd.search.evolution import EvolutionSearcher
+from searchd.searchers.evolution import EvolutionSearcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402  (the benchmark beside this script: its settings and parts)

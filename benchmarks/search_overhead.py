@@ -4,11 +4,11 @@
         [--samples 2000] [--evaluator auto|real|solver] [--out FILE.md]
 
 Both sides run the same search (searchd's RandomSearcher on the quickstart's continuous
-space, wrapped in BatchedSearcher with the same batch size) over the same evaluator pool
-(2 CPU actors on a 2-core machine, as the quickstart). The plain loop drives the searcher
-directly: suggest a batch, ``pool.evaluate`` it, hand the results back. The Tune side is
-``run_tune_search`` (one trial per batch, one trial at a time, ``reuse_actors=True``). The
-ratio is Tune's candidates/s over the loop's, for each batch size; the goal is >= 0.8.
+space, in a ``SearchLoop`` with the same batch size) over the same evaluator pool (2 CPU
+actors on a 2-core machine, as the quickstart). The plain side runs the loop in-process
+(``SearchLoop.run`` with the pool's client as its scorer); the Tune side is ``run_tune``
+(one trial per batch, one trial at a time, ``reuse_actors=True``). The ratio is Tune's
+candidates/s over the loop's, for each batch size; the goal is >= 0.8.
 
 Per-candidate cost is the quickstart's: gmm-digits-k64, dpmpp_2m, 5 steps, 2,000 samples.
 ``--evaluator real`` scores with searchd's Evaluator (digits features, FID against exact
@@ -36,34 +36,20 @@ import ray
 import torch
 
 from searchd.distributed import EvaluatorPool, PoolClient
+from searchd.distributed.tune import run_tune
+from searchd.evaluation import CandidateResult
+from searchd.loop import SearchLoop
 from searchd.models import load
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
 from searchd.schedules.spaces import ContinuousSpace
-from searchd.search.batching import BatchedSearcher
-from searchd.search.random_search import RandomSearcher
-from searchd.search.runner import candidate_summary, run_tune_search
+from searchd.searchers.random_search import RandomSearcher
 from searchd.solvers import nfe, solve
 
 MODEL = "gmm-digits-k64"
 
 
-# The stand-in evaluator (before searchd.evaluation existed) --------------------------------
-@dataclass
-class SolverPassResult:
-    """The plain fields of ``searchd.evaluation.CandidateResult``."""
-
-    candidate_id: str
-    status: str
-    metrics: dict
-    nfe: int
-    n_samples: int
-    seed_base: int
-    wall_s: float
-    samples_per_s: float
-    error: str | None = None
-
-
+# The stand-in evaluator (the solver pass alone) ---------------------------------------------
 class SolverPassEvaluator:
     """The quickstart's solver pass, population-batched, scored by ``|mean - data mean|``."""
 
@@ -73,7 +59,7 @@ class SolverPassEvaluator:
         self.target = self.denoiser.data_mean().reshape(-1).double()
         self._noise: tuple[tuple[int, ...], torch.Tensor] | None = None
 
-    def evaluate(self, candidates: list[Schedule], seeds: Any) -> list[SolverPassResult]:
+    def evaluate(self, candidates: list[Schedule], seeds: Any) -> list[CandidateResult]:
         t0 = time.perf_counter()
         key = tuple(int(s) for s in seeds)
         if self._noise is None or self._noise[0] != key:
@@ -85,7 +71,7 @@ class SolverPassEvaluator:
         dist = (x.reshape(c, b, -1).double().mean(1) - self.target).norm(dim=1).tolist()
         wall = time.perf_counter() - t0
         return [
-            SolverPassResult(
+            CandidateResult(
                 s.id, "ok", {"fid": d}, nfe(s.solver, s.n_steps), b, key[0], wall / c, b * c / wall
             )
             for s, d in zip(candidates, dist)
@@ -123,42 +109,45 @@ def has_real_evaluator() -> bool:
 
 
 # The two ways of running the same search ---------------------------------------------------
-def make_searcher(space: ContinuousSpace, n: int, batch: int, seed: int) -> BatchedSearcher:
-    return BatchedSearcher(RandomSearcher(space, "fid", num_samples=n, seed=seed), batch)
+def make_loop(space: ContinuousSpace, seeds: list[int], n: int, batch: int, seed: int
+              ) -> SearchLoop:
+    return SearchLoop(RandomSearcher(space, "fid", num_samples=n, seed=seed), seeds,
+                      batch_size=batch)
+
+
+class _Timed:
+    """The pool's client as the scoring protocol, timing the calls."""
+
+    def __init__(self, client: PoolClient) -> None:
+        self.client = client
+        self.eval_s = 0.0
+
+    def score(self, schedules: list[Schedule], seeds: list[int]) -> list[CandidateResult]:
+        t1 = time.perf_counter()
+        out = self.client.score(schedules, seeds)
+        self.eval_s += time.perf_counter() - t1
+        return out
 
 
 def plain_loop(
     space: ContinuousSpace, client: PoolClient, seeds: list[int], n: int, batch: int, seed: int
-) -> tuple[float, int]:
-    """The search without Tune: suggest a batch, score it, complete it. (seconds, count)"""
-    searcher = make_searcher(space, n, batch, seed)
-    done, t0, i, eval_s = 0, time.perf_counter(), 0, 0.0
-    while True:
-        tid = f"loop{i}"
-        batch_cfg = searcher.suggest(tid)
-        if batch_cfg is None or isinstance(batch_cfg, str):
-            break
-        schedules = [space.decode(c) for c in batch_cfg["candidates"]]
-        t1 = time.perf_counter()
-        results = client.evaluate(schedules, seeds)
-        eval_s += time.perf_counter() - t1
-        per = [candidate_summary(r, "fid") for r in results]
-        searcher.on_trial_complete(tid, {"fid": min(p["fid"] for p in per), "per_candidate": per})
-        done += len(results)
-        i += 1
-    return time.perf_counter() - t0, eval_s
+) -> tuple[float, float]:
+    """The search without Tune: the loop in-process. (seconds, seconds scoring)"""
+    scorer = _Timed(client)
+    t0 = time.perf_counter()
+    make_loop(space, seeds, n, batch, seed).run(scorer)
+    return time.perf_counter() - t0, scorer.eval_s
 
 
 def tune_search(space: ContinuousSpace, client: PoolClient, seeds: list[int], n: int, batch: int,
                 seed: int, concurrency: int) -> tuple[float, float, float]:
     """The search under Tune. (seconds in ``fit()``, of which start-up before the first
     trial, seconds the trials waited for the pool)"""
-    searcher = make_searcher(space, n, batch, seed)
+    loop = make_loop(space, seeds, n, batch, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        out = run_tune_search(searcher, space.decode, client, seeds, metric="fid",
-                              batch_size=batch, max_concurrent_trials=concurrency,
-                              on_results=lambda *a: None, storage_path=tmp, name="overhead")
-    assert out.finished and out.n_candidates == n, out
+        out = run_tune(loop, client, storage_path=tmp, name="overhead",
+                       max_concurrent_trials=concurrency)
+    assert out.finished and loop.n_scored == n, out
     return out.wall_s, out.startup_s, out.eval_s
 
 
@@ -190,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     client = pool.client()
     space = ContinuousSpace(5, 0.002, 80.0, True, "rho", 7.0, True, gap_ratio=10.0)
     seeds = list(range(args.samples))
-    client.evaluate([space.sample(np.random.default_rng(99))], seeds)  # warm-up
+    client.score([space.sample(np.random.default_rng(99))], seeds)  # warm-up
 
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -251,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Medians of {args.repeats} run(s) per side, loop and Tune alternating. Tune's time is "
         "the whole `Tuner.fit()`, its start-up included (from `fit()` to the first trial's "
         "start: placement group and the trial's worker process, paid once per search). The "
-        "loop drives the same BatchedSearcher and pool without Tune.",
+        "loop runs the same SearchLoop and pool without Tune.",
         "",
         "The *busy ratio* is the fraction of the wall time spent waiting for the pool under "
         "Tune over the same fraction in the loop: the throughput ratio the two would have at "

@@ -10,11 +10,12 @@ not a simulation. Unset (the default), every hook is a dictionary lookup and not
 - ``after_tmp_write``: an evaluation part's temporary file (``evaluations/.part-...tmp-...``)
   is written and fsync'd, and not yet renamed into place (local run directories; an object
   store writes the final key in one PUT and has no such moment);
-- ``mid_generation``: an evaluator actor has started scoring the candidates of the ``n``-th
-  trial (one trial is one generation of the evolutionary search), and none of that trial's
-  rows is stored yet. The driver watches the actors' counters to see the scoring start; if
-  the trial's results reach the driver first, it is killed there, before storing them;
-- ``after_generation``: the ``n``-th trial's rows and the searcher state after it are stored,
+- ``mid_generation``: an evaluator has started scoring the candidates of the ``n``-th batch
+  of the search loop (one batch is one generation of the evolutionary search), and none of
+  that batch's rows is stored yet. On Ray the driver watches the actors' counters to see the
+  scoring start; if the batch's results reach the driver first, it is killed there, before
+  storing them (``searchd.loop.hooks``);
+- ``after_generation``: the ``n``-th batch's rows and the searcher state after it are stored,
   and the searcher has not yet learned of the results (the next generation is not built).
 
 Example: ``SEARCHD_FAULT=after_tmp_write:2 python -m searchd.search --config ...`` dies while
@@ -35,8 +36,8 @@ ENV = "SEARCHD_FAULT"
 
 POINTS: dict[str, str] = {
     "after_tmp_write": "an evaluation part's temporary file is written, before its rename",
-    "mid_generation": "an evaluator is scoring the n-th trial, none of its rows stored",
-    "after_generation": "the n-th trial's rows and searcher state are stored",
+    "mid_generation": "an evaluator is scoring the n-th batch, none of its rows stored",
+    "after_generation": "the n-th batch's rows and searcher state are stored",
 }
 
 _hits: dict[str, int] = {}

@@ -5,8 +5,11 @@ Matplotlib is imported lazily with the Agg backend, so nothing here needs a disp
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,3 +122,29 @@ def plot_schedules(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+HISTORY_PLOT = "metric_per_generation.png"
+SCHEDULES_PLOT = "schedules.png"
+
+
+def draw_plots(
+    out_dir: str,
+    rows: Sequence[Mapping[str, Any]],
+    baseline_values: Mapping[str, float],
+    schedules: Mapping[str, Sequence[float]],
+    metric: str,
+    title: str,
+) -> list[str]:
+    """``metric_per_generation.png`` and ``schedules.png`` into ``out_dir``; the file names.
+
+    ``schedules``: name -> sigmas, the searched (best) schedule first.
+    """
+    plot_history([r["generation"] for r in rows],
+                 [math.nan if r["value"] is None else r["value"] for r in rows],
+                 dict(baseline_values), os.path.join(out_dir, HISTORY_PLOT), metric=metric)
+    names = [HISTORY_PLOT]
+    if schedules:
+        plot_schedules(dict(schedules), os.path.join(out_dir, SCHEDULES_PLOT), title=title)
+        names.append(SCHEDULES_PLOT)
+    return names

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def generate(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m searchd.sample",
+        prog=PROG,
         description="Sample a model with one solver and one schedule (a baseline family, a "
         "best.json, or explicit --sigmas); write a PNG grid and print the NFE spent and the "
         "pixel-space Frechet distance to exact samples.",
@@ -102,9 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+PROG = "python -m searchd.sample"
+
+
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    from searchd import cli
+
+    return cli.fail(PROG, message, cli.EXIT_BAD_INPUT)
 
 
 def parse_sigmas(text: str) -> np.ndarray:
@@ -162,12 +167,44 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status (2 for unknown names or bad values)."""
+    """Run the command; returns the exit status (2 for bad input, 1 for a failure; one line
+    on stderr: ``python -m searchd.sample: error: ...``)."""
+    from searchd import cli
+
     args = _parser().parse_args(argv)
-    try:
-        given = explicit_schedule(args)
-    except ValueError as e:
-        return _fail(str(e))
+    return cli.run_command(PROG, lambda: _run(args), bad=(ValueError,))
+
+
+def _check_out(out: str) -> str | None:
+    """Why ``--out`` cannot be written (None: it can)."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        return f"--out {out} is a folder; give a .png file name"
+    if not os.path.isdir(folder):
+        return f"--out {out}: folder {folder} does not exist"
+    try:  # the one sure test, whoever runs it: write a scratch file there
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".searchd-"):
+            pass
+    except OSError as e:
+        return (f"--out {out}: folder {folder} is not writable "
+                f"(creating a file there: {e.strerror})")
+    return None
+
+
+def _check_device(device: str) -> str | None:
+    """Why ``--device`` is not usable here (None: it is)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available on this machine; use --device cpu"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "--device mps: MPS is not available on this machine; use --device cpu"
+    return None
+
+
+def _run(args: Any) -> int:
+    given = explicit_schedule(args)  # a ValueError: one line, exit 2
     if given is not None:
         args.model, args.solver = given["model"] or "gmm-digits", given["solver"]
     args.model = args.model or "gmm-digits"
@@ -187,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"--n {args.n}: at least 2 samples are needed for a Frechet distance")
     if args.seed_base < 0:
         return _fail(f"--seed-base {args.seed_base} must be >= 0")
+    problem = _check_out(args.out) or _check_device(args.device)
+    if problem is not None:
+        return _fail(problem)
 
     den = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
     params = {} if args.rho is None else {"rho": args.rho}

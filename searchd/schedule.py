@@ -20,6 +20,19 @@ from typing import Any
 import numpy as np
 
 HASH_CHARS = 16
+# The version of the id scheme (runs record it: a run is continued only by the same scheme).
+# 1: SHA-256 of the raw float64 sigmas; 2: of the sigmas rounded to a relative 2**-30
+# (about 1e-9) first, so schedules that differ only by floating-point noise share their id.
+ID_SCHEME = 2
+CANONICAL_BITS = 30
+
+
+def canonical_sigmas(sigmas: np.ndarray) -> np.ndarray:
+    """The noise levels as they are hashed: each mantissa rounded to ``CANONICAL_BITS``
+    bits (a relative 2**-30, about 1e-9), exponents kept; 0 stays 0."""
+    mantissa, exponent = np.frexp(np.asarray(sigmas, dtype=np.float64))
+    scale = float(2**CANONICAL_BITS)
+    return np.ldexp(np.round(mantissa * scale) / scale, exponent)
 
 
 def validate_sigmas(
@@ -106,10 +119,10 @@ class Schedule:
     solver that runs it.
 
     ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
-    not part of the identity: two schedules with the same sigmas, models, guidance and solver
-    are the same candidate and have the same ``id``. ``guidance`` (float64 [N] or None) is
-    part of the identity only when present, so every schedule without it keeps the id it
-    always had.
+    not part of the identity: two schedules with the same sigmas (to a relative 1e-9),
+    models, guidance and solver are the same candidate and have the same ``id``.
+    ``guidance`` (float64 [N] or None) is part of the identity only when present, so every
+    schedule without it keeps the id it always had.
     """
 
     sigmas: np.ndarray
@@ -165,17 +178,23 @@ class Schedule:
     @property
     def id(self) -> str:
         """Content hash of (sigmas, model_ids, guidance, solver): the candidate's id
-        everywhere (guidance only when present)."""
+        everywhere (guidance only when present).
+
+        The sigmas (and guidance weights) are hashed as ``canonical_sigmas`` (rounded to a
+        relative 2**-30), so two schedules that differ only by floating-point noise (a
+        parameter vector decoded twice, a crossover that reproduces a parent) are one
+        candidate, scored once.
+        """
         h = hashlib.sha256()
         h.update(self.solver.encode())
         h.update(b"|s|")
-        h.update(np.ascontiguousarray(self.sigmas, dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(canonical_sigmas(self.sigmas), dtype="<f8").tobytes())
         if self.model_ids is not None:
             h.update(b"|m|")
             h.update(np.ascontiguousarray(self.model_ids, dtype="<i8").tobytes())
         if self.guidance is not None:
             h.update(b"|g|")
-            h.update(np.ascontiguousarray(self.guidance, dtype="<f8").tobytes())
+            h.update(np.ascontiguousarray(canonical_sigmas(self.guidance), dtype="<f8").tobytes())
         return h.hexdigest()[:HASH_CHARS]
 
     def __hash__(self) -> int:

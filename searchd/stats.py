@@ -41,7 +41,7 @@ class InputError(ValueError):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m searchd.stats",
+        prog=PROG,
         description="Compute reference statistics (mu, sigma, n + metadata) of images in a "
         "feature space and write them to an .npz named after everything that shaped it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -178,6 +178,26 @@ def _image_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 # Main -----------------------------------------------------------------------------------------
+def _check_out_dir(out_dir: Path) -> None:
+    """``--out-dir`` can be written: an existing writable folder, or one that can be made
+    in a writable folder (checked before any work)."""
+    import tempfile
+
+    existing = out_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise InputError(f"--out-dir {out_dir}: {existing} is a file, not a folder")
+    try:  # the one sure test, whoever runs it: write a scratch file there
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".searchd-"):
+            pass
+    except OSError as e:
+        raise InputError(f"--out-dir {out_dir}: {existing} is not writable "
+                         f"(creating a file there: {e.strerror})") from None
+
+
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
     """Check the arguments (cheap checks only) and describe the job; ``InputError`` if bad."""
     from searchd.evaluation.features import FEATURES, INCEPTION_MODES
@@ -203,6 +223,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("--batch-size must be >= 1 and --kid-features >= 0")
     if args.seed_base is not None and args.seed_base < 0:
         raise InputError(f"--seed-base {args.seed_base} must be >= 0")
+    _check_out_dir(args.out_dir)
     model_only = [
         o
         for o in ("solver", "schedule", "nfe", "steps", "rho", "sigmas")
@@ -416,16 +437,21 @@ def run(args: argparse.Namespace) -> Path:
     return ref.save(args.out_dir / name)
 
 
+PROG = "python -m searchd.stats"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; exit status 0, or 2 for bad input (one line on stderr)."""
+    """Run the command; exit status 0, 2 for bad input, 1 for a failure (one line on stderr:
+    ``python -m searchd.stats: error: ...``)."""
+    from searchd import cli
+
     args = _parser().parse_args(argv)
-    try:
-        path = run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+
+    def body() -> int:
+        print(f"wrote {run(args)}")
+        return 0
+
+    return cli.run_command(PROG, body, bad=(InputError,))
 
 
 if __name__ == "__main__":

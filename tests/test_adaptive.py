@@ -23,10 +23,10 @@ from searchd.adaptive import (
     fit_one_shot,
     oracle_schedules,
 )
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.methods.ld3 import Ld3Parameterization
 from searchd.noise import make_noise
 from searchd.schedules.baselines import baseline
-from searchd.search.ld3 import Ld3Parameterization
-from searchd.search.teacher import TeacherCache, TeacherSettings
 from searchd.solvers import SOLVERS, SchedulePolicy, solve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; k8 too

@@ -48,8 +48,8 @@ def test_adaptive_config_needs_ld3_and_checks_its_settings(tmp_path):
 
 
 def test_global_schedule_from_an_earlier_best_json(tmp_path):
-    from searchd.adaptive.run import global_from_best
-    from searchd.search.registry import make_space
+    from searchd.loop.adaptive import check_global_best, global_from_best
+    from searchd.loop.plan import make_space
 
     cfg = load_config(QUICK, [])
     space = make_space(cfg, 0.002, 80.0)
@@ -61,7 +61,8 @@ def test_global_schedule_from_an_earlier_best_json(tmp_path):
     assert cfg.anchors == []  # nothing to compute: the schedule is read
     got = global_from_best(path, space)
     assert list(got.sigmas) == sig and got.meta["origin"] == "best.json"
-    # A best.json that cannot serve this run fails at validation, before Ray starts.
+    # A best.json that cannot serve this run fails before Ray starts (the preflight's check,
+    # beside the adaptive algorithm's run; validation itself reads no other run's files).
     bad = {
         json.dumps({"sigmas": sig, "solver": "euler"}): "for solver 'euler'; this run's",
         json.dumps({"sigmas": sig[:-2] + [0.0], "solver": "dpmpp_2m"}):
@@ -72,8 +73,9 @@ def test_global_schedule_from_an_earlier_best_json(tmp_path):
     for text, message in bad.items():
         path.write_text(text)
         with pytest.raises(ConfigError) as e:
-            load_config(QUICK, sets)
+            check_global_best(load_config(QUICK, sets))
         assert "search.adaptive.global_schedule" in str(e.value) and message in str(e.value)
+        assert len(e.value.lines) == 1
     # Checked against the model's noise range when the run starts.
     path.write_text(json.dumps({"sigmas": [500.0, 5.0, 1.0, 0.2, 0.01, 0.0]}))
     with pytest.raises(ValueError, match="search.adaptive.global_schedule: .*best.json"):
@@ -83,16 +85,16 @@ def test_global_schedule_from_an_earlier_best_json(tmp_path):
 # The training job, the files, the held-out score --------------------------------------------------
 @pytest.mark.parametrize("kind", ["one_shot", "delta"])
 def test_compute_write_read_and_score_a_predictor(k8, tmp_path, kind):
-    from searchd.adaptive.product import predictor_blob, predictor_from_blob
-    from searchd.adaptive.run import (
+    from searchd.adaptive.product import (
         compute_predictor,
+        predictor_blob,
         predictor_final,
-        read_predictor,
-        write_predictor,
+        predictor_from_blob,
     )
     from searchd.evaluation import Evaluator, load_features
     from searchd.evaluation.heldout import heldout_scores
     from searchd.evaluation.reference import exact_reference
+    from searchd.loop.adaptive import read_predictor, write_predictor
     from searchd.storage import RunDir
 
     g = Schedule(baseline("polynomial", 4, k8.sigma_min, k8.sigma_max), solver="dpmpp_2m")
@@ -214,7 +216,7 @@ def _rows(run):
 
 
 def test_adaptive_searcher_proposes_the_global_schedule_then_the_baselines(tmp_path):
-    from searchd.search.registry import make_baselines, make_searcher, make_space
+    from searchd.loop.plan import make_baselines, make_searcher, make_space
 
     cfg = load_config(QUICK, ["search.algorithm=adaptive", "baselines=[polynomial, logsnr]"])
     space = make_space(cfg, 0.002, 80.0)
@@ -222,9 +224,9 @@ def test_adaptive_searcher_proposes_the_global_schedule_then_the_baselines(tmp_p
     glob = space.check(Schedule(np.array([80.0, 4.0, 1.5, 0.25, 0.05, 0.0]),
                                 solver="dpmpp_2m", meta={"origin": "ld3"}))
     s = make_searcher(cfg.search, space, bases, "fid", "min", {"ld3": glob})
-    got = [s.suggest(f"t{i}") for i in range(4)]
-    assert [g["schedule"]["id"] for g in got[:3]] == [glob.id, *(b.id for b in bases)]
-    assert got[0]["schedule"]["meta"]["origin"] == "ld3" and got[3] == "FINISHED"
+    got = [s.ask(f"t{i}") for i in range(4)]
+    assert [g.id for g in got[:3]] == [glob.id, *(b.id for b in bases)]
+    assert got[0].meta["origin"] == "ld3" and got[3] == "FINISHED"
     assert s.algorithm == "adaptive" and s.schedule.id == glob.id
     with pytest.raises(ValueError, match="the ld3 schedule must be computed"):
         make_searcher(cfg.search, space, bases, "fid", "min", None)

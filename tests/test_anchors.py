@@ -13,16 +13,12 @@ import pytest
 import torch
 
 from searchd.config import ConfigError, load_config
+from searchd.loop.plan import anchor_job, make_baselines, make_searcher, make_space
+from searchd.methods.anchors import anchors_from_results, compute_anchor
+from searchd.methods.counting import CountingDenoiser
 from searchd.models import load
 from searchd.schedule import Schedule
 from searchd.schedules.spaces import DiscreteSpace
-from searchd.search.anchors import (
-    CountingDenoiser,
-    anchor_job,
-    anchors_from_results,
-    compute_anchor,
-)
-from searchd.search.registry import make_baselines, make_searcher, make_space
 
 QUICK = "configs/quickstart.yaml"
 # Small GITS/LD3 settings: a 13-point teacher grid on 16 warm-up samples; LD3 for 4 steps.
@@ -47,7 +43,7 @@ def denoiser():
         (["search.ld3.optimizer=sgd"], "search.ld3.optimizer: got 'sgd'"),
         (["search.gits.metric=l3"], "search.gits.metric: got 'l3'"),
         (["search.gits.teacher_solver=rk4"], "search.gits.teacher_solver: got 'rk4'"),
-        (["search.evolution.warm_start=[cmaes]"], "search.evolution.warm_start.0: got 'cmaes'"),
+        (["search.evolution.warm_start=[cmaes]"], "search.evolution.warm_start: got ['cmaes']"),
         (["search.evolution.warm_start=[gits, gits]"], "each of gits, ld3 at most once"),
         (["search.algorithm=gits", "search.gits.grid_points=5"],
          "a grid of 5 points allows at most 4 steps; steps = 5"),
@@ -153,17 +149,17 @@ def test_computed_baselines_searchers_and_warm_start(denoiser):
         make_baselines(cfg, space, {})
     # Warm start: generation 0 holds the baselines, then LD3 (GITS is already a baseline).
     evo = make_searcher(cfg.search, space, bases, "fid", "min", anchors)
-    gen0 = [evo.suggest(f"t{i}")["schedule"] for i in range(cfg.search.evolution.population_num)]
-    origins = [g["meta"]["origin"] for g in gen0]
+    gen0 = [evo.ask(f"t{i}") for i in range(cfg.search.evolution.population_num)]
+    origins = [g.meta["origin"] for g in gen0]
     assert origins[:3] == ["baseline", "baseline", "ld3"]
     assert set(origins[3:]) == {"random"}
-    assert gen0[2]["id"] == anchors["ld3"].id
+    assert gen0[2].id == anchors["ld3"].id
     # GITS / LD3 as the algorithm: the computed schedule, then the baselines, then done.
     for name in ("gits", "ld3"):
         cfg.search.algorithm = name
         s = make_searcher(cfg.search, space, bases, "fid", "min", anchors)
-        got = [s.suggest(f"t{i}") for i in range(4)]
-        ids = [g["schedule"]["id"] for g in got if isinstance(g, dict)]
+        got = [s.ask(f"t{i}") for i in range(4)]
+        ids = [g.id for g in got if isinstance(g, Schedule)]
         want = [anchors[name].id] + [b.id for b in bases if b.id != anchors[name].id]
         assert ids == want and got[len(want)] == "FINISHED"
         with pytest.raises(ValueError, match=f"the {name} schedule must be computed"):

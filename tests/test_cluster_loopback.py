@@ -1,6 +1,6 @@
 """A real Ray cluster on this machine, driven the way a user drives a cloud cluster.
 
-``ray start --block`` nodes on loopback addresses (clusters/loopback.py), with token
+``ray start --block`` nodes on loopback addresses (searchd/distributed/loopback.py), with token
 authentication (``RAY_AUTH_MODE=token``, the cluster's own token file) and ports below Ray's
 worker range. One cluster and one search serve the whole module, in the order a user meets
 them:
@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
+from searchd.distributed.loopback import LoopbackCluster, marked_pids
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clusters"))
-from loopback import LoopbackCluster, marked_pids  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -185,7 +185,7 @@ def search(cluster: LoopbackCluster, s3_endpoint: str) -> dict[str, Any]:
     t0 = time.monotonic()
     marks: dict[str, float] = {}  # seconds since submission, printed (pytest -s)
     job = submit(cluster, search_command(run_uri))
-    wait_for(cluster, job, lambda: "1 evaluator actor(s) ready" in cluster.job_logs(job),
+    wait_for(cluster, job, lambda: "1 evaluator(s) ready" in cluster.job_logs(job),
              "the evaluator pool on the head")
     marks["pool on the head"] = time.monotonic() - t0
     cluster.add_node()

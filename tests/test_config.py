@@ -49,7 +49,7 @@ def test_quickstart_loads_with_the_documented_values():
     assert cfg.search.candidates_per_trial == ev.population_num
     assert [b.label for b in cfg.baselines] == ["polynomial(rho=7)", "logsnr", "time_uniform"]
     assert cfg.samples.heldout == 10000 and cfg.workers.num_workers == 2
-    assert cfg.run_dir.startswith("runs/")
+    assert cfg.run_dir is None  # chosen when a run starts, never by validation
 
 
 def test_every_quickstart_key_is_commented():
@@ -72,7 +72,8 @@ def test_overrides_set_scalars_lists_mappings_and_list_entries():
         "search.algorithm=random",
         "search.evolution.population_num=24",
         "samples.per_candidate=500",
-        "solver.options={churn: 0.0, order: 2}",
+        "solver.name=unipc",
+        "solver.options={order: 3, lower_order_final: false}",
         "baselines.0.params.rho=5",
         "space.sigma_max=40",
         "run_dir=/tmp/x",
@@ -80,7 +81,7 @@ def test_overrides_set_scalars_lists_mappings_and_list_entries():
     assert cfg.search.algorithm == "random" and cfg.search.evolution.population_num == 24
     assert cfg.search.budget == 24 * 8
     assert cfg.samples.per_candidate == 500
-    assert cfg.solver.options == {"churn": 0.0, "order": 2}
+    assert cfg.solver.options == {"order": 3, "lower_order_final": False}
     assert cfg.baselines[0].params == {"rho": 5} and cfg.baselines[0].label == "polynomial(rho=5)"
     assert cfg.space.sigma_max == 40.0 and cfg.run_dir == "/tmp/x"
 
@@ -111,7 +112,10 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
 # Validation errors: one line, naming key, value and what is allowed ------------------------
 @pytest.mark.parametrize("override,key,value,allowed", [
     ("search.algorithm=cmaes", "search.algorithm", "'cmaes'",
-     "'evolution', 'random', 'bayes', 'gits', 'ld3' or 'adaptive'"),
+     "allowed algorithms: evolution, random, bayes, gits, ld3, adaptive"),
+    ("solver.options.foo=1", "solver.options", "{'foo': 1}",
+     "dpmpp_2m: unknown option(s) ['foo']; allowed options: none"),
+    ("solver.options={order: 9}", "solver.options", "{'order': 9}", "allowed options: none"),
     ("search.bayes.sampler=cmaes", "search.bayes.sampler", "'cmaes'", "'tpe' or 'gp'"),
     ("solver.name=rk4", "solver.name", "'rk4'", "dpmpp_2m"),
     ("space.warp=linear", "space.warp", "'linear'", "'logsnr' or 'rho'"),

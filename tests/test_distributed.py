@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import torch
 
 from searchd.distributed.batcher import RequestBatcher
 from searchd.distributed.pool import split_balanced
+from searchd.evaluation import CandidateResult
 from searchd.models import load
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
@@ -31,24 +31,9 @@ from searchd.solvers import nfe, solve
 
 
 # A small real evaluator ------------------------------------------------------------------
-@dataclass
-class MeanResult:
-    """The plain fields of ``searchd.evaluation.CandidateResult`` this evaluator fills."""
-
-    candidate_id: str
-    status: str
-    metrics: dict
-    nfe: int
-    n_samples: int
-    seed_base: int
-    wall_s: float
-    samples_per_s: float
-    error: str | None = None
-    stats: object = None
-
-
 class MeanDistanceEvaluator:
-    """Scores schedules by ``|mean(samples) - exact data mean|`` on the embedded GMM.
+    """Scores schedules by ``|mean(samples) - exact data mean|`` on the embedded GMM (a
+    factory of its own: the actor serves any evaluator, not only searchd's ``Evaluator``).
 
     All candidates of a call are solved in one population-batched pass ([C*B, N+1] sigmas),
     as the real evaluator does; a candidate whose solver is unknown fails alone.
@@ -59,15 +44,16 @@ class MeanDistanceEvaluator:
         self.denoiser = load(model)
         self.target = self.denoiser.data_mean().reshape(-1).double()
 
-    def evaluate(self, candidates: Sequence[Schedule], seeds: Sequence[int]) -> list[MeanResult]:
+    def evaluate(self, candidates: Sequence[Schedule], seeds: Sequence[int]
+                 ) -> list[CandidateResult]:
         t0 = time.perf_counter()
         seeds = list(seeds)
         b = len(seeds)
-        out: dict[int, MeanResult] = {}
+        out: dict[int, CandidateResult] = {}
         ok = [i for i, c in enumerate(candidates) if c.solver == "dpmpp_2m"]
         for i, c in enumerate(candidates):
             if i not in ok:
-                out[i] = MeanResult(c.id, "failed", {}, 0, 0, seeds[0], 0.0, 0.0,
+                out[i] = CandidateResult(c.id, "failed", {}, 0, 0, seeds[0], 0.0, 0.0,
                                     f"unknown solver {c.solver!r}")
         if ok:
             noise = make_noise(seeds, self.denoiser.shape)
@@ -77,7 +63,7 @@ class MeanDistanceEvaluator:
             wall = time.perf_counter() - t0
             for i, d in zip(ok, dist.tolist()):
                 c = candidates[i]
-                out[i] = MeanResult(c.id, "ok", {"dist": d}, nfe(c.solver, c.n_steps),
+                out[i] = CandidateResult(c.id, "ok", {"dist": d}, nfe(c.solver, c.n_steps),
                                     b, seeds[0], wall / len(ok), b * len(ok) / wall)
         return [out[i] for i in range(len(candidates))]
 
@@ -222,7 +208,7 @@ def test_pool_grows_and_clients_handed_out_before_see_it(ray_local, pool) -> Non
 
     @ray_local.remote(num_cpus=0.01)
     def in_a_trial(client, cands: list[Schedule], seeds: range) -> list[str]:
-        return [r.worker for r in client.evaluate(cands, seeds)]
+        return [r.worker for r in client.score(cands, seeds)]
 
     pool.reserve_cpus = 0.6  # room for a second actor now
     assert pool.refresh() == 1 and len(pool) == 2
@@ -237,11 +223,11 @@ def test_pool_scores_like_the_evaluator_itself(ray_local, pool) -> None:
     cands = make_candidates(5, seed=1)
     cands.append(Schedule(cands[0].sigmas, solver="no_such_solver"))
     seeds = range(100, 300)
-    got = pool.evaluate(cands, seeds)
+    got = pool.score(cands, seeds)
     want = MeanDistanceEvaluator().evaluate(cands, seeds)
     assert [g.candidate_id for g in got] == [c.id for c in cands]
-    assert [g.result.status for g in got] == ["ok"] * 5 + ["failed"]
-    np.testing.assert_allclose([g.result.metrics.get("dist", np.nan) for g in got],
+    assert [g.status for g in got] == ["ok"] * 5 + ["failed"]
+    np.testing.assert_allclose([g.metrics.get("dist", np.nan) for g in got],
                                [w.metrics.get("dist", np.nan) for w in want], rtol=1e-5)
     # Split over both actors, each tagged with its worker and node.
     assert {g.worker for g in got} == {"evaluator-0", "evaluator-1"}
@@ -275,7 +261,7 @@ def test_killed_actor_is_restarted_and_its_chunk_rescored(ray_local, pool) -> No
 
     def run() -> None:
         try:
-            out["results"] = pool.evaluate(cands, seeds, timeout_s=120)
+            out["results"] = pool.score(cands, seeds, timeout_s=120)
         except Exception as e:  # reported by the assertions below
             out["error"] = e
 
@@ -300,7 +286,7 @@ def test_killed_actor_is_restarted_and_its_chunk_rescored(ray_local, pool) -> No
     assert [r.candidate_id for r in results] == [c.id for c in cands]
     assert client.resends == resends + 1
     want = MeanDistanceEvaluator().evaluate(cands, seeds)
-    np.testing.assert_allclose([r.result.metrics["dist"] for r in results],
+    np.testing.assert_allclose([r.metrics["dist"] for r in results],
                                [w.metrics["dist"] for w in want], rtol=1e-5)
     # Ray restarted the killed actor, which rebuilt its evaluator and serves again.
     info = client.wait_ready(victim, timeout_s=120)

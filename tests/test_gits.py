@@ -1,5 +1,6 @@
-"""GITS (searchd/search/gits.py), the teacher helper (teacher.py), and the contract of the
-searchers that suggest a precomputed schedule (GITS and LD3).
+"""GITS (searchd/methods/gits.py), the teacher (searchd/evaluation/teacher.py), and what is
+particular to the searchers of a precomputed schedule (GITS and LD3; their contract is
+tests/test_searcher_contract.py's).
 
 The DP is checked on hand-worked cost matrices, against brute force over every path, and
 against a plain transcription of GITS's own recursion; the whole method on the embedded
@@ -17,16 +18,15 @@ import numpy as np
 import pytest
 import ray
 import torch
-from ray.tune.search import Searcher
 
-from searchd.models import load
-from searchd.noise import make_noise
-from searchd.schedule import Schedule
-from searchd.schedules.baselines import baseline, ddpm_linear_grid
-from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace
-from searchd.search.gits import (
+from searchd.evaluation.teacher import (
+    TeacherCache,
+    TeacherSettings,
+    teacher_samples,
+    teacher_trajectory,
+)
+from searchd.methods.gits import (
     EULER_STEP_SOLVERS,
-    GitsSearcher,
     compute_gits,
     cost_matrix,
     deviation,
@@ -37,16 +37,15 @@ from searchd.search.gits import (
     model_grid_levels,
     path_cost,
 )
-from searchd.search.ld3 import Ld3Searcher
-from searchd.search.teacher import (
-    TeacherCache,
-    TeacherSettings,
-    teacher_samples,
-    teacher_trajectory,
-)
+from searchd.models import load
+from searchd.noise import make_noise
+from searchd.schedule import Schedule
+from searchd.schedules.baselines import baseline, ddpm_linear_grid
+from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace
+from searchd.searchers.base import FINISHED
+from searchd.searchers.precomputed import GitsSearcher, Ld3Searcher
 from searchd.solvers import SOLVERS, solve
 
-FINISHED = Searcher.FINISHED
 INF = math.inf
 
 
@@ -192,7 +191,7 @@ def test_cost_matrix_entries_are_one_step_errors(k8_64, metric):
 
 
 def test_warm_up_batches_and_target_chunks_give_the_same_plan(k8_64, monkeypatch):
-    import searchd.search.gits as gits_module
+    import searchd.methods.gits as gits_module
 
     noise = make_noise(range(6), k8_64.shape, dtype=torch.float64)
     for student in ("euler", "heun"):
@@ -221,7 +220,7 @@ def test_teacher_trajectory_of_a_single_step_solver_is_its_run(k8_64):
 
 
 def _segments(levels, sub):
-    from searchd.search.teacher import refine
+    from searchd.evaluation.teacher import refine
 
     return refine(levels, sub)
 
@@ -322,35 +321,22 @@ def objective(s: Schedule) -> float:
 CLASSES = [(GitsSearcher, "gits"), (Ld3Searcher, "ld3")]
 
 
-def drive(searcher, n_out: int = 2, start: int = 0):
-    """Play Tune: up to ``n_out`` trials outstanding, oldest completed first."""
-    out, pending, i, done = [], dict(searcher.pending), start, False
-    pending = {t: SPACE.decode({"schedule": s}) for t, s in pending.items()}
-    while True:
-        while not done and len(pending) < n_out:
-            cfg = searcher.suggest(f"t{i}")
-            if cfg == FINISHED:
-                done = True
-                break
-            s = SPACE.decode(cfg)
-            pending[f"t{i}"] = s
-            out.append(s)
-            i += 1
-        if not pending:
-            return out
-        tid = next(iter(pending))
-        searcher.on_trial_complete(tid, {METRIC: objective(pending.pop(tid))})
+def drive(searcher, start: int = 0):
+    """The in-process search loop, two candidates per batch (``tests/test_searcher_contract``)."""
+    from tests.test_searcher_contract import drive as loop_drive
+
+    return loop_drive(searcher, SPACE, objective, parallel=2, start=start)
 
 
 @pytest.mark.parametrize(("cls", "origin"), CLASSES)
-def test_precomputed_searcher_suggests_its_schedule_then_the_baselines(cls, origin):
+def test_precomputed_searcher_asks_its_schedule_then_the_baselines(cls, origin):
     sch = precomputed(origin)
     s = cls(SPACE, METRIC, "min", schedule=sch, seeds=baselines() + [sch])
-    assert isinstance(s, Searcher) and s.algorithm == origin
+    assert s.algorithm == origin
     got = drive(s)
     assert [g.id for g in got] == [sch.id] + [b.id for b in baselines()]
     assert [g.meta["origin"] for g in got] == [origin] + ["baseline"] * 3
-    assert s.suggest("later") == FINISHED
+    assert s.ask("later") == FINISHED
     assert s.best["schedule"] == sch  # the objective favours it
     assert len(s.history) == 4 == s.num_suggested
 
@@ -359,8 +345,8 @@ def test_precomputed_searcher_suggests_its_schedule_then_the_baselines(cls, orig
 def test_precomputed_searcher_state_round_trip(cls, origin, tmp_path):
     sch = precomputed(origin)
     a = cls(SPACE, METRIC, "min", schedule=sch, seeds=baselines())
-    first = [SPACE.decode(a.suggest(f"t{i}")) for i in range(2)]
-    a.on_trial_complete("t0", {METRIC: float("nan")})  # a NaN counts as a failure
+    first = [a.ask(f"t{i}") for i in range(2)]
+    a.tell("t0", float("nan"))  # a NaN counts as a failure
     state = json.loads(json.dumps(a.get_state(), allow_nan=False))
     a.save(tmp_path / "s.json")
     b = cls(SPACE, METRIC, "min", schedule=sch, seeds=baselines())
@@ -369,7 +355,8 @@ def test_precomputed_searcher_state_round_trip(cls, origin, tmp_path):
     c.restore(tmp_path / "s.json")
     assert b.pending == a.pending == c.pending and b.history == a.history
     rest = [[x.id for x in drive(t, start=10)] for t in (a, b, c)]
-    assert rest[0] == rest[1] == rest[2] == [b_.id for b_ in baselines()[1:]]
+    # The pending candidate is asked again first (as a resumed run does), then the rest.
+    assert rest[0] == rest[1] == rest[2] == [first[1].id] + [b_.id for b_ in baselines()[1:]]
     assert {x.id for x in first} | set(rest[0]) == {sch.id} | {x.id for x in baselines()}
     other = cls(SPACE, METRIC, "min", schedule=Schedule([80.0, 9.0, 2.0, 0.4, 0.01, 0.0]),
                 seeds=baselines())

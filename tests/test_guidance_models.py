@@ -19,7 +19,7 @@ from searchd.models.conditional import (
     row_conditioning,
     supports_guidance,
 )
-from searchd.schedule import HASH_CHARS, Schedule
+from searchd.schedule import HASH_CHARS, Schedule, canonical_sigmas
 from searchd.schedules import baseline
 from searchd.schedules.spaces import with_meta
 from searchd.solvers import SOLVERS, network_calls, nfe, solve
@@ -313,10 +313,15 @@ def test_schedule_ids_without_guidance_are_unchanged_and_guidance_is_identity():
 
     sig = baseline("polynomial", 4, 0.002, 80.0, rho=7)
     s = Schedule(sig, solver="euler")
-    h = hashlib.sha256(b"euler" + b"|s|" + np.ascontiguousarray(sig, dtype="<f8").tobytes())
+    canon = np.ascontiguousarray(canonical_sigmas(sig), dtype="<f8").tobytes()
+    h = hashlib.sha256(b"euler" + b"|s|" + canon)
     assert s.id == h.hexdigest()[:HASH_CHARS]  # the formula of every stored id
     assert "guidance" not in s.to_dict()
     g = Schedule(sig, solver="euler", guidance=[1, 2, 2, 1])
+    w = np.ascontiguousarray(canonical_sigmas(np.array([1.0, 2, 2, 1])), dtype="<f8").tobytes()
+    assert g.id == hashlib.sha256(b"euler" + b"|s|" + canon + b"|g|" + w).hexdigest()[:HASH_CHARS]
+    # Weights that differ by floating-point noise are one candidate, as levels are.
+    assert Schedule(sig, solver="euler", guidance=[1, 2 * (1 + 1e-13), 2, 1]).id == g.id
     assert g.id != s.id and g.id != Schedule(sig, solver="euler", guidance=[1, 2, 2, 2]).id
     back = Schedule.from_json(g.to_json())
     assert back == g and back.guidance.tolist() == [1, 2, 2, 1]

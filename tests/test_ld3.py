@@ -22,11 +22,8 @@ import pytest
 import ray
 import torch
 
-from searchd.models import GaussianMixtureDenoiser, load
-from searchd.noise import make_noise
-from searchd.schedule import Schedule
-from searchd.schedules.baselines import baseline
-from searchd.search.ld3 import (
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.methods.ld3 import (
     FiniteDifferenceSigma,
     Ld3Parameterization,
     compute_ld3,
@@ -37,7 +34,10 @@ from searchd.search.ld3 import (
     relax_noise,
     with_sigma_gradient,
 )
-from searchd.search.teacher import TeacherCache, TeacherSettings
+from searchd.models import GaussianMixtureDenoiser, load
+from searchd.noise import make_noise
+from searchd.schedule import Schedule
+from searchd.schedules.baselines import baseline
 from searchd.solvers import solve
 
 SMIN, SMAX = 0.002, 80.0

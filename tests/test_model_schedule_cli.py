@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from searchd.models.compose import calls_per_step
-from searchd.search.driver import main
+from searchd.schedules.cost import calls_per_step
+from searchd.search import main
 from tests.test_search_cli import run_cli
 
 TINY = [

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from searchd.config import ConfigError, load_config, validate_config
+from searchd.loop.factory import load_model
 from searchd.models import known_kinds, known_models, load
 from searchd.models.adapters import check_spec
-from searchd.search.build import load_model
-from searchd.search.driver import main
+from searchd.search import main
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -117,8 +117,9 @@ def test_unknown_adapter_option_is_one_line(ddpm_dir, capsys):
 
 @pytest.mark.ray
 def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
-    """An EDM pickle that exists but is not one: the error comes back from the Ray task as
-    one line, not a remote traceback."""
+    """An EDM pickle that exists but is not one: the actor that loads it fails, and the error
+    comes back as one line, not a remote traceback; the new run directory is not left
+    behind."""
     bad = tmp_path / "broken.pkl"
     bad.write_bytes(b"not a pickle")
     p = subprocess.run(
@@ -131,6 +132,8 @@ def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
     assert p.returncode == 1 and "cannot load the model (broken.pkl)" in err, err[-3000:]
     assert len([ln for ln in err.splitlines() if "searchd.search" in ln]) == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert err.startswith("python -m searchd.search: error: cannot load the model (broken.pkl):")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", ["cifar10-edm", "ddpm-cifar10", "sd15"])

@@ -66,16 +66,21 @@ def test_exact_samples_are_the_dataset():
 
 
 def test_config_loads_the_member_and_its_exact_reference():
-    """configs/digits-unet.yaml as the search driver's workers see it: the model description
-    and the exact:1797 reference (the dataset in the digits feature space)."""
-    from searchd.search.build import describe_model, exact_reference_stats
+    """configs/digits-unet.yaml as the evaluators see it: the model's facts and the
+    exact:1797 reference (the dataset in the digits feature space), on one host that loads
+    the model once."""
+    from searchd.loop.factory import EvaluatorFactory
 
     cfg = load_config(ROOT / "configs" / "digits-unet.yaml")
     assert cfg.model.name == "digits-unet-s" and cfg.metric.reference == "exact:1797"
-    info = describe_model(cfg.resolve())
-    assert info["shape"] == [1, 8, 8] and info["sigma_grid"] is None
-    ref = exact_reference_stats(cfg.resolve(), 1797, cfg.samples.reference_seed_base)
-    ref2 = exact_reference_stats(cfg.resolve(), 1797, 0)
+    host = EvaluatorFactory(cfg.resolve()).host()
+    assert host.loads == 1 and host.evaluator is None  # no reference yet
+    info = host.facts()
+    assert info["shape"] == [1, 8, 8] and info["sigma_grid"] is None and info["exact_samples"]
+    ref = host.exact_reference(1797, cfg.samples.reference_seed_base)
+    ref2 = host.exact_reference(1797, 0)
+    host.set_reference(ref)
+    assert host.evaluator is not None and host.loads == 1
     assert ref["n"] == 1797
     # The whole dataset whatever the seed base: the same statistics.
     np.testing.assert_allclose(np.asarray(ref["mu"]), np.asarray(ref2["mu"]), atol=1e-6)

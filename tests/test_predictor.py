@@ -10,8 +10,8 @@ import pytest
 from searchd.schedule import Schedule
 from searchd.schedules.baselines import baseline
 from searchd.schedules.model_spaces import ModelSpace
-from searchd.search.evolution import EvolutionSearcher
-from searchd.search.predictor import PredictorConfig, SchedulePredictor, kendall_tau
+from searchd.searchers.evolution import EvolutionSearcher
+from searchd.searchers.predictor import PredictorConfig, SchedulePredictor, kendall_tau
 from tests.test_searcher_contract import METRIC, drive
 
 LAT = [0.01, 0.2, 1.0]

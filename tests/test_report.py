@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from test_storage_support import REPO, child_env, make_row, start_child
 
+from searchd.api import open_run
 from searchd.config import load_config
-from searchd.report import main, open_run, read_run
+from searchd.report import main
 from searchd.storage import RunDir, read_lock
 
 BASELINES = ["polynomial(rho=7)", "logsnr", "time_uniform"]
@@ -37,10 +38,13 @@ def write_run(loc: str | Path, *, finished: bool) -> dict:
     run.write_json("run.json", {"run_id": "run-test"})
     gen0 = [make_row(i, generation=0, origin="baseline" if i < 3 else "random")
             for i in range(6)]
+    for name, r in zip(BASELINES, gen0):  # the rows' schedules carry the baselines' names
+        sched = json.loads(r["schedule"])
+        sched["meta"].update(name=name)
+        r["schedule"] = json.dumps(sched)
     gen1 = [make_row(i, generation=1, origin="mutation") for i in range(6, 11)]
     gen1.append(make_row(11, generation=1, origin="crossover", status="failed",
                          error="RuntimeError: CUDA out of memory"))
-    # Searcher states carry the schedules' provenance (the baselines' names) in their history.
     history = [{"schedule": {"id": r["candidate_id"], "sigmas": r["sigmas"],
                              "meta": {"origin": "baseline", "name": BASELINES[i]}}}
                for i, r in enumerate(gen0[:3])]
@@ -110,7 +114,7 @@ def test_run_in_progress_is_read_without_its_lock_and_nothing_is_moved(tmp_path,
         assert "Held-out scores: none yet" in out
         assert "part-000003-0badc0de-n6.parquet fails its integrity check" in out
         assert "12 evaluations (1 not ok) in 3 part file(s)" in out
-        # Baselines named from the searcher state; the best so far drawn.
+        # Baselines named from their rows' schedules; the best so far drawn.
         assert all(name in out for name in BASELINES)
         assert (tmp_path / "run" / "report" / "schedules.png").exists()
         # The running search's lock and files are untouched.
@@ -131,9 +135,9 @@ def test_interrupted_run_names_the_resume_command(tmp_path, capsys):
     assert not (tmp_path / "run" / "report").exists()  # --no-plots writes nothing
 
 
-def test_read_run_gives_plain_rows(tmp_path):
+def test_open_run_gives_plain_rows(tmp_path):
     made = write_run(tmp_path / "run", finished=True)
-    rep = read_run(open_run(str(tmp_path / "run")))
+    rep = open_run(str(tmp_path / "run"))
     assert [r["candidate_id"] for r in rep.ok_rows()] == [r["candidate_id"] for r in made["ok"]]
     assert rep.metric == "fid" and rep.state == "finished"
     assert rep.baseline_names == {r["candidate_id"]: n

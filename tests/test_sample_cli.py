@@ -116,4 +116,5 @@ def test_bad_values_exit_2_with_one_line(capsys):
     for args in (["--nfe", "0"], ["--schedule", "logsnr", "--rho", "5"], ["--n", "1"]):
         assert main(args) == 2  # each fails before any sampling
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("python -m searchd.sample: error: "), err

@@ -50,10 +50,12 @@ def test_schedule_hash_is_content_only():
     a = Schedule([80.0, 1.0, 0.0], meta={"origin": "random"})
     b = Schedule(np.array([80.0, 1.0, 0.0]), meta={"origin": "mutation"})
     c = Schedule([80.0, 1.0, 0.0], solver="euler")
-    d = Schedule([80.0, 1.0 + 1e-15, 0.0])
+    d = Schedule([80.0, 1.0 + 1e-6, 0.0])
     e = Schedule([80.0, 1.0, 0.0], model_ids=[0, 1])
     assert a == b and a.id == b.id and hash(a) == hash(b)
     assert len({a.id, c.id, d.id, e.id}) == 4
+    # floating-point noise below the canonical rounding (a relative 2**-30) is one candidate
+    assert Schedule([80.0, 1.0 + 1e-15, 0.0]).id == a.id
     assert len(a.id) == 16
 
 

@@ -147,16 +147,15 @@ def test_decode_accepts_both_tune_config_forms():
         space.decode(np.full(space.dim, 1.5))
 
 
-def test_tune_space_domains_sample_valid_schedules():
-    from ray.tune.search.sample import Float
-
+def test_flat_parameters_anywhere_in_the_unit_cube_decode_to_valid_schedules():
+    """What Bayes's Optuna distributions (``u<i>`` uniform in [0, 1]) may propose."""
     space = cont(n_steps=6, warp="logsnr", free_endpoints=True)
-    domains = space.tune_space()
-    assert list(domains) == [f"u{i}" for i in range(space.dim)]
-    for d in domains.values():
-        assert isinstance(d, Float) and (d.lower, d.upper) == (0.0, 1.0)
+    rng = np.random.default_rng(8)
     for _ in range(20):
-        assert_valid(space, space.decode({k: d.sample() for k, d in domains.items()}))
+        flat = {f"u{i}": float(v) for i, v in enumerate(rng.random(space.dim))}
+        assert_valid(space, space.decode(flat))
+    for corner in (np.zeros(space.dim), np.ones(space.dim)):
+        assert_valid(space, space.decode(corner))
 
 
 def test_mutation_and_crossover_of_continuous_schedules():

@@ -70,6 +70,7 @@ def _keys(s3: dict, prefix: str) -> list[str]:
 def test_s3_run_round_trip(s3):
     run = RunDir(_uri(s3, "runs/a"))
     assert run.is_object_store and run.uri == f"s3://{BUCKET}/runs/a"
+    assert run.location == _uri(s3, "runs/a")  # what --resume hints quote: the query kept
     run.write_text("config.yaml", "seed: 3\n")
     rows = make_rows(0, 9)
     parts = [run.append_evaluations(rows[i : i + 3]) for i in (0, 3, 6)]
@@ -81,7 +82,7 @@ def test_s3_run_round_trip(s3):
     assert again.read_text("config.yaml") == "seed: 3\n"
     assert again.list_parts() == parts
     back = table_to_rows(again.read_evaluations())
-    assert back == [{"schema_version": 1, **r} for r in rows]
+    assert back == [{"schema_version": 2, **r} for r in rows]
     assert again.latest_searcher_state() == (2, {"gen": 2, "best": [1.0, 0.5]})
     assert again.read_json("best.json") == {"candidate_id": rows[4]["candidate_id"]}
     assert again.exists("best.json") and not again.exists("nothing.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 
@@ -14,7 +15,6 @@ from searchd.schedule import Schedule
 from searchd.storage import (
     EVALUATION_SCHEMA,
     SCHEMA_VERSION,
-    EvaluationRow,
     RunDir,
     SchemaVersionError,
     rows_to_table,
@@ -24,10 +24,11 @@ from searchd.storage.rundir import META_ROWS
 
 
 def test_schema_is_explicit_and_versioned():
-    assert SCHEMA_VERSION == 1
-    assert EVALUATION_SCHEMA.metadata[b"searchd.schema_version"] == b"1"
+    assert SCHEMA_VERSION == 2
+    assert EVALUATION_SCHEMA.metadata[b"searchd.schema_version"] == b"2"
     types = {f.name: f.type for f in EVALUATION_SCHEMA}
     assert types["schema_version"] == pa.int32()
+    assert types["schedule"] == pa.string()
     assert types["sigmas"] == pa.list_(pa.float64())
     assert types["model_ids"] == pa.list_(pa.int64())
     assert types["metrics"] == pa.map_(pa.string(), pa.float64())
@@ -51,11 +52,30 @@ def test_rows_round_trip_through_parquet_exactly(tmp_path):
         assert same.id == want["candidate_id"]
 
 
-def test_evaluation_row_dataclass_matches_the_dict_form():
+def test_a_row_without_its_schedule_gets_it_from_the_typed_columns():
     d = make_row(3)
-    row = EvaluationRow(**d)
-    assert table_to_rows(rows_to_table([row])) == table_to_rows(rows_to_table([d]))
-    assert list(row.to_dict()) == EVALUATION_SCHEMA.names
+    bare = {k: v for k, v in d.items() if k != "schedule"}
+    assert table_to_rows(rows_to_table([bare])) == table_to_rows(rows_to_table([d]))
+    stored = json.loads(table_to_rows(rows_to_table([bare]))[0]["schedule"])
+    s = Schedule.from_dict(stored)  # the id checks the content
+    assert s.meta == {"origin": d["origin"], "parents": d["parent_ids"]}
+
+
+def test_version_1_parts_are_upgraded_with_their_schedule(tmp_path):
+    """A part written before the ``schedule`` column (version 1) reads back as version 2."""
+    rows = [{k: v for k, v in r.items() if k != "schedule"} for r in make_rows(0, 3)]
+    v2 = rows_to_table(rows)
+    v1 = v2.drop_columns(["schedule"]).set_column(
+        0, "schema_version", pa.array([1] * 3, type=pa.int32()))
+    meta = dict(EVALUATION_SCHEMA.metadata)
+    meta[b"searchd.schema_version"] = b"1"
+    meta[META_ROWS] = b"3"
+    sink = pa.BufferOutputStream()
+    pq.write_table(v1.replace_schema_metadata(meta), sink)
+    run = RunDir(tmp_path / "run")
+    run.write_bytes("evaluations/part-000001-0123abcd-n3.parquet", sink.getvalue().to_pybytes())
+    back = table_to_rows(run.read_evaluations())
+    assert back == table_to_rows(v2)
 
 
 def test_non_finite_metrics_survive_but_value_must_be_finite():
@@ -75,7 +95,7 @@ def test_non_finite_metrics_survive_but_value_must_be_finite():
         ({"model_ids": [0]}, r"model_ids has 1 entries; expected one per step"),
         ({"time": datetime(2026, 1, 1)}, r"must be a timezone-aware datetime"),
         ({"nfe": "seven"}, r"field 'nfe' \(int32\)"),
-        ({"schema_version": 2}, r"schema_version = 2; this searchd writes version 1 only"),
+        ({"schema_version": 3}, r"schema_version = 3; this searchd writes version 2 only"),
         ({"sigmas": [1.0, None]}, r"sigmas contains null entries"),
     ],
 )
@@ -106,7 +126,7 @@ def _write_part_with_version(run: RunDir, version: int) -> str:
 def test_newer_schema_version_is_refused_not_moved_aside(tmp_path):
     run = RunDir(tmp_path / "run")
     rel = _write_part_with_version(run, SCHEMA_VERSION + 1)
-    with pytest.raises(SchemaVersionError, match=r"schema version 2, newer than this searchd"):
+    with pytest.raises(SchemaVersionError, match=r"schema version 3, newer than this searchd"):
         run.read_evaluations()
     assert run.list_parts() == [rel]  # still there: the file is fine, searchd is too old
 

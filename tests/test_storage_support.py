@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from searchd.schedule import Schedule
+from searchd.storage.schema import schedule_json
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -84,6 +85,7 @@ def make_row(i: int, *, generation: int = 0, status: str = "ok", **over: Any) ->
         "node": "node-a",
         "time": T0 + timedelta(seconds=i, microseconds=i),
     }
+    row["schedule"] = schedule_json(row)  # the candidate with its provenance, as JSON
     row.update(over)
     return row
 

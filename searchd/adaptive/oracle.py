@@ -11,7 +11,7 @@ the batch loss is the *sum* of the per-sample losses, so a sample's gradient is 
 own loss alone (Adam is elementwise, and the gradient norm is clipped per sample), and the
 result for a noise does not depend on which other noises share its batch.
 
-- **Parameters**: LD3's (``searchd.search.ld3.Ld3Parameterization``), one logit vector per
+- **Parameters**: LD3's (``searchd.methods.ld3.Ld3Parameterization``), one logit vector per
   sample: every vector is a valid schedule. The start is the global schedule, encoded (the
   encoding is exact up to LD3's share floor).
 - **Selection**: per sample, the lowest loss seen, the global schedule itself included
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from searchd.models.base import Denoiser
-from searchd.schedule import validate_sigmas
-from searchd.search.ld3 import (
+from searchd.methods.ld3 import (
     Ld3Parameterization,
     feature_distance,
     with_sigma_gradient,
 )
+from searchd.models.base import Denoiser
+from searchd.schedule import validate_sigmas
 from searchd.solvers import get as get_solver
 from searchd.solvers import solve
 

@@ -12,6 +12,8 @@
 - ``predictor_heldout(evaluator, model, global_schedule, seeds)``: the predictor and the
   global schedule scored on the same seeds (the same noise), FID with bootstrap intervals
   and the paired difference, in ``heldout_scores``' format.
+- ``compute_predictor`` and ``predictor_final``: the two jobs a run sends to an evaluator
+  (training, its cost counted like an anchor's; the held-out score of a trained predictor).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from searchd.adaptive.predictors import (
     fit_one_shot,
 )
 from searchd.evaluation.heldout import DEFAULT_RESAMPLES, scores_from_features
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.methods.counting import Counted, denoiser_of, warmup_noise
 from searchd.schedule import Schedule
 from searchd.solvers import solve
 
@@ -165,9 +169,6 @@ def train_predictor(
     Returns:
         (predictor, record): the record holds the oracle's mean losses and the fit's.
     """
-    from searchd.search.gits import denoiser_of, warmup_noise
-    from searchd.search.teacher import TeacherCache, TeacherSettings
-
     if kind not in KINDS:
         raise ValueError(f"kind = {kind!r}; allowed: {', '.join(KINDS)}")
     den = denoiser_of(evaluator_or_denoiser)
@@ -262,3 +263,38 @@ def predictor_heldout(
     ids = [results[0].candidate_id, f"{kind_of(model)}-predictor"]
     return scores_from_features(evaluator.frechet, [feats[0], f], ids, seeds,
                                 resamples=resamples, level=level)
+
+
+# Jobs of a run (on an evaluator) ----------------------------------------------------------------
+def compute_predictor(evaluator_or_denoiser: Any, global_schedule: Mapping[str, Any],
+                      seeds: Sequence[int], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Train a run's predictor (in an evaluator actor) and measure what it cost.
+
+    ``params``: ``kind``, ``solver``, ``teacher_solver``, ``teacher_steps``, ``oracle``,
+    ``fit``, ``tune`` (``train_predictor``'s keywords). Returns ``{"blob":
+    predictor_blob(...), "record": train_predictor's record, "denoiser_calls" (samples
+    through the network in forward calls, the teacher's included), "forward_calls",
+    "wall_s"}``.
+    """
+    import time
+
+    counted = Counted(evaluator_or_denoiser)
+    schedule = Schedule.from_dict(dict(global_schedule))
+    p = dict(params)
+    t0 = time.perf_counter()
+    model, record = train_predictor(
+        counted, schedule, seeds, kind=p["kind"], solver=p.get("solver"),
+        teacher_solver=p["teacher_solver"], teacher_steps=p["teacher_steps"],
+        oracle=p.get("oracle"), fit=p.get("fit"), tune=p.get("tune"),
+    )
+    wall = time.perf_counter() - t0
+    return {"blob": predictor_blob(model), "record": record, **counted.cost(), "wall_s": wall}
+
+
+def predictor_final(evaluator: Any, blob: Mapping[str, Any], global_schedule: Schedule,
+                    seeds: Sequence[int], level: float) -> dict[str, Any]:
+    """The predictor and its global schedule on the held-out seeds (the same noise), FID
+    with intervals and the paired difference, in ``heldout_scores``' format (scores[0]:
+    the global schedule, scores[1]: the predictor)."""
+    model = predictor_from_blob(blob).to(getattr(evaluator.denoiser, "device", "cpu"))
+    return predictor_heldout(evaluator, model, global_schedule, seeds, level=level)

@@ -1,64 +1,62 @@
 """``EvaluatorActor``: a long-lived Ray actor that holds one evaluator and serves candidates.
 
-The actor is a thin shell: an evaluator built once from a factory (models, feature network
-and reference statistics loaded once per actor, and again only if Ray restarts the actor),
-and a ``RequestBatcher`` that merges the ``evaluate`` requests arriving together (same
-seeds) into one population-batched call run in a worker thread.
+The actor is a thin shell around an ``EvaluatorHost`` (``searchd.loop.factory``): the model
+and the feature network are loaded once per actor (and again only if Ray restarts the
+actor, which it reports), and a ``RequestBatcher`` merges the ``evaluate`` requests arriving
+together (same seeds) into one population-batched call run in a worker thread.
 
-Results come back as ``EvaluatedCandidate``: the evaluator's own result, unchanged, plus the
-``worker`` (the actor's name) and the ``node`` (host and Ray node) that scored it, which
-the Parquet rows record. ``CandidateResult`` itself stays plain data that knows nothing of Ray.
+Results come back as the evaluator's own ``CandidateResult``s with ``worker`` (the actor's
+name) and ``node`` (host and Ray node) filled in, which the Parquet rows record; their
+feature statistics are dropped here unless asked for (they can be large).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
-import time
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 
 from searchd.distributed.batcher import RequestBatcher
-
-
-class SupportsEvaluate(Protocol):
-    """What the actor needs of an evaluator (``searchd.evaluation.Evaluator`` is one)."""
-
-    def evaluate(self, candidates: Sequence[Any], seeds: Sequence[int]) -> Sequence[Any]: ...
-
-
-# A picklable zero-argument callable building the evaluator inside the actor.
-EvaluatorFactory = Callable[[], SupportsEvaluate]
-
-
-@dataclass(frozen=True)
-class EvaluatedCandidate:
-    """One scored candidate and where it was scored.
-
-    Attributes:
-        result: the evaluator's result for the candidate (a ``CandidateResult``).
-        worker: name of the actor that scored it (``"evaluator-<i>"``).
-        node: ``"<host name>/<first 12 hex digits of the Ray node id>"``: the machine, and
-            the Ray node on it (several Ray nodes may share one host).
-    """
-
-    result: Any
-    worker: str
-    node: str
-
-    @property
-    def candidate_id(self) -> str:
-        """The candidate's content hash, as the evaluator reported it."""
-        return str(self.result.candidate_id)
+from searchd.loop.factory import EvaluatorFactory, EvaluatorHost
 
 
 def seed_key(seeds: Sequence[int]) -> Hashable:
     """Hashable key of a seed list: requests merge only when their seeds are equal."""
     return tuple(int(s) for s in seeds)
+
+
+class PlainHost:
+    """A host around any evaluator (a factory without ``host()``: a zero-argument callable
+    returning an object with ``evaluate(candidates, seeds)``): no facts, no reference jobs."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        self.evaluator = factory()
+        self.load_s = time.perf_counter() - t0
+        self.loads = 1
+
+    def facts(self) -> dict[str, Any]:
+        return {}
+
+    def evaluate(self, candidates: Any, seeds: Any) -> list[Any]:
+        return self.evaluator.evaluate(candidates, seeds)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.evaluator, *args, **kwargs)
+
+    def exact_reference(self, n: int, seed_base: int) -> dict[str, Any]:
+        raise ValueError("this evaluator has no model to draw exact samples from")
+
+    def set_reference(self, reference: Mapping[str, Any]) -> None:
+        raise ValueError("this evaluator takes no reference statistics")
 
 
 @dataclass(frozen=True)
@@ -70,12 +68,15 @@ class FactoryName:
 
 @ray.remote
 class EvaluatorActor:
-    """Ray actor serving ``evaluate(candidates, seeds)`` with request merging.
+    """Ray actor serving ``evaluate(candidates, seeds)`` with request merging, and jobs on
+    its loaded models.
 
     Args:
-        factory: picklable zero-argument callable returning the evaluator; called once in
-            ``__init__`` (and once more after each restart of the actor). Or the name of
-            the ``FactoryHolder`` actor that keeps it (what ``EvaluatorPool`` passes).
+        factory: an ``EvaluatorFactory`` (or any picklable object with ``host()``, or a
+            zero-argument callable returning an evaluator), or the name of the
+            ``FactoryHolder`` actor that keeps it (what ``EvaluatorPool`` passes): a
+            restarted actor then builds from the factory as it is now (with the reference
+            statistics once they are set).
         name: worker name recorded with every result (default: the start of the actor id).
         max_batch: candidates above which no further request is merged into a call.
         max_wait_s: longest wait for more requests after the first of a call arrives.
@@ -83,16 +84,15 @@ class EvaluatorActor:
 
     def __init__(
         self,
-        factory: EvaluatorFactory,
+        factory: EvaluatorFactory | FactoryName,
         name: str | None = None,
         max_batch: int = 4096,
         max_wait_s: float = 0.005,
     ) -> None:
-        t0 = time.perf_counter()
         if isinstance(factory, FactoryName):  # a pool's FactoryHolder
             factory = ray.get(ray.get_actor(factory.name).get.remote())
-        self._evaluator = factory()
-        self._load_s = time.perf_counter() - t0
+        self._host: EvaluatorHost | PlainHost = (
+            factory.host() if hasattr(factory, "host") else PlainHost(factory))
         ctx = ray.get_runtime_context()
         self._actor_id = ctx.get_actor_id() or ""
         self._node_id = ctx.get_node_id()
@@ -100,46 +100,57 @@ class EvaluatorActor:
             warnings.simplefilter("ignore")
             self._restarted = bool(ctx.was_current_actor_reconstructed)
         self._name = name or self._actor_id[:12]
-        self._host = socket.gethostname()
-        self._node = f"{self._host}/{self._node_id[:12]}"
+        self._host_name = socket.gethostname()
+        self._node = f"{self._host_name}/{self._node_id[:12]}"
         self._batcher = RequestBatcher(self._call, max_batch=max_batch, max_wait_s=max_wait_s)
 
-    def _call(self, candidates: list[Any], seeds: Sequence[int]) -> list[EvaluatedCandidate]:
+    def _call(self, candidates: list[Any], seeds: Sequence[int]) -> list[Any]:
         """One blocking evaluator call over merged requests (runs in the batcher's thread)."""
-        results = self._evaluator.evaluate(candidates, seeds)
-        return [EvaluatedCandidate(r, self._name, self._node) for r in results]
+        results = self._host.evaluate(candidates, seeds)
+        return [dataclasses.replace(r, worker=self._name, node=self._node, stats=None)
+                for r in results]
 
     async def ready(self) -> dict[str, Any]:
-        """Who and where this actor is, once the evaluator is built.
+        """Who and where this actor is, and the model's facts, once its models are loaded.
 
         Returns ``{"worker", "node", "host", "node_id", "actor_id", "pid", "load_s",
-        "restarted"}`` (``node`` as in the results).
+        "loads", "restarted", "facts"}`` (``node`` as in the results; ``loads``: models
+        loaded by this actor process).
         """
         return {
             "worker": self._name,
             "node": self._node,
-            "host": self._host,
+            "host": self._host_name,
             "node_id": self._node_id,
             "actor_id": self._actor_id,
             "pid": os.getpid(),
-            "load_s": self._load_s,
+            "load_s": self._host.load_s,
+            "loads": self._host.loads,
             "restarted": self._restarted,
+            "facts": self._host.facts(),
         }
 
-    async def evaluate(
-        self, candidates: Sequence[Any], seeds: Sequence[int]
-    ) -> list[EvaluatedCandidate]:
+    async def evaluate(self, candidates: Sequence[Any], seeds: Sequence[int]) -> list[Any]:
         """Score ``candidates`` on ``seeds``; merged with concurrent requests of equal seeds.
 
-        Returns one ``EvaluatedCandidate`` per candidate, in order.
+        Returns one ``CandidateResult`` per candidate, in order.
         """
         return await self._batcher.submit(list(candidates), seed_key(seeds), seeds)
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(evaluator, *args, **kwargs)`` on the evaluator's thread, between batched
-        calls, and return its value (held-out scoring, sample grids: jobs that need the
-        loaded models but are not ``evaluate``)."""
-        return await self._batcher.run_exclusive(lambda: fn(self._evaluator, *args, **kwargs))
+        calls, and return its value (anchors, the adaptive predictor, held-out scoring,
+        sample grids: jobs that need the loaded models but are not ``evaluate``)."""
+        return await self._batcher.run_exclusive(lambda: self._host.call(fn, *args, **kwargs))
+
+    async def exact_reference(self, n: int, seed_base: int) -> dict[str, Any]:
+        """Reference statistics of ``n`` exact samples of the loaded model."""
+        return await self._batcher.run_exclusive(
+            lambda: self._host.exact_reference(n, seed_base))
+
+    async def set_reference(self, reference: Mapping[str, Any]) -> None:
+        """Build the evaluator over the loaded models and these reference statistics."""
+        await self._batcher.run_exclusive(lambda: self._host.set_reference(reference))
 
     async def stats(self) -> dict[str, Any]:
         """The batcher's counters (``BatcherStats`` as a dict)."""

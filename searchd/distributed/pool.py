@@ -1,21 +1,28 @@
 """``EvaluatorPool``: the evaluator actors of a search, and the client that Tune trials use.
 
-The driver builds the pool before Tune starts: one ``EvaluatorActor`` per GPU of the
+The engine builds the pool before the search: one ``EvaluatorActor`` per GPU of the
 cluster (``num_gpus_per_worker > 0``), or ``num_workers`` actors on CPU, spread over the
-nodes. It waits until every actor has loaded its evaluator, and keeps the handles for the
+nodes. It waits until every actor has loaded its models, and keeps the handles for the
 whole search (an actor whose handles are all dropped is destroyed; an actor created inside a
-trial would be captured by the trial's placement group).
+trial would be captured by the trial's placement group). The model's facts come from the
+actors' ``ready()`` reports: nothing else loads the model.
 
-``PoolClient`` is the picklable part: the actor handles and the splitting and retry logic.
-A Tune trial receives a client, splits its candidates into balanced contiguous chunks, one
-per actor, and gathers the results in order. If an actor dies during a call (its process is
-killed, its node is lost), Ray restarts it (``max_restarts``) and the client re-sends the
-lost chunk to another actor (or to the restarted one when no other is left), so that every
-candidate gets exactly one result.
+``PoolClient`` is the picklable part, and the scoring protocol on the actors
+(``score(schedules, seeds) -> results``): it splits the candidates into balanced contiguous
+chunks, one per actor, and gathers the results in order.
+
+Actor replacement, the guarantee the search relies on: if an actor dies during a call (its
+process is killed, its node is lost), Ray restarts it (``max_restarts``; the restarted
+actor loads the model again, from the factory as it is then, and reports
+``restarted: True``), and the client re-sends the lost chunk to another live actor (or to
+the restarted one when no other is left, once it is ready), up to ``max_attempts`` sends.
+Every candidate of a call gets exactly one result, or the call raises; ``resends`` counts
+the chunks re-sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -28,14 +35,33 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from searchd.distributed.actor import (
-    EvaluatedCandidate,
-    EvaluatorActor,
-    EvaluatorFactory,
-    FactoryName,
-)
+from searchd.distributed.actor import EvaluatorActor, FactoryName
+from searchd.evaluation import CandidateResult
+
+# A picklable factory of the actors' evaluators (``searchd.loop.factory.EvaluatorFactory``,
+# or any zero-argument callable returning an evaluator).
+EvaluatorFactory = Any
 
 logger = logging.getLogger(__name__)
+
+
+class ActorStartError(RuntimeError):
+    """An evaluator actor failed while loading its models (the message is the exception
+    that stopped it, on one line)."""
+
+
+def root_cause(error: BaseException) -> str:
+    """The exception at the bottom of a Ray error, as ``Type: message`` on one line (colour
+    codes and Ray's wrapping dropped)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    found = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", ln)
+             and not ln.startswith(("ray.exceptions", "RayTaskError", "ActorDiedError"))]
+    if found:
+        return found[-1]
+    return " ".join(lines)[:500] or type(error).__name__
 
 
 def split_balanced(n: int, k: int) -> list[tuple[int, int]]:
@@ -150,14 +176,14 @@ class PoolClient:
     def num_workers(self) -> int:
         return len(self._actors)
 
-    def evaluate(
+    def score(
         self,
         candidates: Sequence[Any],
         seeds: Sequence[int],
         timeout_s: float | None = None,
-    ) -> list[EvaluatedCandidate]:
+    ) -> list[CandidateResult]:
         """Score ``candidates`` on ``seeds`` across the actors; one result per candidate, in
-        order.
+        order (the scoring protocol of ``searchd.loop.scoring``).
 
         The candidates are split into ``min(len(candidates), num_workers)`` balanced chunks,
         the first going to a random actor (so that many small calls from concurrent trials
@@ -174,7 +200,7 @@ class PoolClient:
         chunks = split_balanced(len(candidates), len(self._actors))
         if not chunks:
             return []
-        out: list[EvaluatedCandidate | None] = [None] * len(candidates)
+        out: list[CandidateResult | None] = [None] * len(candidates)
         first = random.randrange(len(self._actors))
         died: set[int] = set()
         pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}
@@ -226,13 +252,19 @@ class PoolClient:
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(evaluator, *args, **kwargs)`` in one actor (``EvaluatorActor.call``) and
-        return its value; re-sent to another actor if that one dies, like ``evaluate``."""
+        return its value; re-sent to another actor if that one dies, like ``score``."""
+        return self.run_on_one("call", fn, *args, **kwargs)
+
+    def run_on_one(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``actor.<method>(*args, **kwargs)`` on one random actor; re-sent to another live
+        actor (or the restarted one, once ready) if it dies, up to ``max_attempts`` sends."""
         self._sync()
         actor = random.randrange(len(self._actors))
         died: set[int] = set()
+        what = getattr(args[0], "__name__", method) if method == "call" and args else method
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return ray.get(self._actors[actor].call.remote(fn, *args, **kwargs))
+                return ray.get(getattr(self._actors[actor], method).remote(*args, **kwargs))
             except RayActorError as e:
                 died.add(actor)
                 if attempt >= self.max_attempts:
@@ -241,8 +273,8 @@ class PoolClient:
                 if target in died:
                     self.wait_ready(target)
                 logger.warning("evaluator %s died during %s (%s); re-sending it to %s",
-                               self._names[actor], getattr(fn, "__name__", fn),
-                               type(e).__name__, self._names[target])
+                               self._names[actor], what, type(e).__name__,
+                               self._names[target])
                 self.resends += 1
                 actor = target
         raise AssertionError("unreachable")
@@ -303,6 +335,11 @@ class EvaluatorPool:
         ready_timeout_s: how long to wait for the actors to load their evaluators.
         reserve_cpus: CPUs left free for trials when ``num_workers`` is derived on CPU.
         name_prefix: worker names are ``f"{name_prefix}-{i}"``.
+        elastic: the cluster may grow (an autoscaler): actors that do not fit yet are
+            demand it sees, and the pool waits for them (``ready_timeout_s``). False (a
+            cluster of fixed size, e.g. the local Ray a search started): ``num_workers``
+            actors that cannot fit in the cluster's resources are refused at once
+            (``ValueError``, one line) instead of waited for.
 
     Ray must be initialized. Keep the pool (or a client) alive for the whole search.
     """
@@ -321,6 +358,7 @@ class EvaluatorPool:
         ready_timeout_s: float = 600.0,
         reserve_cpus: float = 0.1,
         name_prefix: str = "evaluator",
+        elastic: bool = True,
     ) -> None:
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers = {num_workers}; it must be >= 1 (or None)")
@@ -354,6 +392,8 @@ class EvaluatorPool:
         n = num_workers if num_workers is not None else self.target_workers()
         if n < 1:
             raise RuntimeError(self._no_room_message())
+        if not elastic:
+            self.check_room(n)
         self._starting: list[tuple[ActorHandle, str, ray.ObjectRef]] = []
         self._add(n)
         self._membership = PoolMembership.remote(self._actors, self.names)
@@ -370,6 +410,22 @@ class EvaluatorPool:
         if self.cpus_per_worker == 0:
             return 1
         return max(0, int(math.floor(cpus / self.cpus_per_worker + 1e-9)))
+
+    def check_room(self, n: int) -> None:
+        """Refuse (``ValueError``, one line) ``n`` actors that a cluster of fixed size cannot
+        hold: their CPUs (with the trials' reserve) and GPUs against the cluster's total."""
+        res = ray.cluster_resources()
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        need_cpu = n * self.cpus_per_worker + self.reserve_cpus
+        need_gpu = n * self.num_gpus_per_worker
+        if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+            fit = self.target_workers()
+            raise ValueError(
+                f"workers.num_workers = {n} evaluator actors need {need_cpu:g} CPUs and "
+                f"{need_gpu:g} GPUs (with {self.reserve_cpus:g} CPU for the trials); this Ray "
+                f"has {cpus:g} CPUs and {gpus:g} GPUs: at most {fit} fit "
+                "(or lower workers.cpus_per_worker)"
+            )
 
     def _no_room_message(self) -> str:
         return (
@@ -399,14 +455,22 @@ class EvaluatorPool:
         for (actor, _, _), info in zip(started, infos):
             self._actors.append(actor)
             self._info.append(info)
-            logger.info("evaluator %s ready on %s (pid %s) in %.1f s", info["worker"],
-                        info["node"], info["pid"], info["load_s"])
+            logger.info("evaluator %s ready on %s (pid %s): model loaded in %.1f s",
+                        info["worker"], info["node"], info["pid"], info["load_s"])
 
     def _add(self, n: int) -> None:
-        """Create ``n`` more actors and wait until they have built their evaluators."""
+        """Create ``n`` more actors and wait until they have built their evaluators.
+
+        Raises ``ActorStartError`` (one line: the exception that stopped the actor) when an
+        actor fails while loading its models, ``RuntimeError`` when they do not start in
+        time."""
         started = self._start(n)
         try:
             infos = ray.get([ref for _, _, ref in started], timeout=self.ready_timeout_s)
+        except RayActorError as e:
+            for actor, _, _ in started:
+                ray.kill(actor, no_restart=True)
+            raise ActorStartError(root_cause(e)) from None
         except GetTimeoutError as e:
             for actor, _, _ in started:
                 ray.kill(actor, no_restart=True)
@@ -466,6 +530,57 @@ class EvaluatorPool:
         """What each actor reported when it became ready (``EvaluatorActor.ready``)."""
         return [dict(i) for i in self._info]
 
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The model's facts, as the first actor reported them when it had loaded it."""
+        return dict(self._info[0].get("facts") or {})
+
+    def model_loads(self) -> dict[str, int]:
+        """Models loaded by each actor, by name: one when it started, and one more for each
+        restart seen (an actor now in another process than the one that reported ready)."""
+        out = {}
+        for actor, info in zip(self._actors, self._info):
+            loads = int(info.get("loads", 1))
+            try:
+                now = ray.get(actor.ready.remote(), timeout=30)
+                if now["pid"] != info["pid"]:
+                    loads += int(now.get("loads", 1))
+            except (RayActorError, GetTimeoutError, ActorUnavailableError):
+                pass
+            out[info["worker"]] = loads
+        return out
+
+    def exact_reference(self, n: int, seed_base: int) -> dict[str, Any]:
+        """Reference statistics of ``n`` exact samples, computed by one actor on the model
+        it has loaded (re-sent to another if it dies)."""
+        return self._client.run_on_one("exact_reference", n, seed_base)
+
+    def set_reference(self, reference: Any) -> None:
+        """Give every actor the reference statistics (they build their evaluators), and
+        keep them in the factory, so that restarted and later actors build with them."""
+        factory = ray.get(self._factory.get.remote())
+        if dataclasses.is_dataclass(factory) and hasattr(factory, "reference"):
+            ray.get(self._factory.put.remote(dataclasses.replace(factory, reference=reference)))
+        ray.get([a.set_reference.remote(reference) for a in self._actors])
+
+    def call_all(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(evaluator, *args)`` on every actor, results in actor order."""
+        return ray.get([a.call.remote(fn, *args) for a in self._actors])
+
+    def call_each(self, jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+                  ) -> list[Any]:
+        """``fn(evaluator, *args)`` for each job, one job per actor at a time, side by side;
+        a job whose actor died is re-sent through ``call`` (which waits for a live actor)."""
+        refs = [self._actors[i % len(self._actors)].call.remote(fn, *args)
+                for i, (fn, args) in enumerate(jobs)]
+        out = []
+        for ref, (fn, args) in zip(refs, jobs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError:
+                out.append(self.call(fn, *args))
+        return out
+
     def __len__(self) -> int:
         return len(self._actors)
 
@@ -473,11 +588,11 @@ class EvaluatorPool:
         """The picklable client over the current actors (hand it to Tune trials)."""
         return self._client
 
-    def evaluate(
+    def score(
         self, candidates: Sequence[Any], seeds: Sequence[int], timeout_s: float | None = None
-    ) -> list[EvaluatedCandidate]:
-        """``PoolClient.evaluate`` from the driver."""
-        return self._client.evaluate(candidates, seeds, timeout_s)
+    ) -> list[CandidateResult]:
+        """``PoolClient.score`` from the driver."""
+        return self._client.score(candidates, seeds, timeout_s)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``PoolClient.call``: ``fn(evaluator, *args, **kwargs)`` in one actor."""

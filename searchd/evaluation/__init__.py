@@ -4,7 +4,7 @@ reference statistics, KID / IS / sFID, population-batched evaluation and held-ou
 Decisions are recorded in docs/notes-eval.md.
 """
 
-from searchd.evaluation.evaluate import METRICS, CandidateResult, Evaluator, Teacher, evaluate
+from searchd.evaluation.evaluate import METRICS, CandidateResult, Evaluator, evaluate
 from searchd.evaluation.features import FEATURES, FeatureNetwork, load_features
 from searchd.evaluation.frechet import FrechetReference, frechet_distance, frechet_distance_fast
 from searchd.evaluation.heldout import HeldoutScore, bootstrap_fid, heldout_scores
@@ -16,6 +16,7 @@ from searchd.evaluation.reference import (
     reference_name,
 )
 from searchd.evaluation.stats import FeatureStats
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
 
 __all__ = [
     "FEATURES",
@@ -28,7 +29,8 @@ __all__ = [
     "HeldoutScore",
     "KIDReference",
     "ReferenceStats",
-    "Teacher",
+    "TeacherCache",
+    "TeacherSettings",
     "bootstrap_fid",
     "compute_reference",
     "evaluate",

@@ -31,7 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from searchd.evaluation.metrics import (
 from searchd.evaluation.prefix import run_group_tree
 from searchd.evaluation.reference import ReferenceStats
 from searchd.evaluation.stats import DEFAULT_CHUNK, FeatureStats
+from searchd.evaluation.teacher import TeacherCache, TeacherSettings
 from searchd.models.conditional import row_conditioning, supports_guidance
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
@@ -80,6 +81,12 @@ class CandidateResult:
         samples_per_s: n_samples / wall_s.
         error: why it failed (None when ok).
         stats: the candidate's FeatureStats (for merging across workers), or None.
+        worker, node: who scored it (an evaluator actor's name, and ``host/Ray node``);
+            empty when scored in-process.
+
+    This is the one record of a scored candidate: the evaluator makes it, an actor adds
+    ``worker`` and ``node``, the search loop hands it to the searcher and the recorder, and
+    a resumed run reads it back from its Parquet row (``searchd.storage.schema``).
     """
 
     candidate_id: str
@@ -92,10 +99,20 @@ class CandidateResult:
     samples_per_s: float
     error: str | None = None
     stats: FeatureStats | None = None
+    worker: str = ""
+    node: str = ""
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def value(self, metric: str) -> float | None:
+        """The metric's value when the candidate is ok and it is finite, else None (what a
+        searcher is told, and the ``value`` column of its row)."""
+        if self.status != "ok":
+            return None
+        v = self.metrics.get(metric)
+        return float(v) if v is not None and math.isfinite(v) else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``stats`` as ``FeatureStats.to_dict()`` or None)."""
@@ -118,41 +135,9 @@ class CandidateResult:
             samples_per_s=float(d["samples_per_s"]),
             error=d.get("error"),
             stats=None if stats is None else FeatureStats.from_dict(stats),
+            worker=str(d.get("worker") or ""),
+            node=str(d.get("node") or ""),
         )
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """The high-NFE reference solution for ``teacher_distance``.
-
-    Attributes:
-        solver: solver name (default heun).
-        n_steps: steps of the teacher schedule (default 64: 127 NFE with heun).
-        schedule: baseline family of the teacher schedule.
-        params: family parameters (e.g. rho).
-        options: solver options.
-    """
-
-    solver: str = "heun"
-    n_steps: int = 64
-    schedule: str = "polynomial"
-    params: Mapping[str, Any] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def coerce(cls, value: Teacher | Mapping[str, Any] | None) -> Teacher:
-        if value is None:
-            return cls()
-        if isinstance(value, Teacher):
-            return value
-        allowed = {"solver", "n_steps", "steps", "schedule", "params", "options"}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ValueError(f"unknown teacher option(s) {unknown}; allowed: {sorted(allowed)}")
-        v = dict(value)
-        if "steps" in v:
-            v["n_steps"] = v.pop("steps")
-        return cls(**v)
 
 
 # Per-candidate accumulation -----------------------------------------------------------------------
@@ -261,7 +246,8 @@ class Evaluator:
             last partial block is zero-padded, so the network always sees one batch shape,
             min(feature_block, n) (default: the network's batch size, at most 256).
         device: where features and metrics are computed (default: the denoiser's device).
-        teacher: the teacher solution for teacher_distance (``Teacher`` or dict).
+        teacher: the teacher solution for teacher_distance (``TeacherSettings`` or its
+            plain-data form, ``TeacherSettings.coerce``).
         kid_subsets, kid_subset_size, kid_seed: KID as clean-fid (100 subsets of <= 1000).
         is_splits: splits of the Inception Score.
         keep_stats: attach each candidate's FeatureStats to its result.
@@ -283,7 +269,7 @@ class Evaluator:
         batch_size: int = 4096,
         feature_block: int | None = None,
         device: str | torch.device | None = None,
-        teacher: Teacher | Mapping[str, Any] | None = None,
+        teacher: TeacherSettings | Mapping[str, Any] | None = None,
         kid_subsets: int = DEFAULT_SUBSETS,
         kid_subset_size: int = DEFAULT_SUBSET_SIZE,
         kid_seed: int = 0,
@@ -379,9 +365,14 @@ class Evaluator:
             self.spatial_frechet = FrechetReference(
                 reference.spatial_mu, reference.spatial_sigma, device=self.device
             )
-        self.teacher = Teacher.coerce(teacher) if "teacher_distance" in self.metrics else None
-        if self.teacher is not None:
-            solver_spec(self.teacher.solver)
+        self.teacher = (TeacherSettings.coerce(teacher) if "teacher_distance" in self.metrics
+                        else None)
+        # The teacher's samples of the seeds this evaluator has seen (the one teacher
+        # implementation; GITS, LD3 and the adaptive oracle use this cache too).
+        self.teacher_cache = TeacherCache(
+            denoiser, device=self.sample_device, dtype=self.sample_dtype,
+            max_entries=_CACHE_ENTRIES, batch_size=self.batch_size,
+        )
 
         # What the feature network computes, what is accumulated, what is kept per sample.
         self._stat_outputs = ["features"] + (["spatial"] if "sfid" in self.metrics else [])
@@ -392,7 +383,6 @@ class Evaluator:
             self._kept_outputs.append("logits")
         self._outputs = tuple(dict.fromkeys(self._stat_outputs + self._kept_outputs))
         self._noise_cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
-        self._teacher_cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self._teacher_cache_key: tuple[int, ...] | None = None
         self._teacher_now: Tensor | None = None
         self._seeds_now: list[int] = []
@@ -415,41 +405,9 @@ class Evaluator:
 
     def teacher_samples(self, seeds: Sequence[int]) -> Tensor:
         """The teacher's samples [n, *shape] on the seeds' noise, computed once and cached."""
-        from searchd.schedules import baseline
-        from searchd.solvers import solve
-
         if self.teacher is None:
             raise ValueError("this evaluator has no teacher (metric teacher_distance not set)")
-        key = tuple(int(s) for s in seeds)
-        if key not in self._teacher_cache:
-            t = self.teacher
-            sig = baseline(
-                t.schedule,
-                t.n_steps,
-                self.denoiser.sigma_min,
-                self.denoiser.sigma_max,
-                final_zero=True,
-                **dict(t.params),
-            )
-            sig = torch.as_tensor(np.array(sig, dtype=np.float64))
-            noise = self.noise(key)
-            with torch.no_grad():
-                parts = [
-                    solve(
-                        self.denoiser,
-                        noise[a : a + self.batch_size],
-                        sig,
-                        solver=t.solver,
-                        cond=row_conditioning(self.denoiser, key[a : a + self.batch_size]),
-                        **dict(t.options),
-                    )
-                    for a in range(0, len(key), self.batch_size)
-                ]
-            self._teacher_cache[key] = torch.cat(parts).detach()
-            while len(self._teacher_cache) > _CACHE_ENTRIES:
-                self._teacher_cache.popitem(last=False)
-        self._teacher_cache.move_to_end(key)
-        return self._teacher_cache[key]
+        return self.teacher_cache.samples(seeds, self.teacher)
 
     # Sampling ------------------------------------------------------------------------------------
     def generate(self, schedule: Schedule, seeds: Sequence[int]) -> Tensor:

@@ -31,8 +31,8 @@ from searchd.models.base import Denoiser
 from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
+from searchd.models.names import CONDITIONAL_NEURAL_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
 from searchd.models.runtime import Runtime
-from searchd.models.zoo import CONDITIONAL_NEURAL_NAMES, NEURAL_ZOO_NAMES, known_kinds
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -212,8 +212,9 @@ def check_spec(
     preflight): a known kind, known option keys and runtime options, and (``check_path``) a
     path that can exist for the kind. Raises ``ValueError`` / ``FileNotFoundError`` with one
     line naming the problem."""
-    if kind not in known_kinds():
-        raise ValueError(f"model kind {kind!r} is unknown; known kinds: {', '.join(known_kinds())}")
+    known = ["gmm", *NEURAL_KINDS]
+    if kind not in known:
+        raise ValueError(f"model kind {kind!r} is unknown; known kinds: {', '.join(known)}")
     opts = dict(options or {})
     runtime = opts.pop("runtime", None)
     if runtime is not None and not isinstance(runtime, Mapping):

@@ -38,6 +38,10 @@ from torch import Tensor
 
 from searchd.models.base import Denoiser, sigma_per_sample
 
+# A schedule's cost (calls per step, latency, budgets) is in searchd.schedules.cost;
+# re-exported for the callers that know it as a part of model schedules.
+from searchd.schedules.cost import budget_ms, calls_per_step, schedule_latency_ms  # noqa: F401
+
 # Latency measurement defaults: warm-up calls, timed repeats, noise level of the calls.
 LATENCY_WARMUP = 2
 LATENCY_REPEATS = 7
@@ -235,56 +239,6 @@ class ComposedDenoiser:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# Schedule cost ------------------------------------------------------------------------------
-def calls_per_step(solver: str, n_steps: int, final_zero: bool = True) -> np.ndarray:
-    """Denoiser calls of each step [n_steps] (int64), consistent with ``solvers.nfe``.
-
-    One per step for the single-call solvers; Heun makes two, except a last step to 0.
-    """
-    from searchd.solvers import nfe
-
-    total = nfe(solver, n_steps, final_zero)
-    calls = np.ones(n_steps, dtype=np.int64)
-    if total == n_steps:
-        return calls
-    if total == 2 * n_steps:
-        return calls * 2
-    if total == 2 * n_steps - 1 and final_zero:
-        calls[:-1] = 2
-        return calls
-    raise ValueError(
-        f"solver {solver!r} makes {total} calls for {n_steps} steps; model schedules support "
-        "solvers making 1 or 2 calls per step"
-    )
-
-
-def schedule_latency_ms(
-    model_ids: Sequence[int] | np.ndarray,
-    latency_ms: Sequence[float],
-    calls: Sequence[int] | np.ndarray,
-) -> float:
-    """Milliseconds per sample of a model schedule: sum of calls x member latency."""
-    ids = np.asarray(model_ids, dtype=np.int64)
-    lat = np.asarray(latency_ms, dtype=np.float64)
-    return float(np.sum(np.asarray(calls, dtype=np.float64) * lat[ids]))
-
-
-def budget_ms(
-    latency_ms: Sequence[float], *, ms: float | None = None, nfe: float | None = None
-) -> float:
-    """A latency budget in ms per sample, from ``ms`` itself or ``nfe`` NFE-equivalents of
-    the slowest member. Exactly one must be given."""
-    if (ms is None) == (nfe is None):
-        raise ValueError("give exactly one of a budget in ms per sample and in NFE-equivalents")
-    if ms is not None:
-        if not ms > 0:
-            raise ValueError(f"budget_ms = {ms!r}; it must be > 0")
-        return float(ms)
-    if not nfe > 0:  # type: ignore[operator]
-        raise ValueError(f"budget_nfe = {nfe!r}; it must be > 0")
-    return float(nfe) * max(float(v) for v in latency_ms)  # type: ignore[arg-type]
 
 
 def compose(

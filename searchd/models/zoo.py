@@ -30,6 +30,7 @@ import torch
 
 from searchd.models.base import Denoiser
 from searchd.models.gmm import GaussianMixtureDenoiser
+from searchd.models.names import CONDITIONAL_NEURAL_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -223,11 +224,6 @@ def _neural_zoo_member(name: str) -> Factory:
 
     return factory
 
-
-NEURAL_KINDS = ("diffusers", "edm", "generic")
-NEURAL_ZOO_NAMES = tuple(f"digits-unet-{w}" for w in ("s", "m", "l"))
-# Class-conditional digits UNets (not members of the unconditional zoo's model schedules).
-CONDITIONAL_NEURAL_NAMES = ("digits-unet-cond-s",)
 
 register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:

@@ -234,3 +234,17 @@ def baseline(
         raise ValueError(f"unknown parameters {sorted(params)} for family 'discrete'")
     out = np.concatenate([pts, [0.0]]) if final_zero else pts
     return out.astype(np.float64)
+
+
+def family_params(name: str) -> tuple[str, ...]:
+    """The parameters family ``name`` takes besides the steps, range and ending (what a
+    configuration may set under ``params``), from the family's own definition."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown schedule family {name!r}; known families: {list(FAMILIES)}")
+    if name == "discrete":
+        return ("grid",)
+    if name == "ays":
+        return ("model",)
+    import inspect
+
+    return tuple(list(inspect.signature(CURVES[name]).parameters)[3:])

@@ -9,7 +9,7 @@ is one ``u in [0, 1]`` split into ``n_models`` equal cells (member ``floor(u * M
 point of the cube decodes, as in the other spaces, and ``encode`` gives the cell centres.
 
 Cost: a member's latency (ms per sample per call, measured on the actor) times the calls of
-the step (``compose.calls_per_step``: 2 for Heun's steps but a last one to 0). A candidate
+the step (``cost.calls_per_step``: 2 for Heun's steps but a last one to 0). A candidate
 over the budget is never discarded: it is *repaired*, by downgrading the most expensive step
 (calls x latency) to the next cheaper member, ties going to the step of highest noise (the
 earliest), until it fits. Every decoded, sampled, mutated or crossed-over schedule is
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from searchd.schedule import Schedule
+from searchd.schedules.cost import calls_per_step
 from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace, _VectorSpace, with_meta
 
 # Relative slack on the budget (float sums of latencies).
@@ -76,8 +77,6 @@ class _ModelPart:
         budget_ms: float,
         names: Sequence[str] | None,
     ) -> None:
-        from searchd.models.compose import calls_per_step
-
         lat = np.array([float(v) for v in latency_ms], dtype=np.float64)
         if lat.size < 1:
             raise ValueError("a model space needs at least one zoo member; got 0 latencies")

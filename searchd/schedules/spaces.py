@@ -1,4 +1,4 @@
-"""Search spaces: maps between parameter vectors (or Tune configs) and timestep ``Schedule``s.
+"""Search spaces: maps between parameter vectors (or their flat dicts) and ``Schedule``s.
 
 A space knows only the shape of the schedules it holds (``n_steps``, ``final_zero``, the
 solver that will run them) and the noise range (``sigma_min``, ``sigma_max``) or, for
@@ -16,7 +16,7 @@ Two spaces are defined here:
   crossover keep the subset sorted and unique.
 
 Both follow the ``Space`` protocol, which later spaces (model schedules, joint spaces) will
-follow too. Numerical code only: Ray is imported lazily, by ``tune_space`` alone.
+follow too. Numerical code only: no Ray, no Tune.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
 class Space(Protocol):
     """What searchers rely on. Later spaces (model schedules, joint) implement it too.
 
-    ``decode`` accepts a parameter vector [dim] or a Tune config: either
+    ``decode`` accepts a parameter vector [dim] or a plain config: either
     ``{"schedule": Schedule.to_dict()}`` or the flat ``{"u0": .., "u1": ..}`` form.
     """
 
@@ -81,8 +81,6 @@ class Space(Protocol):
     ) -> Schedule: ...
 
     def crossover(self, a: Schedule, b: Schedule, rng: np.random.Generator) -> Schedule: ...
-
-    def tune_space(self) -> dict[str, Any]: ...
 
     def params(self, schedule: Schedule) -> dict[str, float]: ...
 
@@ -114,9 +112,9 @@ class _VectorSpace:
     def _decode_vector(self, u: np.ndarray) -> Schedule:
         raise NotImplementedError
 
-    # Tune configs ------------------------------------------------------------------------
+    # Configs ------------------------------------------------------------------------------
     def decode(self, x: Sequence[float] | np.ndarray | Mapping[str, Any]) -> Schedule:
-        """Schedule of a parameter vector [dim], or of a Tune config (either form)."""
+        """Schedule of a parameter vector [dim], or of a config (either form)."""
         if isinstance(x, Mapping):
             if "schedule" in x:
                 return self.check(Schedule.from_dict(x["schedule"]))
@@ -139,14 +137,8 @@ class _VectorSpace:
                 raise ValueError(f"u{i} = {v!r} is outside [0, 1]")
         return np.clip(u, 0.0, 1.0)
 
-    def tune_space(self) -> dict[str, Any]:
-        """Ray Tune search space: ``{"u<i>": tune.uniform(0, 1)}`` for every parameter."""
-        from ray import tune  # lazy: spaces stay importable without Ray
-
-        return {name: tune.uniform(0.0, 1.0) for name in param_names(self.dim)}
-
     def params(self, schedule: Schedule) -> dict[str, float]:
-        """The flat Tune form of ``encode(schedule)``."""
+        """The flat form ``{"u0": .., "u1": ..}`` of ``encode(schedule)``."""
         return dict(zip(param_names(self.dim), (float(v) for v in self.encode(schedule))))
 
     def encode(self, schedule: Schedule) -> np.ndarray:

@@ -24,7 +24,6 @@ from searchd.storage.schema import (
     EVALUATION_SCHEMA,
     SCHEMA_VERSION,
     STATUSES,
-    EvaluationRow,
     rows_to_table,
     table_to_rows,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "SEARCHER_DIR",
     "STATUSES",
-    "EvaluationRow",
     "LockError",
     "LockInfo",
     "RunDir",

@@ -46,7 +46,6 @@ from searchd.storage.schema import (
     EVALUATION_SCHEMA,
     META_SCHEMA_VERSION,
     SCHEMA_VERSION,
-    EvaluationRow,
     check_version,
     conform_table,
     empty_table,
@@ -64,6 +63,9 @@ EVALUATIONS_DIR = "evaluations"
 CORRUPT_DIR = "evaluations/_corrupt"
 SEARCHER_DIR = "searcher"
 LOCK_FILE = "LOCK"
+
+# Version of the searcher state documents (``searcher/state-<n>.json``).
+STATE_VERSION = 1
 
 # Key-value metadata of a part file, besides the schema version.
 META_ROWS = b"searchd.rows"
@@ -241,6 +243,8 @@ class RunDir:
         self, uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
     ) -> None:
         self.filesystem, self.base, self.uri = open_location(uri_or_path, filesystem)
+        # As given (an S3 URI keeps its query): what to open it again with, e.g. --resume.
+        self.location = self.uri if filesystem is not None else os.fspath(uri_or_path)
         self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
         # Object stores: a PUT is atomic and there is no rename (only copy + delete).
         self.is_object_store = self.filesystem.type_name in OBJECT_STORES
@@ -314,6 +318,15 @@ class RunDir:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{relpath}: not JSON-serializable: {e}") from None
         return self.write_text(relpath, text + "\n")
+
+    def write_files(self, folder: str, names: Iterable[str], into: str) -> list[str]:
+        """Write files of a local ``folder`` to ``into/<name>`` in the run, each atomically
+        (also to an object store); returns the relative paths written."""
+        out = []
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                out.append(self.write_bytes(f"{into}/{name}", f.read()))
+        return out
 
     def read_bytes(self, relpath: str) -> bytes:
         """The content of a file of the run."""
@@ -468,7 +481,7 @@ class RunDir:
         return [p.relpath for p in parts]
 
     def append_evaluations(
-        self, rows: Iterable[Mapping[str, Any] | EvaluationRow] | pa.Table
+        self, rows: Iterable[Mapping[str, Any]] | pa.Table
     ) -> str | None:
         """Write rows as a new part file; returns its relative path (None for no rows).
 
@@ -560,7 +573,7 @@ class RunDir:
         if int(generation) < 0:
             raise ValueError(f"generation must be >= 0, got {generation}")
         doc = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": STATE_VERSION,
             "generation": int(generation),
             "time": datetime.now(timezone.utc).isoformat(),
             "state": state,
@@ -602,10 +615,10 @@ class RunDir:
                 logger.warning("searcher state %s is unreadable (%s); %s; using an older one",
                                self.display(rel), one_line(e), where)
                 continue
-            if version > SCHEMA_VERSION:
+            if version > STATE_VERSION:
                 raise SchemaVersionError(
                     f"{self.display(rel)} was written by a newer searchd (state version "
-                    f"{version}, this searchd reads {SCHEMA_VERSION}); upgrade searchd to resume",
+                    f"{version}, this searchd reads {STATE_VERSION}); upgrade searchd to resume",
                     path=self.display(rel),
                 )
             return gen, doc["state"]

@@ -2,17 +2,22 @@
 
 ``EVALUATION_SCHEMA`` is explicit (no type inference from data), carries
 ``SCHEMA_VERSION`` in its metadata and in a ``schema_version`` column, and is what every part
-file under ``<run>/evaluations/`` holds. ``rows_to_table`` validates plain rows (dicts or
-``EvaluationRow``) into a table, ``table_to_rows`` turns a table back into plain rows, and
-``conform_table`` checks a table read from disk (version, columns, types, required values).
+file under ``<run>/evaluations/`` holds. ``rows_to_table`` validates plain rows (dicts) into
+a table, ``table_to_rows`` turns a table back into plain rows, and ``conform_table`` checks
+a table read from disk (version, columns, types, required values) and upgrades an older one.
+
+The ``schedule`` column (version 2) holds the whole candidate as JSON, ``Schedule.to_dict()``
+with its provenance (``meta``): whatever a ``Schedule`` carries round-trips through it without
+a schema change, so per-step data added to schedules later needs no new column. The typed
+columns (``sigmas``, ``model_ids``, ``solver``, ``n_steps``, ``origin``, ``parent_ids``) repeat
+what readers query most. A row given without ``schedule`` gets it from those columns.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,7 +26,7 @@ import pyarrow.compute as pc
 
 from searchd.storage.errors import SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "failed", "pruned")
 
 # Keys of the schema's (and each part file's) key-value metadata.
@@ -47,6 +52,7 @@ EVALUATION_SCHEMA = pa.schema(
         _f("nfe", pa.int32(), "network evaluations the schedule actually cost"),
         _f("sigmas", pa.list_(pa.float64()), "noise levels, N+1, strictly decreasing"),
         _f("model_ids", pa.list_(pa.int64()), "zoo member per step (null: one model)", True),
+        _f("schedule", pa.string(), "the candidate as JSON: Schedule.to_dict(), meta included"),
         _f("metric", pa.string(), "name of the search objective"),
         _f("value", pa.float64(), "objective value; null when failed or not finite", True),
         _f("metrics", pa.map_(pa.string(), pa.float64()), "all metrics, name -> value"),
@@ -66,12 +72,10 @@ EVALUATION_SCHEMA = pa.schema(
 FIELD_NAMES: tuple[str, ...] = tuple(EVALUATION_SCHEMA.names)
 NULLABLE_FIELDS: frozenset[str] = frozenset(f.name for f in EVALUATION_SCHEMA if f.nullable)
 REQUIRED_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in EVALUATION_SCHEMA if not f.nullable and f.name != "schema_version"
+    f.name for f in EVALUATION_SCHEMA
+    if not f.nullable and f.name not in ("schema_version", "schedule")
 )
 
-# Upgrades of tables written under an older schema version: UPGRADES[v] maps a table of
-# version v to one of version v + 1. Version 1 is the first; there is nothing to upgrade yet.
-UPGRADES: dict[int, Callable[[pa.Table], pa.Table]] = {}
 
 
 def utc_now() -> datetime:
@@ -79,47 +83,43 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@dataclass
-class EvaluationRow:
-    """One scored candidate, as plain data; ``to_dict()`` is a row of ``EVALUATION_SCHEMA``."""
-
-    run_id: str
-    candidate_id: str
-    generation: int
-    trial_id: str
-    origin: str
-    solver: str
-    n_steps: int
-    nfe: int
-    sigmas: Sequence[float]
-    metric: str
-    status: str
-    n_samples: int
-    seed_base: int
-    wall_s: float
-    value: float | None = None
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    parent_ids: Sequence[str] = ()
-    model_ids: Sequence[int] | None = None
-    fidelity: int | None = None
-    error: str | None = None
-    worker: str = ""
-    node: str = field(default_factory=socket.gethostname)
-    time: datetime = field(default_factory=utc_now)
-    schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """The row as a dict in schema column order."""
-        d = asdict(self)
-        return {name: d[name] for name in FIELD_NAMES}
+def schedule_json(row: Mapping[str, Any]) -> str:
+    """The ``schedule`` column of a row that lacks it, from its typed columns (the schedule
+    with the provenance a version-1 row has: origin and parents). Its id is not recomputed:
+    ``Schedule.from_dict`` checks the content against ``candidate_id``."""
+    meta: dict[str, Any] = {"origin": row.get("origin"), "parents": list(row.get("parent_ids")
+                                                                          or [])}
+    ids = row.get("model_ids")
+    return json.dumps({
+        "id": row.get("candidate_id"),
+        "sigmas": [float(x) for x in row.get("sigmas") or []],
+        "model_ids": None if ids is None else [int(m) for m in ids],
+        "solver": row.get("solver"),
+        "meta": meta,
+    })
 
 
-def _normalize_row(i: int, row: Mapping[str, Any] | EvaluationRow) -> dict[str, Any]:
+def _upgrade_1_to_2(table: pa.Table) -> pa.Table:
+    """Version 1 -> 2: the ``schedule`` column, made from the typed columns."""
+    rows = table.select(["candidate_id", "sigmas", "model_ids", "solver", "origin",
+                         "parent_ids"]).to_pylist()
+    col = pa.array([schedule_json(r) for r in rows], type=pa.string())
+    at = table.column_names.index("model_ids") + 1
+    table = table.add_column(at, "schedule", col)
+    versions = pa.array([2] * table.num_rows, type=pa.int32())
+    return table.set_column(table.column_names.index("schema_version"), "schema_version",
+                            versions)
+
+
+# Upgrades of tables written under an older schema version: UPGRADES[v] maps a table of
+# version v to one of version v + 1.
+UPGRADES: dict[int, Callable[[pa.Table], pa.Table]] = {1: _upgrade_1_to_2}
+
+
+def _normalize_row(i: int, row: Mapping[str, Any]) -> dict[str, Any]:
     """Check one row's fields and values; return it as a dict in schema order."""
-    if isinstance(row, EvaluationRow):
-        row = row.to_dict()
-    elif not isinstance(row, Mapping):
-        raise ValueError(f"row {i}: expected a dict or EvaluationRow, got {type(row).__name__}")
+    if not isinstance(row, Mapping):
+        raise ValueError(f"row {i}: expected a dict, got {type(row).__name__}")
     unknown = sorted(set(row) - set(FIELD_NAMES))
     if unknown:
         raise ValueError(f"row {i}: unknown field(s) {unknown}; the schema has {list(FIELD_NAMES)}")
@@ -127,6 +127,8 @@ def _normalize_row(i: int, row: Mapping[str, Any] | EvaluationRow) -> dict[str, 
     if missing:
         raise ValueError(f"row {i}: missing required field(s) {missing}")
     out = {name: row.get(name) for name in FIELD_NAMES}
+    if out["schedule"] is None:
+        out["schedule"] = schedule_json(out)
     if out["schema_version"] is None:
         out["schema_version"] = SCHEMA_VERSION
     elif out["schema_version"] != SCHEMA_VERSION:
@@ -194,11 +196,11 @@ def _normalize_row(i: int, row: Mapping[str, Any] | EvaluationRow) -> dict[str, 
     return out
 
 
-def rows_to_table(rows: Iterable[Mapping[str, Any] | EvaluationRow]) -> pa.Table:
+def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """Validate rows and build a table of exactly ``EVALUATION_SCHEMA``.
 
-    A row is a dict with the schema's field names (``schema_version`` may be left out; it is
-    filled in) or an ``EvaluationRow``. Raises ``ValueError`` naming the row, the candidate
+    A row is a dict with the schema's field names (``schema_version`` and ``schedule`` may
+    be left out; they are filled in). Raises ``ValueError`` naming the row, the candidate
     and the field: unknown or missing fields, a status outside ``STATUSES``, n_steps not
     matching the sigmas, a non-finite ``value``, a naive ``time``, or a value that does not
     convert to its column type.

@@ -1,0 +1,244 @@
+"""The end of a run: the winner and the baselines re-scored on held-out seeds (a job on one
+loaded evaluator), ``best.json``, the plots, and the summary lines.
+
+- ``final_scores``: the job: held-out FID of each schedule with a bootstrap CI and its paired
+  difference against the best baseline, the adaptive predictor's paired score when there is
+  one, and the sample images of the grids. It runs on an evaluator that is already loaded
+  (an actor of the pool, or the in-process one): the model is not loaded again.
+- ``best_json``: the winner, the baselines, the held-out table and how to use the schedule.
+  A held-out difference whose interval crosses 0 is marked ``significant: false``.
+- ``summary_lines``: the held-out table as printed at the end of a run; a difference whose
+  interval crosses 0 is said to be not significant, never shown as a win.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from searchd.schedule import Schedule
+from searchd.storage import REPORT_DIR, RunDir
+
+
+# The job ----------------------------------------------------------------------------------------
+def final_scores(
+    evaluator: Any,
+    schedules: Sequence[Schedule],
+    seeds: Sequence[int],
+    baseline_index: int,
+    ci_level: float,
+    grid_seeds: Sequence[int],
+    grid_indices: Sequence[int],
+    search_seeds: Sequence[int],
+    predictor: tuple[dict[str, Any], Schedule] | None = None,
+) -> dict[str, Any]:
+    """Held-out FID of each schedule with a bootstrap CI and its paired difference against
+    ``schedules[baseline_index]`` (same resampled sample indices for both), and sample images
+    [B, C, H, W] of ``schedules[grid_indices]``, on a loaded evaluator.
+
+    ``predictor``: ``(predictor_blob, its global schedule)`` of an adaptive run: both are
+    scored on the same held-out seeds too (``"adaptive"``: ``predictor_final``'s result, or
+    ``{"error": ...}`` if that failed; the other scores are kept either way)."""
+    from searchd.evaluation.heldout import heldout_scores
+
+    held = heldout_scores(
+        evaluator, list(schedules), list(seeds), baseline_index=baseline_index, level=ci_level,
+        search_seeds=search_seeds,
+    )
+    adaptive: dict[str, Any] | None = None
+    if predictor is not None:
+        from searchd.adaptive.product import predictor_final
+
+        try:
+            adaptive = predictor_final(evaluator, predictor[0], predictor[1], list(seeds),
+                                       ci_level)
+        except Exception as e:  # a broken predictor never loses the run's other results
+            adaptive = {"error": f"{type(e).__name__}: {e}"}
+    images = {}
+    if len(grid_seeds):
+        for i in grid_indices:
+            x = evaluator.generate(schedules[i], list(grid_seeds))
+            if evaluator.decode is not None:  # latent models: the decoded images
+                with torch.no_grad():
+                    x = evaluator.decode(x)
+            images[i] = np.asarray(x.detach().cpu(), np.float32)
+    return {"heldout": held, "images": images, "adaptive": adaptive}
+
+
+def significant(score: Mapping[str, Any]) -> bool | None:
+    """Whether a held-out difference is significant: its interval excludes 0 (None: no
+    difference, e.g. the baseline itself or a failed schedule)."""
+    ci = score.get("diff_ci")
+    if ci is None:
+        return None
+    lo, hi = ci
+    return bool(lo > 0 or hi < 0)
+
+
+# best.json ---------------------------------------------------------------------------------------
+def best_json(
+    *,
+    run_id: str,
+    model: str,
+    cfg: Any,
+    winner: Schedule,
+    winner_result: Any,
+    baselines: Sequence[Schedule],
+    baseline_values: Mapping[str, float | None],
+    best_base: int,
+    held: dict[str, Any],
+    evaluations: int,
+    anchor_results: Sequence[Mapping[str, Any]],
+    zoo: Mapping[str, Any] | None,
+    space: Any,
+    sigma_grid: Sequence[float] | None,
+) -> dict[str, Any]:
+    """``best.json``: the winner and how to use it, the search value, the anchors, the
+    held-out table (each difference marked ``significant``) and the baselines."""
+    metric = cfg.metric.name
+    sig = [float(x) for x in winner.sigmas]
+    for i, score in enumerate(held["scores"]):  # the baseline itself: no difference
+        score["significant"] = None if i == 1 + best_base else significant(score)
+    out: dict[str, Any] = {
+        "run_id": run_id,
+        "model": model,
+        "solver": winner.solver,
+        "solver_options": dict(cfg.solver.options),
+        "n_steps": winner.n_steps,
+        "nfe": int(winner_result.nfe),
+        "schedule": winner.to_dict(),
+        "sigmas": sig,
+        "search": {
+            "metric": metric,
+            "features": cfg.metric.features,
+            "value": winner_result.value(metric),
+            "n_samples": int(winner_result.n_samples),
+            "seed_base": int(winner_result.seed_base),
+            "algorithm": cfg.search.algorithm,
+            "evaluations": evaluations,
+            "warm_start": list(cfg.search.evolution.warm_start)
+            if cfg.search.algorithm == "evolution" else [],
+        },
+        "anchors": {
+            r["name"]: {
+                "sigmas": [float(x) for x in r["schedule"]["sigmas"]],
+                "denoiser_calls": r["denoiser_calls"],
+                "wall_s": r["wall_s"],
+                "params": r["schedule"].get("meta", {}).get("params"),
+            }
+            for r in anchor_results
+        },
+        "heldout": held,
+        "baselines": {
+            name_of(b): {
+                "family": b.meta.get("family"),
+                "sigmas": [float(x) for x in b.sigmas],
+                "search_value": baseline_values.get(name_of(b)),
+            }
+            for b in baselines
+        },
+        "best_baseline": name_of(baselines[best_base]),
+    }
+    if zoo is not None:
+        out["model_ids"] = [int(m) for m in winner.model_ids]
+        out["zoo"] = {
+            "members": list(zoo["members"]),
+            "latency_ms": list(zoo["latency_ms"]),
+            "budget_ms": float(space.budget_ms),
+            "winner_ms": float(space.latency(winner)),
+            "winner_models": [zoo["members"][m] for m in winner.model_ids],
+        }
+    if sigma_grid is not None:
+        g = np.asarray(sigma_grid)
+        out["timesteps"] = [int(np.argmin(np.abs(np.log(g) - np.log(x)))) for x in sig if x > 0]
+    # How to use the schedule elsewhere (diffusers, k-diffusion, ComfyUI, searchd): one place.
+    from searchd.export import model_levels, usage_section
+
+    out["usage"] = usage_section(winner, cfg.solver.options,
+                                 flow=model_levels(cfg.model) == "flow", sigma_grid=sigma_grid)
+    return out
+
+
+def name_of(schedule: Schedule) -> str:
+    """A baseline's name (its ``meta["name"]``, else its id)."""
+    return str(schedule.meta.get("name", schedule.id))
+
+
+# Summary --------------------------------------------------------------------------------------
+def summary_lines(best: Mapping[str, Any]) -> list[str]:
+    """The held-out table of a run's ``best.json``, as printed when the run ends."""
+    held = best["heldout"]
+    metric = best["search"]["metric"]
+    level = int(round(100 * held["level"]))
+    out = [f"searchd: held-out {metric} on {held['n_samples']} samples (seeds from "
+           f"{held['seed_base']}), {level}% bootstrap CIs; differences are paired against "
+           f"{best['best_baseline']}:"]
+    for sc in held["scores"]:
+        if sc["status"] != "ok":
+            out.append(f"  {sc['name']:<26} failed: {sc['error']}")
+            continue
+        lo, hi = sc["fid_ci"]
+        line = f"  {sc['name']:<26} {sc['fid']:.4f} [{lo:.4f}, {hi:.4f}]"
+        if sc["diff_ci"] is not None and sc["name"] != best["best_baseline"]:
+            dlo, dhi = sc["diff_ci"]
+            line += f"   diff {sc['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+            if not significant(sc):
+                line += " not significant (the interval contains 0)"
+        out.append(line)
+    ad = best.get("adaptive")
+    if ad is not None:
+        out.extend(adaptive_lines(ad))
+    return out
+
+
+def adaptive_lines(ad: Mapping[str, Any]) -> list[str]:
+    """An adaptive run's predictor against its global schedule, as printed at the end."""
+    if ad["status"] != "ok":
+        return [f"searchd: adaptive predictor failed: {ad.get('error')}"]
+    h = ad["heldout"]
+    g, p = h["global"], h["predictor"]
+    out = [f"searchd: adaptive {ad['kind']} predictor vs its global schedule "
+           f"({ad['global_schedule']['source']}), same held-out seeds:",
+           f"  {'global schedule':<26} {g['fid']:.4f} "
+           f"[{g['fid_ci'][0]:.4f}, {g['fid_ci'][1]:.4f}]"]
+    if p["fid"] is None:
+        return [*out, f"  {'predictor':<26} failed"]
+    dlo, dhi = h["diff_ci"]
+    line = (f"  {'predictor':<26} {p['fid']:.4f} [{p['fid_ci'][0]:.4f}, "
+            f"{p['fid_ci'][1]:.4f}]   diff {h['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]")
+    if dlo <= 0 <= dhi:
+        line += "   not significant (the interval contains 0)"
+    else:
+        line += f"   ({100 * h['gain']:+.1f}% gain)"
+    return [*out, line]
+
+
+# Plots ------------------------------------------------------------------------------------------
+def write_plots(run: RunDir, winner: Schedule, baselines: Sequence[Schedule], best_base: int,
+                rows: Sequence[Mapping[str, Any]], baseline_values: Mapping[str, float],
+                images: Mapping[int, Any], metric: str, nfe: int) -> list[str]:
+    """The run's plots (metric per generation, schedules, sample grids) into ``report/``:
+    drawn in a scratch directory and copied in atomically (also to ``s3://``)."""
+    from searchd.plots import draw_plots, save_image_grid
+
+    folder = tempfile.mkdtemp(prefix="searchd-report-")
+    try:
+        named = {"searched (best)": winner.sigmas}
+        for b in baselines:
+            named[name_of(b)] = b.sigmas
+        values = {k: (math.inf if v is None else v) for k, v in baseline_values.items()}
+        draw_plots(folder, rows, values, named, metric,
+                   f"best schedule vs baselines ({winner.solver}, NFE {nfe})")
+        labels = {0: "best", 1 + best_base: "best_baseline"}
+        for i, x in images.items():
+            save_image_grid(x, os.path.join(folder, f"samples_{labels[i]}.png"))
+        return run.write_files(folder, sorted(os.listdir(folder)), REPORT_DIR)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
