@@ -219,7 +219,11 @@ class IntervalGuidance(GuidancePart):
         w = self.w if self.w_range is None else self._w_of(float(u[0]))
         log_lo = self._l0 + float(u[k]) * (self._l1 - self._l0)
         log_hi = log_lo + float(u[k + 1]) * (self._l1 - log_lo)
-        return w, math.exp(log_lo), math.exp(log_hi)
+        # The ends of the cube are the ends of the range exactly (exp(log(x)) may miss x by
+        # an ulp, which would leave the top step out of an interval meant to hold it).
+        lo = self.sigma_min / 2 if float(u[k]) <= 0.0 else math.exp(log_lo)
+        hi = self.sigma_max if float(u[k + 1]) >= 1.0 else math.exp(log_hi)
+        return w, lo, max(lo, hi)
 
     def weights(self, u: np.ndarray, sigmas: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         w, lo, hi = self.interval(u)
