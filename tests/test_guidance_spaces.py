@@ -96,6 +96,19 @@ def test_interval_family_holds_one_weight_inside_and_ones_outside():
     assert np.array_equal(space.decode(space.encode(bare)).guidance, bare.guidance)
 
 
+def test_interval_holding_every_step_reaches_sigma_max():
+    """Constant guidance is the interval over every step: encoding it puts the upper end at
+    the cube's edge, which must decode to sigma_max itself (exp(log(80)) is 80 - 3e-14, which
+    would leave the first step out)."""
+    base = Schedule(baseline("polynomial", 6, SMIN, SMAX, rho=7))
+    for name in ("interval-w", "fixed-interval"):
+        space = spaces()[name]
+        s = constant_guidance(base, 2.0)
+        assert space.encode(s)[-1] == 1.0
+        assert space.decode(space.encode(s)).guidance.tolist() == [2.0] * 6
+        assert space.check(s) is s
+
+
 def test_step_weights_snap_to_exactly_one():
     part = StepGuidance(4, (0.0, 4.0), one_band=0.1)
     w, _ = part.weights(np.array([0.25, 0.26, 0.5, 0.22]), np.ones(5))
