@@ -2,7 +2,10 @@
 
 A timestep schedule of N steps is a strictly decreasing float64 array of N+1 noise levels.
 Its last entry is either 0 (the last step denoises) or a level > 0 at which the sample is
-taken as it stands. A model schedule gives the zoo member used at each of the N steps.
+taken as it stands. A model schedule gives the zoo member used at each of the N steps. A
+guidance schedule gives the classifier-free guidance weight w of each of the N steps
+(``u + w (c - u)``; w = 1 is the conditional model alone, and a step with w = 1 makes no
+unconditional call); a schedule without one runs the model as it was loaded.
 """
 
 from __future__ import annotations
@@ -92,19 +95,41 @@ def validate_model_ids(model_ids: Sequence[int] | np.ndarray, n_steps: int) -> n
     return arr
 
 
+def validate_guidance(guidance: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:
+    """Check a guidance schedule (one finite weight >= 0 per step) against N steps and
+    return it as a read-only float64 array [N]."""
+    arr = np.array(guidance, dtype=np.float64)
+    if arr.ndim != 1 or arr.size != n_steps:
+        raise ValueError(
+            f"guidance has shape {arr.shape}; expected ({n_steps},), one weight per step"
+        )
+    for i, w in enumerate(arr.tolist()):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(
+                f"guidance[{i}] = {w!r}; guidance weights must be finite and >= 0 "
+                "(1: conditional only, no guidance)"
+            )
+    arr.setflags(write=False)
+    return arr
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
-    """One candidate: noise levels, optional model per step, and the solver that runs it.
+    """One candidate: noise levels, optional model and guidance weight per step, and the
+    solver that runs it.
 
     ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
     not part of the identity: two schedules with the same sigmas (to a relative 1e-9),
-    models and solver are the same candidate and have the same ``id``.
+    models, guidance and solver are the same candidate and have the same ``id``.
+    ``guidance`` (float64 [N] or None) is part of the identity only when present, so every
+    schedule without it keeps the id it always had.
     """
 
     sigmas: np.ndarray
     model_ids: np.ndarray | None = None
     solver: str = "dpmpp_2m"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    guidance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sig = validate_sigmas(self.sigmas)
@@ -112,6 +137,8 @@ class Schedule:
         if self.model_ids is not None:
             ids = validate_model_ids(self.model_ids, sig.size - 1)
             object.__setattr__(self, "model_ids", ids)
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", validate_guidance(self.guidance, sig.size - 1))
         if not isinstance(self.solver, str) or not self.solver:
             raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
         object.__setattr__(self, "meta", dict(self.meta))
@@ -124,6 +151,12 @@ class Schedule:
     @property
     def final_zero(self) -> bool:
         return bool(self.sigmas[-1] == 0.0)
+
+    @property
+    def guided_steps(self) -> np.ndarray | None:
+        """Which steps call the unconditional model too (w != 1), bool [N]; None without a
+        guidance schedule."""
+        return None if self.guidance is None else self.guidance != 1.0
 
     def check_range(self, sigma_min: float, sigma_max: float) -> Schedule:
         """Validate against a model's noise range; returns self for chaining."""
@@ -144,11 +177,13 @@ class Schedule:
     # Identity -----------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Content hash of (sigmas, model_ids, solver): the candidate's id everywhere.
+        """Content hash of (sigmas, model_ids, guidance, solver): the candidate's id
+        everywhere (guidance only when present).
 
-        The sigmas are hashed as ``canonical_sigmas`` (rounded to a relative 2**-30), so two
-        schedules that differ only by floating-point noise (a parameter vector decoded
-        twice, a crossover that reproduces a parent) are one candidate, scored once.
+        The sigmas (and guidance weights) are hashed as ``canonical_sigmas`` (rounded to a
+        relative 2**-30), so two schedules that differ only by floating-point noise (a
+        parameter vector decoded twice, a crossover that reproduces a parent) are one
+        candidate, scored once.
         """
         h = hashlib.sha256()
         h.update(self.solver.encode())
@@ -157,6 +192,9 @@ class Schedule:
         if self.model_ids is not None:
             h.update(b"|m|")
             h.update(np.ascontiguousarray(self.model_ids, dtype="<i8").tobytes())
+        if self.guidance is not None:
+            h.update(b"|g|")
+            h.update(np.ascontiguousarray(canonical_sigmas(self.guidance), dtype="<f8").tobytes())
         return h.hexdigest()[:HASH_CHARS]
 
     def __hash__(self) -> int:
@@ -168,18 +206,27 @@ class Schedule:
     def __repr__(self) -> str:
         sig = ", ".join(f"{s:.4g}" for s in self.sigmas)
         ids = "" if self.model_ids is None else f", model_ids={self.model_ids.tolist()}"
-        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids})"
+        g = (
+            ""
+            if self.guidance is None
+            else ", guidance=[" + ", ".join(f"{w:.4g}" for w in self.guidance) + "]"
+        )
+        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{g})"
 
     # Serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form; floats are written with ``repr`` precision, so it round-trips."""
-        return {
+        """Plain-data form; floats are written with ``repr`` precision, so it round-trips.
+        ``guidance`` appears only when the schedule has one."""
+        d = {
             "id": self.id,
             "sigmas": [float(s) for s in self.sigmas],
             "model_ids": None if self.model_ids is None else [int(m) for m in self.model_ids],
             "solver": self.solver,
             "meta": dict(self.meta),
         }
+        if self.guidance is not None:
+            d["guidance"] = [float(w) for w in self.guidance]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
@@ -188,6 +235,7 @@ class Schedule:
             model_ids=None if d.get("model_ids") is None else np.asarray(d["model_ids"]),
             solver=d.get("solver", "dpmpp_2m"),
             meta=d.get("meta") or {},
+            guidance=None if d.get("guidance") is None else np.asarray(d["guidance"]),
         )
         if "id" in d and d["id"] != s.id:
             raise ValueError(f"schedule id {d['id']!r} does not match its content ({s.id})")

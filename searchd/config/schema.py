@@ -24,7 +24,9 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
 - ``space``: ``kind`` continuous | discrete | models | joint; ``budget_ms`` / ``budget_nfe``
   and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``) | flow (``shift``);
   ``endpoints`` fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``;
-  ``sigma_min``/``sigma_max`` overrides; ``grid`` (discrete).
+  ``sigma_min``/``sigma_max`` overrides; ``grid`` (discrete); ``guidance`` (``kind`` none |
+  constant | interval | steps: classifier-free guidance weights searched with the timesteps,
+  ``w``, ``w_range``, ``one_band``, ``baseline_w``, ``paper_interval``).
 - ``search``: ``algorithm`` (a searcher of ``SEARCHERS``); ``seed``; ``budget``
   (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters,
   ``warm_start``); ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods'
@@ -188,6 +190,53 @@ class SolverConfig(Section):
         return self
 
 
+class GuidanceConfig(Section):
+    """Guidance weights per step searched with the timesteps
+    (``searchd.schedules.guidance_spaces``); the model must be conditional with an
+    unconditional mode (checked when it is loaded)."""
+
+    kind: Literal["none", "constant", "interval", "steps"] = "none"
+    # constant: every step w; interval: w inside a searched (sigma_lo, sigma_hi], 1 outside;
+    # steps: a free weight per step
+    w: float | None = Field(None, ge=0)  # constant: the weight; interval: fixed w (null: search)
+    w_range: tuple[float, float] = (0.0, 4.0)  # interval with w null, and steps: searched range
+    one_band: float = Field(0.05, ge=0)  # steps: weights this close to 1 become 1 (no uncond.)
+    baseline_w: list[float] = [1.0, 2.0]  # constant-guidance baselines, on every family
+    # (kind constant: its own w only)
+    paper_interval: bool = True  # also the NeurIPS 2024 interval (w 2 on (0.28, 1.61])
+
+    @field_validator("baseline_w")
+    @classmethod
+    def _baseline_w(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not (0 <= w < float("inf"))]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0; got {bad[0]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _family(self) -> GuidanceConfig:
+        lo, hi = self.w_range
+        if not 0 <= lo < hi < float("inf"):
+            raise FieldError("w_range", list(self.w_range), "need 0 <= w_min < w_max")
+        if self.kind == "constant" and self.w is None:
+            raise FieldError("w", None, "guidance kind 'constant' needs the weight w")
+        searched = self.kind == "steps" or (self.kind == "interval" and self.w is None)
+        allowed = ([1.0, self.w] if self.kind == "interval" and self.w is not None else None)
+        for w in self.baseline_w:
+            if searched and not lo <= w <= hi:
+                raise FieldError("baseline_w", self.baseline_w,
+                                 f"{w:g} is outside w_range [{lo:g}, {hi:g}]: the searched "
+                                 "family cannot hold it")
+            if allowed is not None and w not in allowed:
+                raise FieldError("baseline_w", self.baseline_w,
+                                 f"{w:g}: an interval of fixed w = {self.w:g} holds constant "
+                                 "weights 1 and w only")
+        if self.kind == "steps" and not self.one_band < (hi - lo) / 2:
+            raise FieldError("one_band", self.one_band,
+                             f"must be below (w_max - w_min) / 2 = {(hi - lo) / 2:g}")
+        return self
+
+
 class SpaceConfig(Section):
     """The search space (searchd.schedules.spaces)."""
 
@@ -206,6 +255,7 @@ class SpaceConfig(Section):
     sigma_min: float | None = Field(None, gt=0)  # override the model's noise range
     sigma_max: float | None = Field(None, gt=0)
     grid: str | None = None  # discrete: a named grid; null: the model's own grid
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)  # searched guidance
 
     @field_validator("grid")
     @classmethod
@@ -234,6 +284,10 @@ class SpaceConfig(Section):
                                         or self.budget_nfe is not None):
             raise FieldError("budget_ms", self.budget_ms or self.budget_nfe,
                              "latency budgets apply to space.kind models or joint only")
+        if self.guidance.kind != "none" and self.kind not in ("continuous", "discrete"):
+            raise FieldError("guidance", self.guidance.kind,
+                             f"guidance is searched with space.kind continuous or discrete, "
+                             f"not {self.kind!r}")
         if self.sigma_min is not None and self.sigma_max is not None:
             if not self.sigma_min < self.sigma_max:
                 raise FieldError("sigma_min", self.sigma_min,
@@ -627,6 +681,9 @@ class SearchConfig(Section):
         if (self.model.zoo is not None) != self.space.model_schedule:
             raise FieldError("space.kind", self.space.kind,
                              "model.zoo goes with space.kind models or joint, and they need it")
+        if self.space.guidance.kind != "none" and self.search.algorithm in ("adaptive",):
+            raise FieldError("space.guidance.kind", self.space.guidance.kind,
+                             "search.algorithm adaptive predicts timesteps only; set none")
         if self.space.kind == "joint" and self.space.grid is not None:
             raise FieldError("space.grid", self.space.grid,
                              "a joint space searches continuous timesteps; set null")

@@ -4,11 +4,14 @@
 reference's factor for the fast Frechet path, the KID reference terms, the noise and
 the teacher samples of the seeds it has seen) and scores candidates:
 
-1. Candidates are grouped by (solver, n_steps, final_zero, model schedule or not). A group
+1. Candidates are grouped by (solver, n_steps, final_zero, model schedule or not, guidance
+   schedule or not). A group
    of K candidates scored on n seeds is one solver run over K * n rows with per-sample
    sigmas [K * n, N + 1], cut into chunks of ``batch_size`` rows. Row ``k * n + i`` is
    sample i of candidate k and starts from the noise of ``seeds[i]`` (common random
-   numbers: every candidate sees the same noise).
+   numbers: every candidate sees the same noise); a conditional model also gets
+   ``sample_index = seeds[i]``, which fixes the row's class or prompt (the same in every
+   candidate; ``searchd.models.conditional``).
 2. Each chunk's samples are checked: a candidate with a non-finite sample (or a solver
    error on its rows) is marked failed with the reason and its remaining rows are dropped;
    the other candidates go on.
@@ -48,6 +51,7 @@ from searchd.evaluation.prefix import run_group_tree
 from searchd.evaluation.reference import ReferenceStats
 from searchd.evaluation.stats import DEFAULT_CHUNK, FeatureStats
 from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.models.conditional import row_conditioning, supports_guidance
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
 from searchd.solvers.prefix import PrefixStats
@@ -414,6 +418,7 @@ class Evaluator:
         noise = self.noise(seeds)
         sigmas = torch.tensor(schedule.sigmas)
         mids = None if schedule.model_ids is None else torch.tensor(schedule.model_ids)
+        guid = None if schedule.guidance is None else torch.tensor(schedule.guidance)
         parts = []
         with torch.no_grad():
             for a in range(0, noise.shape[0], self.batch_size):
@@ -423,6 +428,8 @@ class Evaluator:
                     sigmas,
                     solver=solver,
                     model_ids=mids,
+                    guidance=guid,
+                    cond=row_conditioning(self.denoiser, seeds[a : a + self.batch_size]),
                     **self.solver_options,
                 )
                 parts.append(x.detach())
@@ -510,12 +517,13 @@ class Evaluator:
             for j, p in enumerate(prepared):
                 if isinstance(p, tuple):
                     s, solver, _ = p
-                    key = (solver, s.n_steps, s.final_zero, s.model_ids is not None)
+                    key = (solver, s.n_steps, s.final_zero, s.model_ids is not None,
+                           s.guidance is not None)
                     groups.setdefault(key, []).append(j)
 
             accs: dict[int, _Accumulator] = {}
             walls: dict[int, float] = {}
-            for (solver, _, _, _), js in groups.items():
+            for (solver, *_), js in groups.items():
                 t0 = time.perf_counter()
                 group_accs = {j: _Accumulator(self, n) for j in js}
                 accs.update(group_accs)
@@ -565,6 +573,11 @@ class Evaluator:
             n_models = getattr(self.denoiser, "n_models", None)
             if s.model_ids is not None and n_models is not None:
                 s.check_models(int(n_models))
+            if s.guidance is not None and not supports_guidance(self.denoiser):
+                raise ValueError(
+                    "the schedule has guidance weights; this model takes none (it is not "
+                    "class- or text-conditional with an unconditional mode)"
+                )
             return s, solver, nfe(solver, s.n_steps, final_zero=s.final_zero)
         except (ValueError, TypeError, KeyError) as e:
             return f"invalid candidate: {e}"
@@ -584,6 +597,9 @@ class Evaluator:
         mids = None
         if schedules[0].model_ids is not None:
             mids = torch.as_tensor(np.stack([s.model_ids for s in schedules]), dtype=torch.int64)
+        guid = None
+        if schedules[0].guidance is not None:
+            guid = torch.as_tensor(np.stack([s.guidance for s in schedules]), dtype=torch.float64)
         start = 0
         total = k * n
         while start < total:
@@ -603,7 +619,7 @@ class Evaluator:
                 continue
             idx = torch.as_tensor(rows)
             cand_idx, sample_idx = idx // n, idx % n
-            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs)
+            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs, guid)
             # Hand each candidate its rows (consecutive samples), checking finiteness.
             for c in torch.unique(cand_idx).tolist():
                 acc = accs[js[c]]
@@ -628,12 +644,15 @@ class Evaluator:
         sample_idx: Tensor,
         js: list[int],
         accs: dict[int, _Accumulator],
+        guid: Tensor | None = None,
     ) -> Tensor | None:
         """Samples of the given rows; a solver error is isolated to the candidates it hits."""
         from searchd.solvers import solve
 
         def run(sel: Tensor) -> Tensor:
             m = None if mids is None else mids[cand_idx[sel]]
+            g = None if guid is None else guid[cand_idx[sel]]
+            seeds = [self._seeds_now[i] for i in sample_idx[sel].tolist()]
             with torch.no_grad():
                 return solve(
                     self.denoiser,
@@ -641,6 +660,8 @@ class Evaluator:
                     sig[cand_idx[sel]],
                     solver=solver,
                     model_ids=m,
+                    guidance=g,
+                    cond=row_conditioning(self.denoiser, seeds),
                     **self.solver_options,
                 ).detach()
 

@@ -158,8 +158,11 @@ class EvaluatorHost:
     def facts(self) -> dict[str, Any]:
         """The model facts a run needs (plain data): sample ``shape``, ``sigma_min``,
         ``sigma_max``, ``sigma_grid`` (or None), ``cost``, ``name``, ``zoo`` members (or
-        None), ``exact_samples`` (whether ``exact:<n>`` references work), and the feature
-        network's ``features`` info (name, mode, dim)."""
+        None), ``exact_samples`` (whether ``exact:<n>`` references work), ``guidance``
+        (whether it takes guidance weights per step), and the feature network's
+        ``features`` info (name, mode, dim)."""
+        from searchd.models.conditional import supports_guidance
+
         d = self.denoiser
         grid = getattr(d, "sigma_grid", None)
         return {
@@ -172,6 +175,7 @@ class EvaluatorHost:
             "name": str(getattr(d, "name", self.cfg.model.name)),
             "zoo": list(getattr(d, "names", [])) if self.cfg.model.zoo is not None else None,
             "exact_samples": hasattr(d, "sample_data"),
+            "guidance": bool(supports_guidance(d)),
             "features": dict(self.features.info),
             "load_s": self.load_s,
         }

@@ -150,6 +150,17 @@ def best_json(
         },
         "best_baseline": name_of(baselines[best_base]),
     }
+    if winner.guidance is not None:
+        # The weights per step, and the network passes they cost (a step at w != 1 makes
+        # the unconditional call too): searchd.sample runs them, export says where they go.
+        from searchd.solvers import network_calls
+
+        out["guidance"] = [float(w) for w in winner.guidance]
+        out["network_calls"] = network_calls(winner.solver, winner.n_steps,
+                                             winner.final_zero, winner.guidance)
+        for b in baselines:
+            if b.guidance is not None:
+                out["baselines"][name_of(b)]["guidance"] = [float(w) for w in b.guidance]
     if zoo is not None:
         out["model_ids"] = [int(m) for m in winner.model_ids]
         out["zoo"] = {

@@ -41,6 +41,7 @@ from searchd.loop.plan import (
     make_searcher,
     make_space,
     predictor_params,
+    timestep_space,
 )
 from searchd.loop.record import from_row
 from searchd.loop.recorder import Progress, Recorder, format_duration
@@ -224,10 +225,10 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     zoo = stored_zoo if stored_zoo is not None else _zoo(cfg, run, workers, say)
     space = make_space(cfg, facts["sigma_min"], facts["sigma_max"], facts["sigma_grid"],
                        zoo=zoo)
-    results = _anchors(plan, space, workers, say)
+    results = _anchors(plan, timestep_space(space), workers, say)
     from searchd.methods.anchors import anchors_from_results
 
-    anchors = anchors_from_results(results, space)
+    anchors = anchors_from_results(results, timestep_space(space))
     baselines = make_baselines(cfg, space, anchors)
     searcher = make_searcher(cfg.search, space, baselines, cfg.metric.name, cfg.mode, anchors)
     setup = Setup(workers, facts, space, baselines, searcher, results, zoo)
@@ -268,6 +269,11 @@ def check_model(cfg: SearchConfig, facts: dict[str, Any],
     if sc.kind == "discrete" and sc.grid is None and facts["sigma_grid"] is None:
         raise BadInput(f"space.kind: got 'discrete'; the model {facts['name']!r} has no "
                        "sigma grid: set space.grid (a named grid) or use space.kind continuous")
+    if sc.guidance.kind != "none" and not facts.get("guidance", False):
+        raise BadInput(f"space.guidance.kind: got {sc.guidance.kind!r}; the model "
+                       f"{facts['name']!r} takes no guidance weights (it is not class- or "
+                       "text-conditional with an unconditional mode, e.g. gmm-digits-cond, "
+                       "digits-unet-cond-s)")
     n = cfg.metric.exact_reference
     if n is not None and reference is None and not facts.get("exact_samples"):
         raise BadInput(f"metric.reference: got 'exact:{n}'; the model {facts['name']!r} has no "

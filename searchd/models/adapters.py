@@ -31,7 +31,12 @@ from searchd.models.base import Denoiser
 from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
-from searchd.models.names import FLOW_ZOO_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import (
+    CONDITIONAL_NEURAL_NAMES,
+    FLOW_ZOO_NAMES,
+    NEURAL_KINDS,
+    NEURAL_ZOO_NAMES,
+)
 from searchd.models.runtime import Runtime
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -42,7 +47,9 @@ NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAME
 # parameterization comes from their FlowMatchEulerDiscreteScheduler config, as a user's
 # SD3-style checkpoint's does.
 FLOW_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in FLOW_ZOO_NAMES}
-_SHIPPED: dict[str, Path] = {**NEURAL_ZOO, **FLOW_ZOO}
+# Class-conditional digits UNets (scripts/train_digits_unet_cond.py): name -> directory.
+CONDITIONAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in CONDITIONAL_NEURAL_NAMES}
+_SHIPPED: dict[str, Path] = {**NEURAL_ZOO, **FLOW_ZOO, **CONDITIONAL_ZOO}
 
 # Options of kind "generic" (searchd.models.generic.load_entry_point).
 GENERIC_OPTIONS = (
@@ -173,21 +180,30 @@ def load_neural_zoo(
     dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> Denoiser:
-    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``; the flow members
-    ``digits-flow-s``, ``-m``), loaded by ``load_diffusers`` like any diffusers folder.
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``, ``-cond-s``; the
+    flow members ``digits-flow-s``, ``-m``), loaded by ``load_diffusers`` like any diffusers
+    folder.
 
     Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
-    ``metric.reference: exact:1797`` scores against the dataset's own statistics.
+    ``metric.reference: exact:1797`` scores against the dataset's own statistics; the
+    class-conditional member's (``ClassDigitsData``) gives real digits of each seed's class.
     """
     if name not in _SHIPPED:
         raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(_SHIPPED)}")
     path = _SHIPPED[name]
     if not (path / "config.json").is_file():
-        script = "train_digits_flow" if name in FLOW_ZOO else "train_digits_unet"
+        script = ("train_digits_flow" if name in FLOW_ZOO else
+                  "train_digits_unet_cond" if name in CONDITIONAL_ZOO else "train_digits_unet")
         raise ValueError(f"{name}: weights missing at {path} (run scripts/{script}.py)")
     rt = _runtime(options, device, dtype)
     den = load_diffusers(path, runtime=rt, name=name, **options)
-    den.sample_data = DigitsData()  # type: ignore[attr-defined]
+    if den.conditional:
+        from searchd.models.conditional import ClassDigitsData
+
+        # Exact samples of the class each seed asks for (seed mod 10): real digits.
+        den.sample_data = ClassDigitsData()  # type: ignore[attr-defined]
+    else:
+        den.sample_data = DigitsData()  # type: ignore[attr-defined]
     return den
 
 

@@ -412,6 +412,7 @@ def load_diffusers(
         text_encoder=text_encoder,
         labels=labels,
         guided=guidance_scale != 1.0,
+        declared=meta.get("conditioning"),
     )
     decode = None
     if vae is not None:
@@ -454,8 +455,13 @@ def _conditioning(
     text_encoder: TextEncoder | str | None,
     labels: Sequence[int] | None,
     guided: bool,
+    declared: Mapping[str, Any] | None = None,
 ) -> Conditioning | None:
-    """Class labels or prompt embeddings for the network, as its config asks."""
+    """Class labels or prompt embeddings for the network, as its config asks.
+
+    ``declared``: ``searchd.json``'s ``conditioning`` (``num_classes``, ``null_label``), for
+    class-conditional UNets trained with label dropout, whose embedding table holds the
+    classes and one "no class" row (``digits-unet-cond-s``)."""
     text = cls_name in ("UNet2DConditionModel", "SD3Transformer2DModel") or (
         cls_name == "Transformer2DModel" and config.get("cross_attention_dim")
     )
@@ -471,11 +477,11 @@ def _conditioning(
         default = SD3PromptEncoder if cls_name == "SD3Transformer2DModel" else CLIPPromptEncoder
         encode: TextEncoder = text_encoder or default(src, runtime)
         cond = encode(plist)
-        uncond = encode([negative_prompt]) if guided else None
+        # The negative prompt is encoded even without constant guidance: a guidance
+        # schedule (per-step weights) needs the unconditional input too.
+        uncond = encode([negative_prompt])
         if isinstance(cond, tuple):  # (hidden states, pooled): SD3's two inputs
-            return TextEmbeddings(cond[0], None if uncond is None else uncond[0],
-                                  pooled=cond[1], uncond_pooled=None if uncond is None
-                                  else uncond[1])
+            return TextEmbeddings(cond[0], uncond[0], pooled=cond[1], uncond_pooled=uncond[1])
         return TextEmbeddings(cond, uncond)
     if prompts is not None:
         raise ValueError(f"{src.location}: prompts given for a model that is not text-conditioned")
@@ -486,6 +492,14 @@ def _conditioning(
         null = n_classes  # DiT's label embedding keeps one extra row for "no class"
     elif cls_name == "UNet2DModel" and config.get("num_class_embeds"):
         n_classes = config["num_class_embeds"]
+        if declared:
+            n_classes = int(declared["num_classes"])
+            null = declared.get("null_label")
+            if null is not None and not n_classes <= int(null) < config["num_class_embeds"]:
+                raise ValueError(
+                    f"{src.location}: searchd.json's null_label {null} is not an extra row "
+                    f"of the {config['num_class_embeds']} class embeddings"
+                )
     if n_classes:
         return ClassLabels(int(n_classes), labels, null_label=null)
     if labels is not None:

@@ -618,7 +618,10 @@ class NetworkDenoiser:
 
     A call takes ``x`` [B, *shape] and ``sigma`` [B] (or a scalar), optionally
     ``sample_index`` (int64 [B]): the conditioning of row r is entry ``sample_index[r] mod n``
-    of the conditioning table; without it, the row position r. The result has ``x``'s dtype
+    of the conditioning table; without it, the row position r. And optionally ``guidance``
+    (float [B]): the guidance weight of each row, in place of ``guidance_scale`` (a guidance
+    schedule's weights for the step); rows with weight 1 get the conditional output alone
+    and cost one network row, the others two. The result has ``x``'s dtype
     and device; the parameterization runs in float32 (float64 if ``x`` is float64), the
     network in the runtime's precision, in chunks of at most ``batch_size`` rows.
     """
@@ -663,6 +666,19 @@ class NetworkDenoiser:
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+    @property
+    def conditional(self) -> bool:
+        """Rows are conditioned (class labels, prompts), picked by ``sample_index``."""
+        return self.conditioning is not None
+
+    @property
+    def supports_guidance(self) -> bool:
+        """Per-row guidance weights are possible: there is an unconditional input."""
+        return (
+            self.conditioning is not None
+            and self.conditioning.unconditional(1, torch.device("cpu")) is not None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -710,7 +726,12 @@ class NetworkDenoiser:
         return out.to(self.runtime.io_dtype)
 
     def __call__(
-        self, x: Tensor, sigma: Tensor | float, *, sample_index: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        *,
+        sample_index: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
         """Denoise ``x`` [B, *shape] at noise levels ``sigma`` [B] -> ``x0_hat`` [B, *shape]."""
         if tuple(x.shape[1:]) != self.shape:
@@ -727,19 +748,37 @@ class NetworkDenoiser:
         sw = sigma.to(self.device, work)
         grad = torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad)
         x_in, t = self.param.network_inputs(xw, sw)
-        out = self._run(x_in, t, index, grad)
+        weights = None
+        if guidance is not None:
+            if not self.supports_guidance:
+                raise ValueError(
+                    f"{self.name}: guidance weights need conditioning with an unconditional "
+                    "input (a null class, one-hot labels, or negative-prompt embeddings)"
+                )
+            weights = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu()
+            weights = weights.expand(b) if weights.ndim == 0 else weights
+            if weights.shape != (b,):
+                raise ValueError(f"guidance has shape {tuple(weights.shape)}; expected ({b},)")
+        out = self._run(x_in, t, index, grad, weights)
         return self.param.to_x0(xw, sw, out.to(work)).to(dtype=x.dtype, device=x.device)
 
-    def _run(self, x_in: Tensor, t: Tensor, index: Tensor, grad: bool) -> Tensor:
-        """The (guided) network output [B, *shape] for all rows, in chunks."""
+    def _run(
+        self, x_in: Tensor, t: Tensor, index: Tensor, grad: bool, weights: Tensor | None = None
+    ) -> Tensor:
+        """The (guided) network output [B, *shape] for all rows, in chunks; ``weights``
+        (float64 [B]): per-row guidance weights in place of ``guidance_scale``."""
         b = x_in.shape[0]
-        chunk = self.batch_size // (2 if self.guided else 1) or 1
+        guided = self.guided if weights is None else bool((weights != 1).any())
+        chunk = self.batch_size // (2 if guided else 1) or 1
         outs = []
         with self.runtime.context(grad=grad):
             for lo in range(0, b, chunk):
                 sl = slice(lo, min(lo + chunk, b))
                 xs, ts = x_in[sl], t[sl]
                 kw = self._kwargs(index[sl])
+                if weights is not None:
+                    outs.append(self._guided_rows(xs, ts, kw, weights[sl]))
+                    continue
                 if not self.guided:
                     outs.append(self._forward(xs, ts, kw))
                     continue
@@ -751,6 +790,25 @@ class NetworkDenoiser:
                 outs.append(u + self.guidance_scale * (c - u))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out.clone() if not grad and self.runtime.inference_mode else out
+
+    def _guided_rows(
+        self, xs: Tensor, ts: Tensor, kw: dict[str, Tensor], w: Tensor
+    ) -> Tensor:
+        """Per-row guidance on one chunk: every row's conditional output, and an
+        unconditional one only for the rows with w != 1, in one network call."""
+        need = (w != 1).nonzero().squeeze(1)
+        if need.numel() == 0:
+            return self._forward(xs, ts, kw)
+        nd = need.to(xs.device)
+        unc = self.conditioning.unconditional(need.numel(), self.device)  # type: ignore[union-attr]
+        both = {k: torch.cat([kw[k], unc[k]]) for k in kw}  # type: ignore[index]
+        out = self._forward(torch.cat([xs, xs[nd]]), torch.cat([ts, ts[nd]]), both)
+        c, u = out[: xs.shape[0]], out[xs.shape[0] :]
+        wn = w[need].to(out.device, out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
+        guided = c.clone()
+        # Classifier-free guidance on the raw prediction (equal to guidance on x0).
+        guided[nd] = u + wn * (c[nd] - u)
+        return guided
 
     def model_time(self, sigma: Tensor | float) -> Tensor:
         """The time value [B] the network is fed at noise levels sigma (a discrete model's

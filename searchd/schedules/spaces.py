@@ -22,6 +22,7 @@ follow too. Numerical code only: no Ray, no Tune.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ def reflect_unit(v: np.ndarray) -> np.ndarray:
 def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
     """The same candidate (same id) with ``meta`` merged into its provenance."""
     merged = {**dict(schedule.meta), **meta}
-    return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, merged)
+    return dataclasses.replace(schedule, meta=merged)
 
 
 @runtime_checkable
