@@ -222,6 +222,7 @@ class _LoopCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.first_start is None:
             self.first_start = time.perf_counter()
+            logger.info("first Tune trial started (batch %s)", trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:

@@ -10,8 +10,9 @@
    its searcher and its stored results.
 2. **search**: a ``SearchLoop`` with a ``Recorder``, driven by the engine (Ray Tune, or
    in-process); an adaptive run then trains its predictor on an evaluator.
-3. **finish**: the winner and the baselines re-scored on held-out seeds on an evaluator,
-   ``best.json``, the plots and the summary lines.
+3. **finish**: the winner and the baselines re-scored on held-out seeds on the evaluators
+   (a group of schedules each, side by side), ``best.json``, the plots and the summary
+   lines.
 
 The engine is the only thing that knows about Ray (``searchd.distributed.engine``;
 ``searchd.loop.local`` runs everything in this process). Fault injection is the engine's
@@ -290,9 +291,11 @@ def _exact_reference(cfg: SearchConfig, run: RunDir, workers: Any, say: Say
 
     n = cfg.metric.exact_reference
     say(f"searchd: reference statistics from {n} exact samples ...")
+    t0 = time.monotonic()
     ref = workers.exact_reference(n, cfg.samples.reference_seed_base)
     run.write_bytes(REFERENCE_FILE, ReferenceStats.from_dict(ref).to_bytes())
     workers.set_reference(ref)
+    logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
     return ref
 
 
@@ -387,7 +390,11 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
             say(f"searchd: evaluator pool grew to {len(workers.names)} actor(s) on "
                 f"{', '.join(workers.nodes)}")
 
+    logger.info("search starts: %s on %d evaluator(s), %d candidates per batch", algorithm,
+                len(workers.names), loop.batch_size)
     engine.drive(loop, workers, name=f"searchd-{plan.run_id}", between=between)
+    logger.info("search done: %d candidates scored in %d batches", loop.n_scored,
+                loop.n_batches)
     return loop
 
 
@@ -470,10 +477,17 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
         "held-out seeds ...")
     predictor = None if setup.predictor is None else (setup.predictor["blob"],
                                                       setup.searcher.schedule)  # type: ignore
-    final = setup.workers.call(
-        fin.final_scores, [winner, *baselines], heldout_seeds, 1 + best_base,
-        cfg.report.ci_level, grid_seeds, [0, 1 + best_base],
-        list(range(s.seed_base, s.seed_base + s.per_candidate)), predictor)
+    # The held-out phase on the evaluators side by side (a group of schedules each), joined
+    # here: bitwise what one evaluator doing it all gives.
+    t0 = time.monotonic()
+    jobs = fin.final_jobs(
+        [winner, *baselines], heldout_seeds, cfg.report.ci_level, grid_seeds,
+        [0, 1 + best_base], list(range(s.seed_base, s.seed_base + s.per_candidate)),
+        predictor, workers=len(setup.workers.names))
+    final = fin.join_final(setup.workers.call_each(jobs), heldout_seeds, 1 + best_base,
+                           cfg.report.ci_level)
+    logger.info("held-out phase: %d schedules on %d evaluator(s) in %.1f s",
+                1 + len(baselines), len(jobs) - 1, time.monotonic() - t0)
     held = final["heldout"]
     for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
         score["name"] = name
