@@ -53,6 +53,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MARKERS = [
     ("run", r"searchd: run \S+ ->"),
     ("ray", r"starting (a local Ray|the Ray cluster)"),
+    ("ray_ready", r"Ray ready in"),
     ("facts", r"searchd: model: \{|evaluator\(s\) ready on"),
     ("ref_start", r"reference statistics from \d+ exact samples"),
     ("ref_done", r"reference statistics ready in"),
@@ -125,6 +126,8 @@ def phases(run_dir: Path, start: float, end: float) -> dict[str, Any]:
     p: dict[str, float | None] = {
         "python start, config (command -> first log line)": first["run"] - start,
         "Ray start, model facts (and actors)": first["facts"] - first["run"],
+        "  of it: Ray start": (first["ray_ready"] - first["ray"]) if "ray_ready" in first
+        else None,
         "exact reference": (first["ref_done"] - first["ref_start"]) if "ref_start" in first
         else None,
         "actors ready (separately)": (first["actors_ready"] - first["actors_start"])

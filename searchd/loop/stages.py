@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from searchd.config import SearchConfig
 from searchd.evaluation import CandidateResult
@@ -203,6 +204,7 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     """The setup stage (see the module docstring)."""
     cfg, run = plan.cfg, plan.run
     say(f"searchd: run {plan.run_id} -> {run.uri}" + (" (resumed)" if plan.resume else ""))
+    _warm_optimizer(cfg)
     meta = json.loads(run.read_text(RUN_FILE)) if plan.resume else {}
     stored_zoo = meta.get("zoo") if cfg.model.zoo is not None else None
     reference = _known_reference(cfg, run)
@@ -235,6 +237,25 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     if plan.resume:
         _restore(run, setup, say)
     return setup
+
+
+def _warm_optimizer(cfg: SearchConfig) -> None:
+    """An evolution with the predictor pre-screen trains it in the driver from the second
+    generation on; torch's first optimizer imports ``torch._dynamo`` (1-2 s on a quiet core,
+    6 s on a busy one), which would stall the search between two generations. Done here in
+    a thread, while Ray and the actors start and the driver only waits."""
+    if cfg.search.algorithm != "evolution" or not cfg.search.predictor.enabled:
+        return
+    import threading
+
+    def warm() -> None:
+        try:
+            p = [torch.zeros(1, requires_grad=True)]
+            torch.optim.Adam(p)
+        except Exception:  # only a warm-up: the real use reports its own errors
+            pass
+
+    threading.Thread(target=warm, name="searchd-warm-optimizer", daemon=True).start()
 
 
 def _known_reference(cfg: SearchConfig, run: RunDir) -> dict[str, Any] | None:
