@@ -79,6 +79,21 @@ def split_balanced(n: int, k: int) -> list[tuple[int, int]]:
     return out
 
 
+def prefix_order(candidates: Sequence[Any]) -> list[int]:
+    """Indices of ``candidates`` (schedules, or their dicts) sorted by solver, steps, models
+    and then their levels from the top, so that schedules with common leading levels are
+    next to each other (a stable sort: equal keys keep their order)."""
+
+    def key(j: int) -> tuple[Any, ...]:
+        c = candidates[j]
+        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
+        mids = get("model_ids")
+        sig = tuple(float(x) for x in get("sigmas"))
+        return (str(get("solver", "")), len(sig), () if mids is None else tuple(mids), sig)
+
+    return sorted(range(len(candidates)), key=key)
+
+
 @ray.remote(num_cpus=0)
 class FactoryHolder:
     """Keeps the evaluator factory (which may hold large reference statistics) for the
@@ -143,6 +158,7 @@ class PoolClient:
         max_attempts: int = 3,
         restart_timeout_s: float = 600.0,
         membership: ActorHandle | None = None,
+        group_prefixes: bool = False,
     ) -> None:
         if not actors:
             raise ValueError("a pool client needs at least one actor")
@@ -155,6 +171,7 @@ class PoolClient:
         self.resends = 0  # chunks re-sent after an actor died (this client copy only)
         self._membership = membership
         self._version = 0
+        self.group_prefixes = group_prefixes
 
     def _sync(self) -> None:
         """Pick up the pool's current actors (no-op without a membership actor, or if it
@@ -191,11 +208,29 @@ class PoolClient:
         dies is re-sent, up to ``max_attempts`` sends in all; errors raised by the evaluator
         itself are not retried and propagate.
 
+        With ``group_prefixes`` (evaluators with a prefix tree) the candidates are sorted by
+        their levels first, so that schedules with common leading levels land in the same
+        chunk and share those steps; the results come back in the callers' order (and are
+        the same: the tree's results are those of each candidate alone).
+
         Raises:
             RayActorError: a chunk's actors died ``max_attempts`` times.
             TimeoutError: no result came within ``timeout_s`` seconds.
         """
         candidates = list(candidates)
+        if self.group_prefixes and len(candidates) > 1:
+            order = prefix_order(candidates)
+            if order != sorted(order):
+                ranked = self._score([candidates[j] for j in order], seeds, timeout_s)
+                out: list[CandidateResult | None] = [None] * len(candidates)
+                for k, j in enumerate(order):
+                    out[j] = ranked[k]
+                return out  # type: ignore[return-value]
+        return self._score(candidates, seeds, timeout_s)
+
+    def _score(self, candidates: list[Any], seeds: Sequence[int], timeout_s: float | None
+               ) -> list[CandidateResult]:
+        """``score`` in the given order."""
         self._sync()
         chunks = split_balanced(len(candidates), len(self._actors))
         if not chunks:
@@ -397,8 +432,9 @@ class EvaluatorPool:
         self._starting: list[tuple[ActorHandle, str, ray.ObjectRef]] = []
         self._add(n)
         self._membership = PoolMembership.remote(self._actors, self.names)
+        self._group = bool(getattr(factory, "evaluator_options", {}).get("prefix_sharing"))
         self._client = PoolClient(self._actors, self.names, max_attempts,
-                                  membership=self._membership)
+                                  membership=self._membership, group_prefixes=self._group)
 
     # Sizing ------------------------------------------------------------------------------
     def target_workers(self) -> int:
@@ -511,7 +547,8 @@ class EvaluatorPool:
         if admitted:
             ray.get(self._membership.update.remote(self._actors, self.names))
             self._client = PoolClient(self._actors, self.names, self.max_attempts,
-                                      membership=self._membership)
+                                      membership=self._membership,
+                                      group_prefixes=self._group)
         return admitted
 
     # Use ---------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     stored_zoo = meta.get("zoo") if cfg.model.zoo is not None else None
     reference = _known_reference(cfg, run)
     factory = EvaluatorFactory(
-        cfg.resolve(), reference,
+        cfg.resolve(), reference, evaluator_options=_evaluator_options(cfg),
         latency_ms=None if stored_zoo is None else list(stored_zoo["latency_ms"]),
     )
     workers = engine.start(factory, cfg.workers)
@@ -237,6 +237,16 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     if plan.resume:
         _restore(run, setup, say)
     return setup
+
+
+def _evaluator_options(cfg: SearchConfig) -> dict[str, Any]:
+    """The evaluators' options a configuration asks for: the prefix tree with the
+    level-local mutation (its mutants share their parent's leading levels; every value is
+    bitwise that of scoring the candidate alone)."""
+    ev = cfg.search.evolution
+    if cfg.search.algorithm == "evolution" and ev.mutation == "level":
+        return {"prefix_sharing": True}
+    return {}
 
 
 def _warm_optimizer(cfg: SearchConfig) -> None:
