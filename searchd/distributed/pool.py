@@ -36,6 +36,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from searchd.distributed.actor import EvaluatorActor, FactoryName
+from searchd.distributed.holders import FactoryHolder, PoolMembership, dumps, loads
 from searchd.evaluation import CandidateResult
 
 # A picklable factory of the actors' evaluators (``searchd.loop.factory.EvaluatorFactory``,
@@ -92,51 +93,6 @@ def prefix_order(candidates: Sequence[Any]) -> list[int]:
         return (str(get("solver", "")), len(sig), () if mids is None else tuple(mids), sig)
 
     return sorted(range(len(candidates)), key=key)
-
-
-@ray.remote(num_cpus=0)
-class FactoryHolder:
-    """Keeps the evaluator factory (which may hold large reference statistics) for the
-    pool's actors and their restarts. Actors get this named actor's name as a constructor
-    argument and fetch the factory from it when they start: with the factory itself, an
-    ``ObjectRef`` of it or an actor handle (which carries a reference) as a constructor
-    argument, Ray logs an error-level line for every actor with restarts
-    (ray-project/ray#53727). Placed on the driver's node; not restarted (a restart would come
-    back empty)."""
-
-    def __init__(self) -> None:
-        self._factory: Any = None
-
-    def put(self, factory: Any) -> None:
-        self._factory = factory
-
-    def get(self) -> Any:
-        return self._factory
-
-
-@ray.remote(num_cpus=0)
-class PoolMembership:
-    """The pool's current actors, for clients that were pickled before the pool grew (Tune
-    trials get their client when the Tuner is built). A client asks once per call; one
-    round trip of about a millisecond. Not restarted if it dies: a restart would bring back
-    the initial list; clients then keep the actors they know."""
-
-    def __init__(self, actors: list[ActorHandle], names: list[str]) -> None:
-        self._version = 0
-        self._actors = list(actors)
-        self._names = list(names)
-
-    def update(self, actors: list[ActorHandle], names: list[str]) -> int:
-        """Publish a new actor list; returns its version."""
-        self._version += 1
-        self._actors, self._names = list(actors), list(names)
-        return self._version
-
-    def get(self, version: int) -> tuple[int, list[ActorHandle], list[str]] | None:
-        """None if ``version`` is current, else ``(version, actors, names)``."""
-        if version == self._version:
-            return None
-        return self._version, self._actors, self._names
 
 
 class PoolClient:
@@ -411,7 +367,7 @@ class EvaluatorPool:
             name=self._factory_name,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         ).remote()
-        ray.get(self._factory.put.remote(factory))
+        ray.get(self._factory.put.remote(dumps(factory)))
         self._fixed = num_workers
         self.num_gpus_per_worker = float(num_gpus_per_worker)
         self.cpus_per_worker = float(cpus_per_worker)
@@ -595,9 +551,10 @@ class EvaluatorPool:
     def set_reference(self, reference: Any) -> None:
         """Give every actor the reference statistics (they build their evaluators), and
         keep them in the factory, so that restarted and later actors build with them."""
-        factory = ray.get(self._factory.get.remote())
+        factory = loads(ray.get(self._factory.get.remote()))
         if dataclasses.is_dataclass(factory) and hasattr(factory, "reference"):
-            ray.get(self._factory.put.remote(dataclasses.replace(factory, reference=reference)))
+            ray.get(self._factory.put.remote(
+                dumps(dataclasses.replace(factory, reference=reference))))
         ray.get([a.set_reference.remote(reference) for a in self._actors])
 
     def call_all(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
