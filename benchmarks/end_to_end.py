@@ -1,7 +1,8 @@
 """Where the time of a whole search goes: the phase table, before and after, side by side.
 
     python benchmarks/end_to_end.py [--config configs/quickstart.yaml] [--set KEY=VALUE ...]
-        [--before CHECKOUT] [--repeats 1] [--plain] [--out FILE.md]
+        [--before CHECKOUT] [--side NAME=CHECKOUT ...] [--repeats 1] [--plain]
+        [--out FILE.md]
     python benchmarks/end_to_end.py --runs RUN_DIR ...      # the table of finished runs
 
 Each side is the real command, ``python -m searchd.search --config CONFIG --run-dir DIR``,
@@ -54,7 +55,7 @@ MARKERS = [
     ("run", r"searchd: run \S+ ->"),
     ("ray", r"starting (a local Ray|the Ray cluster)"),
     ("ray_ready", r"Ray ready in"),
-    ("facts", r"searchd: model: \{|evaluator\(s\) ready on"),
+    ("facts", r"^model: \{|evaluator\(s\) ready on"),
     ("ref_start", r"reference statistics from \d+ exact samples"),
     ("ref_done", r"reference statistics ready in"),
     ("actors_start", r"searchd: starting evaluator actors"),
@@ -112,7 +113,8 @@ def phases(run_dir: Path, start: float, end: float) -> dict[str, Any]:
     rec0 = max(r["time"].timestamp() for w in by_gen[g0].values() for r in w)
     call0 = max(sum(float(r["wall_s"]) for r in w) for w in by_gen[g0].values())
     first_eval = rec0 - call0
-    last_result = ev["gen"][-1]
+    last_result = max(r["time"].timestamp() for r in rows)  # (older versions log no
+    # progress lines: the rows' record times serve both)
     workers = sorted({str(r["worker"]) for r in rows})
     busy = sum(float(r["wall_s"]) for r in rows)
     span = last_result - first_eval
@@ -281,10 +283,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--before", type=Path, help="a checkout to compare against")
+    ap.add_argument("--side", action="append", default=[], metavar="NAME=CHECKOUT",
+                    help="more checkouts to compare, run before this one (repeatable)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--plain", action="store_true", help="the plain-loop ratio")
     ap.add_argument("--runs", type=Path, nargs="*", help="only tabulate finished runs "
-                    "(start and exit then come from run.json's start and the last log line)")
+                    "(the command's start and exit from <run>.times.json beside a run of this "
+                    "script, else the first and last log lines)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cmdline = "python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None
@@ -294,17 +299,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="searchd-e2e-"))
     if args.runs:
         for rd in args.runs:
-            ev = log_events(rd)
-            runs.append((rd.name, phases(rd, ev["run"][0], max(max(v) for v in ev.values()))))
+            times = rd.parent / f"{rd.name}.times.json"
+            if times.exists():  # written by a run of this script
+                start, end = json.loads(times.read_text())
+            else:
+                ev = log_events(rd)
+                start, end = ev["run"][0], max(max(v) for v in ev.values())
+            runs.append((rd.name, phases(rd, start, end)))
     else:
-        sides = [("after", ROOT)] if args.before is None else \
-            [("before", args.before.resolve()), ("after", ROOT)]
+        sides = [] if args.before is None else [("before", args.before.resolve())]
+        for item in args.side:
+            name, _, path = item.partition("=")
+            sides.append((name, Path(path).resolve()))
+        sides.append(("after", ROOT))
         for i in range(args.repeats):
             for name, checkout in sides:
                 rd = scratch / f"{name}-{i}"
                 print(f"{name} #{i + 1}: {checkout} -> {rd} (load {load_average()})",
                       flush=True)
                 start, end = run_side(checkout, args.config, args.overrides, rd)
+                (scratch / f"{rd.name}.times.json").write_text(json.dumps([start, end]))
                 runs.append((f"{name} #{i + 1}", phases(rd, start, end)))
                 print(f"  wall {end - start:.1f} s", flush=True)
                 if args.plain and name == "after" and i == args.repeats - 1:
