@@ -129,7 +129,7 @@ class Timed:
 
 
 def simulate(workers: int, latency: float, batches: int, processes: int, scratch: Path,
-             samples: int = 2000) -> dict[str, Any]:
+             samples: int = 2000, predictor: bool = True) -> dict[str, Any]:
     """One search of ``batches`` generations of ``workers`` candidates on stand-ins."""
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"search.evolution.population_num={workers}",
@@ -138,11 +138,12 @@ def simulate(workers: int, latency: float, batches: int, processes: int, scratch
         f"search.evolution.crossover_num={workers // 4}",
         f"search.evolution.generations={batches}",
         f"samples.per_candidate={samples}",
+        f"search.predictor.enabled={str(predictor).lower()}",
     ])
     space = make_space(cfg, SIGMA_MIN, SIGMA_MAX)
     baselines = make_baselines(cfg, space)
     searcher = make_searcher(cfg.search, space, baselines, cfg.metric.name, cfg.mode, {})
-    run_dir = scratch / f"run-{workers}"
+    run_dir = scratch / f"run-{workers}-{int(predictor)}"
     run = RunDir(str(run_dir))
     progress = Progress(batches, workers * batches, cfg.metric.name)
     recorder = Recorder(run, f"scale-{workers}", searcher, progress, None)
@@ -201,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--latency", type=float, default=1.0, help="seconds per candidate")
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--processes", type=int, default=8)
+    ap.add_argument("--predictor", choices=["on", "off"], default="on",
+                    help="the evolution's predictor pre-screen (the quickstart's: on)")
+    ap.add_argument("--profile", type=Path, help="cProfile the driver into this file")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.workers.split(",")]
@@ -210,7 +214,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     try:
         for w in sizes:
-            r = simulate(w, args.latency, args.batches, args.processes, scratch)
+            prof = None
+            if args.profile is not None:
+                import cProfile
+
+                prof = cProfile.Profile()
+                prof.enable()
+            r = simulate(w, args.latency, args.batches, args.processes, scratch,
+                         predictor=args.predictor == "on")
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(f"{args.profile}.{w}")
             rows.append(r)
             print(f"{w} workers: {r['sustained_cand_s']:.1f} cand/s sustained (ideal "
                   f"{r['ideal_cand_s']:.0f}); per batch {r['per_batch_s']:.2f} s: ask "
@@ -224,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, shared with other "
           f"users' jobs; load average at the end {load_average()}. Stand-in latency "
           f"{args.latency:g} s per candidate, one candidate per worker per batch, "
+          f"predictor pre-screen {args.predictor}, "
           f"{args.batches} batches per size (sustained rate over the last "
           f"{args.batches - 1}).", "",
           "| workers | stand-in processes | sustained cand/s | ideal cand/s | per batch s | "

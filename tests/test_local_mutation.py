@@ -167,3 +167,27 @@ def test_prefix_order_keeps_shared_leading_levels_together():
     d = Schedule([60.0, 10.0, 1.0, 0.0])
     order = prefix_order([a, b, c, d.to_dict()])
     assert order == [3, 1, 0, 2]  # 60..., then 80/5, then 80/10/1 next to 80/10/2
+
+
+def test_a_run_from_before_the_key_resumes(tmp_path):
+    """A run recorded before ``search.evolution.mutation`` existed is not refused on resume
+    (the new key at its default is no change); a real change still is."""
+    import yaml
+
+    import searchd
+    from searchd.loop.runs import BadInput
+    from tests.test_api import QUICK, TINY
+
+    run = tmp_path / "old"
+    searchd.search(str(QUICK), TINY, run_dir=str(run), engine="local")
+    meta = json.loads((run / "run.json").read_text())
+    del meta["config"]["search"]["evolution"]["mutation"]
+    (run / "run.json").write_text(json.dumps(meta))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["search"]["evolution"]["mutation"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    again = searchd.search(str(QUICK), TINY, run_dir=str(run), resume=True, engine="local")
+    assert again.status == "finished"
+    with pytest.raises(BadInput, match="search.evolution.mutation"):
+        searchd.search(str(QUICK), [*TINY, "search.evolution.mutation=level"],
+                       run_dir=str(run), resume=True, engine="local")
