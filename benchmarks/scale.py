@@ -189,6 +189,37 @@ def simulate(workers: int, latency: float, batches: int, processes: int, scratch
     return out
 
 
+def predictor_fits(sizes: Sequence[int], repeats: int = 2) -> list[dict[str, Any]]:
+    """Seconds of one predictor fit (the evolution's suggest cost per generation) on ``n``
+    scored candidates of the quickstart's space: every step on all candidates (before) and
+    on the rows its pairs draw (after), alternating, median of ``repeats``."""
+    import statistics
+
+    from searchd.searchers import predictor as pm
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    space = make_space(cfg, SIGMA_MIN, SIGMA_MAX)
+    rng = np.random.default_rng(0)
+    out = []
+    for n in sizes:
+        scheds = [space.sample(rng) for _ in range(n)]
+        values = [float(np.mean(np.log(np.asarray(s.sigmas[:-1])) ** 2)) for s in scheds]
+        times: dict[str, list[float]] = {"all rows": [], "drawn rows": []}
+        for _ in range(repeats):
+            for arm, above in (("all rows", 10**9), ("drawn rows", pm.DRAWN_ROWS_ABOVE)):
+                saved, pm.DRAWN_ROWS_ABOVE = pm.DRAWN_ROWS_ABOVE, above
+                try:
+                    t0 = time.process_time()
+                    pm.SchedulePredictor(1, seed=0).fit(scheds, values)
+                    times[arm].append(time.process_time() - t0)
+                finally:
+                    pm.DRAWN_ROWS_ABOVE = saved
+        out.append({"n": n, **{k: statistics.median(v) for k, v in times.items()}})
+        print(f"predictor fit on {n}: " + ", ".join(
+            f"{k} {statistics.median(v):.2f} s CPU" for k, v in times.items()), flush=True)
+    return out
+
+
 def load_average() -> str:
     try:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -205,9 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--predictor", choices=["on", "off"], default="on",
                     help="the evolution's predictor pre-screen (the quickstart's: on)")
     ap.add_argument("--profile", type=Path, help="cProfile the driver into this file")
+    ap.add_argument("--fits", default="", help="also time one predictor fit on these "
+                    "numbers of scored candidates, before/after (e.g. 256,1280,2560)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    sizes = [int(x) for x in args.workers.split(",")]
+    sizes = [int(x) for x in args.workers.split(",") if x]
+    fits = predictor_fits([int(x) for x in args.fits.split(",") if x]) if args.fits else []
     scratch = Path(tempfile.mkdtemp(prefix="searchd-scale-"))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -251,6 +285,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{r['append_s']:.3f} | {r['state_s']:.3f} | {r['state_bytes'] / 1024:.0f} | "
                   f"{r['rest_s']:.3f} | "
                   f"{r['tune_startup_s'] if math.isfinite(r['tune_startup_s']) else 0:.1f} |")
+    if fits:
+        md += ["", "The searcher's suggest at a generation boundary is one predictor fit (300 "
+               "steps of 256 pairs); CPU seconds of one fit on n scored candidates, each step's "
+               "network pass on all n candidates (before) or on the rows its pairs draw (after; "
+               "the same loss, and the same bits below 2 x 256 candidates), median of 2, "
+               "alternating:", "",
+               "| scored candidates | all rows s | drawn rows s | ratio |",
+               "| ---: | ---: | ---: | ---: |"]
+        md += [f"| {f['n']} | {f['all rows']:.2f} | {f['drawn rows']:.2f} | "
+               f"{f['all rows'] / f['drawn rows']:.2f}x |" for f in fits]
     text = "\n".join(md) + "\n"
     print(text)
     if args.out is not None:

@@ -30,6 +30,10 @@ from torch import nn
 
 from searchd.schedule import Schedule
 
+# A step runs the network on the rows its pairs draw (not on every scored candidate) when
+# the training set holds more than this many times the pairs per step (see ``_train``).
+DRAWN_ROWS_ABOVE = 2
+
 
 @dataclass(frozen=True)
 class PredictorConfig:
@@ -141,7 +145,7 @@ class SchedulePredictor:
             sign = torch.sign(y[j] - y[i]).to(torch.float32)  # +1: i better than j
             if not bool((sign != 0).any()):
                 continue
-            if n > 2 * p:
+            if n > DRAWN_ROWS_ABOVE * p:
                 # A large training set (a search with hundreds of workers): the network runs
                 # on the rows this step's pairs draw only, so a step costs the same however
                 # many candidates were scored (the same loss; smaller sets keep the full
