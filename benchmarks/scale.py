@@ -153,11 +153,13 @@ def simulate(workers: int, latency: float, batches: int, processes: int, scratch
     t_append = Timed(run, "append_evaluations")
     t_state = Timed(run, "save_searcher_state")
     recorded: list[float] = []
+    cpu: list[float] = []  # the driver process's CPU seconds at each record
     complete = loop.complete
 
     def complete_timed(key: str, results: Any) -> Any:
         out = complete(key, results)
         recorded.append(time.perf_counter())
+        cpu.append(time.process_time())
         return out
 
     loop.complete = complete_timed  # type: ignore[method-assign]
@@ -186,6 +188,12 @@ def simulate(workers: int, latency: float, batches: int, processes: int, scratch
         "state_bytes": max(p.stat().st_size for p in (run_dir / "searcher").glob("*.json")),
     }
     out["rest_s"] = per_batch - latency - out["ask_s"] - out["append_s"] - out["state_s"]
+    # Load-robust: CPU seconds per batch of the driver's process (searcher, recorder, Tune's
+    # controller, all its threads) and of the trial's process (sends and gathers), over the
+    # sustained batches; capacity = candidates per batch / those seconds (one core each).
+    out["driver_cpu_s"] = (cpu[-1] - cpu[0]) / (batches - 1)
+    out["trial_cpu_s"] = float(np.mean(outcome.score_cpu_s[1:]))
+    out["capacity_cand_s"] = workers / max(out["driver_cpu_s"], out["trial_cpu_s"])
     return out
 
 
@@ -200,6 +208,9 @@ def predictor_fits(sizes: Sequence[int], repeats: int = 2) -> list[dict[str, Any
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     space = make_space(cfg, SIGMA_MIN, SIGMA_MAX)
     rng = np.random.default_rng(0)
+    warm = [space.sample(rng) for _ in range(8)]  # torch's first optimizer: imports
+    pm.SchedulePredictor(1, seed=0, config=pm.PredictorConfig(steps=2)).fit(
+        warm, list(range(8)))
     out = []
     for n in sizes:
         scheds = [space.sample(rng) for _ in range(n)]
@@ -243,8 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = [int(x) for x in args.workers.split(",") if x]
     fits = predictor_fits([int(x) for x in args.fits.split(",") if x]) if args.fits else []
     scratch = Path(tempfile.mkdtemp(prefix="searchd-scale-"))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    if sizes:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     rows = []
     try:
         for w in sizes:
@@ -263,9 +275,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{w} workers: {r['sustained_cand_s']:.1f} cand/s sustained (ideal "
                   f"{r['ideal_cand_s']:.0f}); per batch {r['per_batch_s']:.2f} s: ask "
                   f"{r['ask_s']:.3f}, append {r['append_s']:.3f}, state {r['state_s']:.3f}, "
-                  f"rest {r['rest_s']:.3f}", flush=True)
+                  f"rest {r['rest_s']:.3f}; CPU per batch: driver {r['driver_cpu_s']:.2f}, "
+                  f"trial {r['trial_cpu_s']:.2f}", flush=True)
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     cmd = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [f"Command: `{cmd}`", "",
@@ -277,13 +291,15 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.batches - 1}).", "",
           "| workers | stand-in processes | sustained cand/s | ideal cand/s | per batch s | "
           "suggest s | Parquet append s | state write s | state file KiB | rest s "
-          "(Tune, sends, gathers) | Tune start-up s |",
-          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "(Tune, sends, gathers, waiting) | driver CPU s per batch | trial CPU s per batch | "
+          "driver capacity cand/s | Tune start-up s |",
+          "| ---: " * 14 + "|"]
     for r in rows:
         md.append(f"| {r['workers']} | {r['processes']} | **{r['sustained_cand_s']:.1f}** | "
                   f"{r['ideal_cand_s']:.0f} | {r['per_batch_s']:.2f} | {r['ask_s']:.3f} | "
                   f"{r['append_s']:.3f} | {r['state_s']:.3f} | {r['state_bytes'] / 1024:.0f} | "
-                  f"{r['rest_s']:.3f} | "
+                  f"{r['rest_s']:.3f} | {r['driver_cpu_s']:.2f} | {r['trial_cpu_s']:.2f} | "
+                  f"**{r['capacity_cand_s']:.0f}** | "
                   f"{r['tune_startup_s'] if math.isfinite(r['tune_startup_s']) else 0:.1f} |")
     if fits:
         md += ["", "The searcher's suggest at a generation boundary is one predictor fit (300 "
