@@ -207,6 +207,18 @@ class HeldoutScore:
         return d
 
 
+def check_disjoint(seeds: Sequence[int], search_seeds: Sequence[int] | None) -> None:
+    """Refuse held-out seeds that meet the search's seeds (``ValueError``, one line)."""
+    if search_seeds is None:
+        return
+    overlap = {int(s) for s in seeds} & {int(s) for s in search_seeds}
+    if overlap:
+        raise ValueError(
+            f"held-out seeds overlap the search seeds ({len(overlap)} shared, e.g. "
+            f"{min(overlap)}); held-out scoring needs a disjoint seed range"
+        )
+
+
 def heldout_scores(
     evaluator: Any,
     schedules: Sequence[Schedule | Mapping[str, Any]],
@@ -240,13 +252,7 @@ def heldout_scores(
         "scores": [HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
     """
     seeds = [int(s) for s in seeds]
-    if search_seeds is not None:
-        overlap = set(seeds) & {int(s) for s in search_seeds}
-        if overlap:
-            raise ValueError(
-                f"held-out seeds overlap the search seeds ({len(overlap)} shared, e.g. "
-                f"{min(overlap)}); held-out scoring needs a disjoint seed range"
-            )
+    check_disjoint(seeds, search_seeds)
     if not 0 <= baseline_index < len(schedules):
         raise ValueError(f"baseline_index {baseline_index} is out of range")
     metric = heldout_metric(evaluator) if metric is None else metric
@@ -299,39 +305,137 @@ def scores_from_features(
         raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
     errors = list(errors) if errors is not None else [None] * len(features)
     counts = bootstrap_counts(n, resamples, bootstrap_seed)
-    boot: list[Tensor | None] = []
-    point: list[float | None] = []
-    for f in features:
-        if f is None:
-            boot.append(None)
-            point.append(None)
-            continue
-        if len(f) != n:
-            raise ValueError(f"features have {len(f)} rows; there are {n} seeds")
-        point.append(float(frechet.distance(*_moments(f))))
-        boot.append(bootstrap_fid(f, frechet, counts))
+    parts = [score_features(frechet, f, cid, n, counts, err)
+             for f, cid, err in zip(features, ids, errors)]
+    return combine_parts(parts, seeds, baseline_index=baseline_index, level=level,
+                         resamples=resamples, interval=interval)
+
+
+def score_features(frechet: FrechetReference, features: Tensor | np.ndarray | None,
+                   candidate_id: str, n: int, counts: Tensor, error: str | None = None
+                   ) -> dict[str, Any]:
+    """One schedule's part of held-out scoring: its FID on all samples and the FID of each
+    bootstrap resample (``counts`` [B, n]), as plain data that ``combine_parts`` turns into
+    intervals and paired differences. ``features`` [n, d] (None: the schedule failed,
+    ``error`` says why)."""
+    if features is None:
+        return {"candidate_id": candidate_id, "status": "failed", "error": error}
+    if len(features) != n:
+        raise ValueError(f"features have {len(features)} rows; there are {n} seeds")
+    return {
+        "candidate_id": candidate_id,
+        "status": "ok",
+        "fid": float(frechet.distance(*_moments(features))),
+        "boot": bootstrap_fid(features, frechet, counts).numpy(),
+    }
+
+
+def heldout_part(
+    evaluator: Any,
+    schedules: Sequence[Schedule | Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``score_features`` of each schedule on the held-out ``seeds``, on one evaluator: the
+    share of held-out scoring that one worker of a pool does (the sampling, the features
+    and the bootstrap of its schedules). Every part is bitwise what ``heldout_scores``
+    computes for that schedule: per-sample features do not depend on which schedules are
+    sampled together, and the resample counts depend only on ``(n, resamples,
+    bootstrap_seed)``. Join the parts with ``combine_parts``.
+
+    The part's metric is ``heldout_metric(evaluator)``. An evaluator with a teacher also
+    puts the teacher distance in each part (``teacher_distance``: the mean of the
+    per-sample distances; ``teacher_boot``: ``bootstrap_mean`` on the same counts), from the
+    same sampling pass, as ``heldout_scores`` does."""
+    metric = heldout_metric(evaluator)
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    counts = bootstrap_counts(n, resamples, bootstrap_seed)
+    if getattr(evaluator, "teacher", None) is not None:
+        results, feats, dists = evaluator.per_sample_teacher_distances(
+            list(schedules), seeds, features=metric == "fid")
+    else:
+        results, feats = evaluator.per_sample_features(list(schedules), seeds)
+        dists = [None] * len(results)
+    parts = []
+    for r, f, d in zip(results, feats, dists):
+        ok = r.status == "ok"
+        if metric == "fid":
+            part = score_features(evaluator.frechet, f if ok else None, r.candidate_id, n,
+                                  counts, r.error)
+        else:
+            part = {"candidate_id": r.candidate_id, "status": "ok" if ok else "failed",
+                    "error": r.error}
+        part["metric"] = metric
+        if ok and d is not None:
+            v = torch.as_tensor(d).to(torch.float64).reshape(-1)
+            part["teacher_distance"] = float(v.mean())
+            part["teacher_boot"] = bootstrap_mean(v, counts).numpy()
+        parts.append(part)
+    return parts
+
+
+def combine_parts(
+    parts: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    interval: str = "centered",
+) -> dict[str, Any]:
+    """``heldout_scores``' result from each schedule's part (``score_features``, in the
+    order of the schedules): the intervals, and the paired differences against
+    ``parts[baseline_index]`` (the same resamples for every part)."""
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    if not 0 <= baseline_index < len(parts):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    teacher = None
+    if any("teacher_boot" in p for p in parts):  # an evaluator with a teacher made the parts
+        teacher = paired_table(
+            [p.get("teacher_distance") for p in parts], [p.get("teacher_boot") for p in parts],
+            [p["candidate_id"] for p in parts], seeds, [p.get("error") for p in parts],
+            metric="teacher_distance", baseline_index=baseline_index, level=level,
+            resamples=resamples, interval=interval)
+    if parts[0].get("metric", "fid") == "teacher_distance":
+        # A teacher-distance table; with no part scored, every row failed.
+        return teacher if teacher is not None else paired_table(
+            [None] * len(parts), [None] * len(parts), [p["candidate_id"] for p in parts],
+            seeds, [p.get("error") for p in parts], metric="teacher_distance",
+            baseline_index=baseline_index, level=level, resamples=resamples,
+            interval=interval)
+    boot = [None if p["status"] != "ok" else np.asarray(p["boot"], np.float64) for p in parts]
+    point = [None if p["status"] != "ok" else float(p["fid"]) for p in parts]
     base_boot, base_point = boot[baseline_index], point[baseline_index]
     scores = []
-    for cid, b, p, err in zip(ids, boot, point, errors):
-        if b is None:
-            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err))
+    for part, b, p in zip(parts, boot, point):
+        cid = part["candidate_id"]
+        if b is None or p is None:
+            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0],
+                                       part.get("error")))
             continue
         diff = diff_ci = None
-        if base_boot is not None:
+        if base_boot is not None and base_point is not None:
             diff = p - base_point
             diff_ci = bootstrap_interval(b - base_boot, diff, level, interval)
         fid_ci = bootstrap_interval(b, p, level, interval)
         scores.append(HeldoutScore(cid, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
-    return {
+    table = {
         "metric": "fid",
         "level": level,
         "interval": interval,
         "resamples": resamples,
         "n_samples": n,
         "seed_base": seeds[0],
-        "baseline_id": ids[baseline_index],
+        "baseline_id": parts[baseline_index]["candidate_id"],
         "scores": [s.to_dict() for s in scores],
     }
+    return table if teacher is None else add_teacher_distance(table, teacher)
 
 
 def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:

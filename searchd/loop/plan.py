@@ -58,6 +58,7 @@ def _evolution(
         predictor_top_fraction=pr.top_fraction if screen else None,
         predictor_min_train=pr.min_train,
         predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps),
+        mutation=ev.mutation,
     )
 
 

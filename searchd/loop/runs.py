@@ -149,6 +149,26 @@ def _entries(run: RunDir) -> list[str]:
         raise BadInput(f"run directory {run.uri}: {e}") from None
 
 
+def _with_new_defaults(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The recorded configuration with the keys added to searchd since it was run, at their
+    defaults (so that a key that did not exist then is not a change); as recorded if it
+    does not validate any more."""
+    try:
+        full = validate_config(_undo_derived(dict(recorded))).resolve()
+    except Exception:
+        return dict(recorded)
+    return _merge_missing(dict(recorded), full)
+
+
+def _merge_missing(recorded: dict[str, Any], full: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in full.items():
+        if k not in recorded:
+            recorded[k] = v
+        elif isinstance(v, Mapping) and isinstance(recorded[k], Mapping):
+            recorded[k] = _merge_missing(dict(recorded[k]), v)
+    return recorded
+
+
 def plan_resume(location: str, config: str | None = None, overrides: Iterable[str] = (),
                 force: bool = False) -> RunPlan:
     """Continue the run at ``location`` (see the module docstring for what may change)."""
@@ -162,7 +182,7 @@ def plan_resume(location: str, config: str | None = None, overrides: Iterable[st
             f"--resume {location}: the run was written by an earlier searchd, which "
             "identified schedules differently; it cannot be continued (read it with "
             f"python -m searchd.report {location})")
-    recorded = meta.get("config") or stored
+    recorded = _with_new_defaults(meta.get("config") or stored)
     raw = _undo_derived(dict(stored))
     overrides = list(overrides)
     if config is not None:
