@@ -60,9 +60,13 @@ class HeldoutScore:
         name: "searched" (the winner) or the baseline's name.
         candidate_id: the schedule's id.
         status: "ok" or "failed" (``error`` says why).
-        fid, fid_ci: the metric on the held-out samples and its bootstrap interval.
+        fid, fid_ci: held-out FID and its bootstrap interval (None when the table scores
+            another metric).
         diff, diff_ci: the paired difference against the best baseline and its interval.
         significant: the difference's interval excludes 0 (None: no difference).
+        metric: the table's metric: "fid", or "teacher_distance" (a run without reference
+            statistics).
+        value, ci: the table's metric on the held-out samples and its bootstrap interval.
     """
 
     name: str
@@ -74,6 +78,9 @@ class HeldoutScore:
     diff_ci: tuple[float, float] | None
     significant: bool | None
     error: str | None = None
+    metric: str = "fid"
+    value: float | None = None
+    ci: tuple[float, float] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HeldoutScore:
@@ -82,9 +89,11 @@ class HeldoutScore:
         def pair(v: Any) -> tuple[float, float] | None:
             return None if v is None else (float(v[0]), float(v[1]))
 
+        metric = str(d.get("metric") or "fid")  # runs written before the key: FID
         return cls(str(d.get("name")), str(d.get("candidate_id")), str(d.get("status")),
                    d.get("fid"), pair(d.get("fid_ci")), d.get("diff"), pair(d.get("diff_ci")),
-                   d.get("significant", significant(d)), d.get("error"))
+                   d.get("significant", significant(d)), d.get("error"), metric,
+                   d.get(metric), pair(d.get(f"{metric}_ci")))
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class SearchResult:
     @property
     def heldout_value(self) -> float | None:
         """The winner's held-out value (None when interrupted or failed)."""
-        return self.heldout[0].fid if self.heldout else None
+        return self.heldout[0].value if self.heldout else None
 
 
 # search() -------------------------------------------------------------------------------------

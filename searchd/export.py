@@ -773,7 +773,8 @@ def usage_section(
     """``best.json``'s ``usage``: the schedule in every form, each usable as written.
 
     Keys: ``sigmas`` (full precision, with the final 0 if any), ``solver`` and
-    ``solver_options``, ``flow`` (levels exported in t), ``discrete`` (all levels on the
+    ``solver_options``, ``flow`` (levels exported in t), ``t`` (flow models only: the
+    levels in flow time ``t = sigma / (1 + sigma)``), ``discrete`` (all levels on the
     model's grid), ``diffusers`` (``DiffusersExport.to_dict()``, or ``{"error": ...}``
     naming the nearest counterpart), ``kdiffusion``, ``comfy``, and ``searchd`` (the lines
     that sample it with searchd itself).
@@ -787,6 +788,8 @@ def usage_section(
         "flow": bool(flow),
         "discrete": grid_indices(schedule.sigmas, sigma_grid) is not None,
     }
+    if flow:  # the levels in flow time, with the final 0: what flow users set (issue 20)
+        out["t"] = [float(x) for x in flow_time(schedule.sigmas)]
     scale, refusal = guidance_scale(schedule.guidance)
     if schedule.guidance is not None:
         out["guidance"] = [float(w) for w in schedule.guidance]

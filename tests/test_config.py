@@ -118,7 +118,7 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
     ("solver.options={order: 9}", "solver.options", "{'order': 9}", "allowed options: none"),
     ("search.bayes.sampler=cmaes", "search.bayes.sampler", "'cmaes'", "'tpe' or 'gp'"),
     ("solver.name=rk4", "solver.name", "'rk4'", "dpmpp_2m"),
-    ("space.warp=linear", "space.warp", "'linear'", "'logsnr' or 'rho'"),
+    ("space.warp=linear", "space.warp", "'linear'", "'logsnr', 'rho' or 'flow'"),
     ("space.gap_ratio=0.5", "space.gap_ratio", "0.5", "greater than 1"),
     ("search.evolution.m_prob=1.5", "search.evolution.m_prob", "1.5", "less than or equal to 1"),
     ("search.evolution.select_num=40", "search.evolution.select_num", "40",

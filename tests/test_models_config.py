@@ -136,7 +136,7 @@ def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["cifar10-edm", "ddpm-cifar10", "sd15"])
+@pytest.mark.parametrize("name", ["cifar10-edm", "ddpm-cifar10", "sd15", "sd3"])
 def test_real_checkpoint_configs_validate_without_weights(name, tmp_path, monkeypatch):
     # The validator checks that a reference file exists: stand in empty files for the
     # downloads the comments describe, in a scratch working directory.

@@ -22,11 +22,11 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
   solver's options).
 - ``nfe`` or ``steps``: the budget of network evaluations, or the number of steps.
 - ``space``: ``kind`` continuous | discrete | models | joint; ``budget_ms`` / ``budget_nfe``
-  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
-  fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
-  overrides; ``grid`` (discrete); ``guidance`` (``kind`` none | constant | interval | steps:
-  classifier-free guidance weights searched with the timesteps, ``w``, ``w_range``,
-  ``one_band``, ``baseline_w``, ``paper_interval``).
+  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``) | flow (``shift``);
+  ``endpoints`` fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``;
+  ``sigma_min``/``sigma_max`` overrides; ``grid`` (discrete); ``guidance`` (``kind`` none |
+  constant | interval | steps: classifier-free guidance weights searched with the timesteps,
+  ``w``, ``w_range``, ``one_band``, ``baseline_w``, ``paper_interval``).
 - ``search``: ``algorithm`` (a searcher of ``SEARCHERS``); ``seed``; ``budget``
   (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters,
   ``warm_start``); ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods'
@@ -245,8 +245,9 @@ class SpaceConfig(Section):
     budget_ms: float | None = Field(None, gt=0)  # model schedules: ms per sample, or
     budget_nfe: float | None = Field(None, gt=0)  # NFE-equivalents of the slowest member
     timesteps: dict[str, Any] = {"family": "polynomial", "params": {"rho": 7}}  # kind models
-    warp: Literal["logsnr", "rho"] = "logsnr"  # continuous: coordinate of uniform gaps
+    warp: Literal["logsnr", "rho", "flow"] = "logsnr"  # continuous: coordinate of uniform gaps
     rho: float = Field(7.0, gt=0)  # exponent of warp "rho" (sigma^(1/rho))
+    shift: float = Field(1.0, gt=0)  # warp "flow": SD3's shift of flow time t
     endpoints: Literal["fixed", "free"] = "fixed"  # free: the top/bottom levels are searched
     endpoint_range: float = Field(0.3, gt=0, lt=0.5)  # free: reach, as a fraction of the span
     gap_ratio: float = Field(10.0, gt=1)  # continuous: max ratio of a gap to the last gap

@@ -460,6 +460,23 @@ class Evaluator:
         """Results and per-sample features [n, d] (float32, CPU; None when failed)."""
         return self._score(candidates, seeds, keep=True)
 
+    def per_sample_teacher_distances(
+        self,
+        candidates: Sequence[Schedule | Mapping[str, Any]],
+        seeds: Sequence[int],
+        *,
+        features: bool = False,
+    ) -> tuple[list[CandidateResult], list[Tensor | None], list[Tensor | None]]:
+        """Results, per-sample features [n, d] (float32, CPU; only with ``features``, else
+        None) and per-sample teacher distances [n] (float64, CPU: ``||x_i - teacher_i||``,
+        whose mean is the ``teacher_distance`` metric), one of each per candidate (None
+        when failed), from one sampling pass. Needs the metric ``teacher_distance``."""
+        if self.teacher is None:
+            raise ValueError("per-sample teacher distances need the metric teacher_distance")
+        dists: list[Tensor | None] = []
+        results, feats = self._score(candidates, seeds, keep=features, teacher_out=dists)
+        return results, feats, dists
+
     def _score(
         self,
         candidates: Sequence[Schedule | Mapping[str, Any]],
@@ -467,7 +484,11 @@ class Evaluator:
         *,
         keep: bool,
         stats_only: bool = False,
+        teacher_out: list[Tensor | None] | None = None,
     ) -> tuple[list[CandidateResult], list[Tensor | None]]:
+        """Score the candidates: results, and per-sample features when ``keep``. Given a list
+        ``teacher_out``, each candidate's per-sample teacher distances [n] (None when failed)
+        are appended to it."""
         from searchd.solvers import nfe
 
         seeds = [int(s) for s in seeds]
@@ -526,11 +547,15 @@ class Evaluator:
                 if isinstance(p, str):
                     results.append(self._failed(_candidate_id(c), 0, n, seed_base, p, 0.0))
                     kept.append(None)
+                    if teacher_out is not None:
+                        teacher_out.append(None)
                     continue
                 s, _, cost = p
                 r, feats = self._finish(s, cost, accs[j], walls[j], n, seed_base, stats_only)
                 results.append(r)
                 kept.append(feats if keep else None)
+                if teacher_out is not None:
+                    teacher_out.append(accs[j].teacher_dist.clone() if r.ok else None)
             return results, kept
         finally:
             if extra_kept:

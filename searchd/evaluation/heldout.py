@@ -1,4 +1,5 @@
-"""Held-out scoring: FID with bootstrap confidence intervals, and paired differences.
+"""Held-out scoring: FID (or teacher distance) with bootstrap confidence intervals, and
+paired differences.
 
 The winner and the baselines of a search are re-scored on seeds the search never saw. Each
 FID gets a bootstrap 95% interval: sample indices are resampled with replacement, the
@@ -15,6 +16,16 @@ The bootstrap is vectorized. With ``B`` the reference's factor (``B B^T = S_ref`
 resample (``weighted_grams``: on the CPU the resample counts times the per-sample outer
 products, one large matrix product; on a GPU batched matmuls) and one batched ``eigvalsh``,
 all float64.
+
+Without reference statistics (a teacher_distance search, e.g. Stable Diffusion without
+reference images) the table scores the teacher distance instead: the mean over held-out
+samples of each sample's distance to the teacher's sample of the same seed
+(``Evaluator.per_sample_teacher_distances``), a resample's value the mean under its counts,
+with the same resample indices for every schedule, so differences are paired as for FID.
+An evaluator with both a reference and a teacher gives the FID table, each row also carrying
+the teacher distance (``teacher_distance``, ``teacher_distance_ci``, ``teacher_distance_diff``,
+``teacher_distance_diff_ci``): the teacher's held-out samples are made for the table anyway.
+The table's ``metric`` names its metric; its rows hold ``<metric>`` and ``<metric>_ci``.
 """
 
 from __future__ import annotations
@@ -167,12 +178,13 @@ class HeldoutScore:
     Attributes:
         candidate_id: the schedule's id.
         status: "ok" or "failed".
-        fid: FID on all held-out samples.
-        fid_ci: bootstrap interval (lo, hi).
-        diff: fid minus the baseline's fid (0 for the baseline itself).
+        fid: the metric on all held-out samples (``to_dict`` names it after ``metric``).
+        fid_ci: bootstrap interval (lo, hi) (``to_dict``: ``<metric>_ci``).
+        diff: the value minus the baseline's (0 for the baseline itself).
         diff_ci: paired bootstrap interval of the difference.
         n_samples, seed_base: the held-out samples.
         error: why it failed.
+        metric: "fid" or "teacher_distance".
     """
 
     candidate_id: str
@@ -184,11 +196,14 @@ class HeldoutScore:
     n_samples: int
     seed_base: int
     error: str | None = None
+    metric: str = "fid"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("fid_ci", "diff_ci"):
             d[k] = None if d[k] is None else [float(v) for v in d[k]]
+        if self.metric != "fid":
+            d[self.metric], d[f"{self.metric}_ci"] = d.pop("fid"), d.pop("fid_ci")
         return d
 
 
@@ -203,11 +218,12 @@ def heldout_scores(
     bootstrap_seed: int = 0,
     search_seeds: Sequence[int] | None = None,
     interval: str = "centered",
+    metric: str | None = None,
 ) -> dict[str, Any]:
     """Re-score schedules on held-out seeds, with bootstrap intervals and paired differences.
 
     Args:
-        evaluator: an ``Evaluator`` with a reference (FID).
+        evaluator: an ``Evaluator`` with a reference (FID) or a teacher (teacher distance).
         schedules: the schedules (the winner and the baselines).
         seeds: held-out seeds; must not meet ``search_seeds`` when that is given.
         baseline_index: which schedule the differences are taken against.
@@ -216,10 +232,12 @@ def heldout_scores(
         bootstrap_seed: seed of the resampling (the same indices for every schedule).
         search_seeds: the search's seeds, to check that the held-out ones are disjoint.
         interval: interval method (``bootstrap_interval``).
+        metric: "fid" or "teacher_distance"; None: ``heldout_metric(evaluator)``. With FID
+            and a teacher, each row also carries the teacher distance (module docstring).
 
     Returns:
-        ``{"level", "resamples", "n_samples", "seed_base", "baseline_id", "scores": [
-        HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
+        ``{"metric", "level", "resamples", "n_samples", "seed_base", "baseline_id",
+        "scores": [HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
     """
     seeds = [int(s) for s in seeds]
     if search_seeds is not None:
@@ -231,6 +249,10 @@ def heldout_scores(
             )
     if not 0 <= baseline_index < len(schedules):
         raise ValueError(f"baseline_index {baseline_index} is out of range")
+    metric = heldout_metric(evaluator) if metric is None else metric
+    if metric == "teacher_distance" or getattr(evaluator, "teacher", None) is not None:
+        return _teacher_heldout(evaluator, schedules, seeds, metric, baseline_index, level,
+                                resamples, bootstrap_seed, interval)
     if evaluator.frechet is None:
         raise ValueError("held-out scoring needs an evaluator with reference statistics")
     if interval not in INTERVALS:
@@ -301,6 +323,7 @@ def scores_from_features(
         fid_ci = bootstrap_interval(b, p, level, interval)
         scores.append(HeldoutScore(cid, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
     return {
+        "metric": "fid",
         "level": level,
         "interval": interval,
         "resamples": resamples,
@@ -316,3 +339,161 @@ def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
     mu = f.mean(0)
     c = f - mu
     return mu.numpy(), (c.T @ c / (f.shape[0] - 1)).numpy()
+
+
+# Teacher distance -------------------------------------------------------------------------------
+HELDOUT_METRICS = ("fid", "teacher_distance")
+
+
+def heldout_metric(evaluator: Any) -> str:
+    """The metric of an evaluator's held-out table: "fid" when it has reference statistics,
+    else "teacher_distance" when it has a teacher (``ValueError`` when it has neither)."""
+    if getattr(evaluator, "frechet", None) is not None:
+        return "fid"
+    if getattr(evaluator, "teacher", None) is not None:
+        return "teacher_distance"
+    raise ValueError("held-out scoring needs an evaluator with reference statistics (fid) "
+                     "or a teacher (metric teacher_distance)")
+
+
+def bootstrap_mean(values: Tensor | np.ndarray, counts: Tensor) -> Tensor:
+    """The mean of per-sample values [n] under each resample's counts [B, n] -> [B] (float64).
+
+    Row b is ``sum_i counts[b, i] * values[i] / n``: the mean of the resampled values."""
+    v = torch.as_tensor(values).to(torch.float64).reshape(-1)
+    c = counts.to(torch.float64)
+    if c.shape[1] != v.shape[0]:
+        raise ValueError(f"counts have {c.shape[1]} columns; there are {v.shape[0]} samples")
+    return c @ v / v.shape[0]
+
+
+def scores_from_distances(
+    distances: Sequence[Tensor | np.ndarray | None],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    interval: str = "centered",
+    errors: Sequence[str | None] | None = None,
+    metric: str = "teacher_distance",
+) -> dict[str, Any]:
+    """``heldout_scores``' table of a per-sample metric: per-sample values [n] (row i: seed
+    i; ``None`` marks a failed entry) scored by their mean, with bootstrap intervals and
+    paired differences against ``distances[baseline_index]`` (the same resample counts,
+    ``bootstrap_counts(n, resamples, bootstrap_seed)``, for every entry)."""
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    counts = bootstrap_counts(n, resamples, bootstrap_seed)
+    points: list[float | None] = []
+    boots: list[Tensor | None] = []
+    for d in distances:
+        if d is not None and len(d) != n:
+            raise ValueError(f"per-sample values have {len(d)} rows; there are {n} seeds")
+        v = None if d is None else torch.as_tensor(d).to(torch.float64).reshape(-1)
+        points.append(None if v is None else float(v.mean()))
+        boots.append(None if v is None else bootstrap_mean(v, counts))
+    return paired_table(points, boots, ids, seeds, errors, metric=metric,
+                        baseline_index=baseline_index, level=level, resamples=resamples,
+                        interval=interval)
+
+
+def paired_table(
+    points: Sequence[float | None],
+    boots: Sequence[Tensor | np.ndarray | None],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    errors: Sequence[str | None] | None = None,
+    *,
+    metric: str,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    interval: str = "centered",
+) -> dict[str, Any]:
+    """The held-out table from each entry's value on all samples and its bootstrap values
+    [B] (the same resamples for every entry; ``None``: the entry failed): intervals, and
+    differences against entry ``baseline_index`` whose intervals come from the differences
+    of the bootstrap values (paired)."""
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    if not 0 <= baseline_index < len(points):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    errors = list(errors) if errors is not None else [None] * len(points)
+    base_point, base_boot = points[baseline_index], boots[baseline_index]
+    scores = []
+    for cid, p, b, err in zip(ids, points, boots, errors):
+        if p is None or b is None:
+            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err,
+                                       metric))
+            continue
+        b = torch.as_tensor(b, dtype=torch.float64)
+        diff = diff_ci = None
+        if base_point is not None and base_boot is not None:
+            diff = p - base_point
+            diff_ci = bootstrap_interval(b - torch.as_tensor(base_boot, dtype=torch.float64),
+                                         diff, level, interval)
+        ci = bootstrap_interval(b, p, level, interval)
+        scores.append(HeldoutScore(cid, "ok", p, ci, diff, diff_ci, n, seeds[0], None, metric))
+    return {
+        "metric": metric,
+        "level": level,
+        "interval": interval,
+        "resamples": resamples,
+        "n_samples": n,
+        "seed_base": seeds[0],
+        "baseline_id": ids[baseline_index],
+        "scores": [s.to_dict() for s in scores],
+    }
+
+
+def add_teacher_distance(table: dict[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
+    """Each row of a FID ``table`` given the teacher distance of the same schedule from the
+    teacher-distance ``teacher`` table (same schedules, same seeds): ``teacher_distance``,
+    ``teacher_distance_ci``, ``teacher_distance_diff``, ``teacher_distance_diff_ci``."""
+    for row, t in zip(table["scores"], teacher["scores"]):
+        row["teacher_distance"] = t.get("teacher_distance")
+        row["teacher_distance_ci"] = t.get("teacher_distance_ci")
+        row["teacher_distance_diff"] = t.get("diff")
+        row["teacher_distance_diff_ci"] = t.get("diff_ci")
+    return table
+
+
+def _teacher_heldout(
+    evaluator: Any,
+    schedules: Sequence[Schedule | Mapping[str, Any]],
+    seeds: Sequence[int],
+    metric: str,
+    baseline_index: int,
+    level: float,
+    resamples: int,
+    bootstrap_seed: int,
+    interval: str,
+) -> dict[str, Any]:
+    """``heldout_scores`` on an evaluator with a teacher: the teacher-distance table, or the
+    FID table with the teacher distance on each row (one sampling pass for both)."""
+    if metric not in HELDOUT_METRICS:
+        raise ValueError(f"held-out metric {metric!r}; allowed: {', '.join(HELDOUT_METRICS)}")
+    if metric == "fid" and evaluator.frechet is None:
+        raise ValueError("held-out scoring needs an evaluator with reference statistics")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    results, feats, dists = evaluator.per_sample_teacher_distances(
+        list(schedules), seeds, features=metric == "fid")
+    ids, errors = [r.candidate_id for r in results], [r.error for r in results]
+    ok = [r.status == "ok" for r in results]
+    opts: dict[str, Any] = dict(baseline_index=baseline_index, level=level,
+                                resamples=resamples, bootstrap_seed=bootstrap_seed,
+                                interval=interval, errors=errors)
+    teacher = scores_from_distances([d if k else None for d, k in zip(dists, ok)], ids,
+                                    seeds, **opts)
+    if metric == "teacher_distance":
+        return teacher
+    table = scores_from_features(evaluator.frechet,
+                                 [f if k else None for f, k in zip(feats, ok)], ids, seeds,
+                                 **opts)
+    return add_teacher_distance(table, teacher)

@@ -72,10 +72,10 @@ def final_scores(
     return {"heldout": held, "images": images, "adaptive": adaptive}
 
 
-def significant(score: Mapping[str, Any]) -> bool | None:
-    """Whether a held-out difference is significant: its interval excludes 0 (None: no
-    difference, e.g. the baseline itself or a failed schedule)."""
-    ci = score.get("diff_ci")
+def significant(score: Mapping[str, Any], key: str = "diff_ci") -> bool | None:
+    """Whether a held-out difference is significant: its interval (``score[key]``) excludes
+    0 (None: no difference, e.g. the baseline itself or a failed schedule)."""
+    ci = score.get(key)
     if ci is None:
         return None
     lo, hi = ci
@@ -104,8 +104,12 @@ def best_json(
     held-out table (each difference marked ``significant``) and the baselines."""
     metric = cfg.metric.name
     sig = [float(x) for x in winner.sigmas]
+    held.setdefault("metric", "fid")  # the table's metric (its rows: <metric>, <metric>_ci)
     for i, score in enumerate(held["scores"]):  # the baseline itself: no difference
         score["significant"] = None if i == 1 + best_base else significant(score)
+        if "teacher_distance_diff_ci" in score:  # a FID table's rows carry the teacher's too
+            score["teacher_distance_significant"] = (
+                None if i == 1 + best_base else significant(score, "teacher_distance_diff_ci"))
     out: dict[str, Any] = {
         "run_id": run_id,
         "model": model,
@@ -186,26 +190,40 @@ def name_of(schedule: Schedule) -> str:
 def summary_lines(best: Mapping[str, Any]) -> list[str]:
     """The held-out table of a run's ``best.json``, as printed when the run ends."""
     held = best["heldout"]
-    metric = best["search"]["metric"]
+    metric = held.get("metric", "fid")  # runs written before the key: FID
     level = int(round(100 * held["level"]))
     out = [f"searchd: held-out {metric} on {held['n_samples']} samples (seeds from "
            f"{held['seed_base']}), {level}% bootstrap CIs; differences are paired against "
            f"{best['best_baseline']}:"]
-    for sc in held["scores"]:
-        if sc["status"] != "ok":
-            out.append(f"  {sc['name']:<26} failed: {sc['error']}")
-            continue
-        lo, hi = sc["fid_ci"]
-        line = f"  {sc['name']:<26} {sc['fid']:.4f} [{lo:.4f}, {hi:.4f}]"
-        if sc["diff_ci"] is not None and sc["name"] != best["best_baseline"]:
-            dlo, dhi = sc["diff_ci"]
-            line += f"   diff {sc['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
-            if not significant(sc):
-                line += " not significant (the interval contains 0)"
-        out.append(line)
+    out.extend(_score_lines(held["scores"], metric, "diff", best["best_baseline"]))
+    if metric != "teacher_distance" and any("teacher_distance" in sc for sc in held["scores"]):
+        out.append("searchd: held-out teacher_distance (the searched metric), same samples and "
+                   "resamples:")
+        out.extend(_score_lines(held["scores"], "teacher_distance", "teacher_distance_diff",
+                                best["best_baseline"]))
     ad = best.get("adaptive")
     if ad is not None:
         out.extend(adaptive_lines(ad))
+    return out
+
+
+def _score_lines(scores: Sequence[Mapping[str, Any]], metric: str, diff: str,
+                 best_baseline: str) -> list[str]:
+    """One line per held-out row: ``row[metric]`` and its interval, and the paired difference
+    ``row[diff]`` (said to be not significant when its interval contains 0)."""
+    out = []
+    for sc in scores:
+        if sc["status"] != "ok":
+            out.append(f"  {sc['name']:<26} failed: {sc['error']}")
+            continue
+        lo, hi = sc[f"{metric}_ci"]
+        line = f"  {sc['name']:<26} {sc[metric]:.4f} [{lo:.4f}, {hi:.4f}]"
+        if sc.get(f"{diff}_ci") is not None and sc["name"] != best_baseline:
+            dlo, dhi = sc[f"{diff}_ci"]
+            line += f"   diff {sc[diff]:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+            if not significant(sc, f"{diff}_ci"):
+                line += " not significant (the interval contains 0)"
+        out.append(line)
     return out
 
 

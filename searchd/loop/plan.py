@@ -183,7 +183,7 @@ def make_space(
         times: Space = ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
             sc.endpoints == "free", gap_ratio=sc.gap_ratio,
-            endpoint_range=sc.endpoint_range, solver=config.solver.name,
+            endpoint_range=sc.endpoint_range, solver=config.solver.name, shift=sc.shift,
         )
         return _guided(config, times)
     if sc.grid is not None:
@@ -268,6 +268,7 @@ def _model_space(config: SearchConfig, lo: float, hi: float,
     times = ContinuousSpace(
         config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho, sc.endpoints == "free",
         gap_ratio=sc.gap_ratio, endpoint_range=sc.endpoint_range, solver=config.solver.name,
+        shift=sc.shift,
     )
     return JointSpace(times, lat, budget, names=names)
 

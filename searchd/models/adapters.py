@@ -31,15 +31,25 @@ from searchd.models.base import Denoiser
 from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
-from searchd.models.names import CONDITIONAL_NEURAL_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import (
+    CONDITIONAL_NEURAL_NAMES,
+    FLOW_ZOO_NAMES,
+    NEURAL_KINDS,
+    NEURAL_ZOO_NAMES,
+)
 from searchd.models.runtime import Runtime
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
 NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAMES}
+# Its rectified-flow members (scripts/train_digits_flow.py): diffusers flow checkpoints whose
+# parameterization comes from their FlowMatchEulerDiscreteScheduler config, as a user's
+# SD3-style checkpoint's does.
+FLOW_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in FLOW_ZOO_NAMES}
 # Class-conditional digits UNets (scripts/train_digits_unet_cond.py): name -> directory.
 CONDITIONAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in CONDITIONAL_NEURAL_NAMES}
+_SHIPPED: dict[str, Path] = {**NEURAL_ZOO, **FLOW_ZOO, **CONDITIONAL_ZOO}
 
 # Options of kind "generic" (searchd.models.generic.load_entry_point).
 GENERIC_OPTIONS = (
@@ -170,19 +180,21 @@ def load_neural_zoo(
     dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> Denoiser:
-    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``, ``-cond-s``).
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``, ``-cond-s``; the
+    flow members ``digits-flow-s``, ``-m``), loaded by ``load_diffusers`` like any diffusers
+    folder.
 
     Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
     ``metric.reference: exact:1797`` scores against the dataset's own statistics; the
     class-conditional member's (``ClassDigitsData``) gives real digits of each seed's class.
     """
-    known = {**NEURAL_ZOO, **CONDITIONAL_ZOO}
-    if name not in known:
-        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(known)}")
-    path = known[name]
+    if name not in _SHIPPED:
+        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(_SHIPPED)}")
+    path = _SHIPPED[name]
     if not (path / "config.json").is_file():
-        script = "train_digits_unet_cond.py" if name in CONDITIONAL_ZOO else "train_digits_unet.py"
-        raise ValueError(f"{name}: weights missing at {path} (run scripts/{script})")
+        script = ("train_digits_flow" if name in FLOW_ZOO else
+                  "train_digits_unet_cond" if name in CONDITIONAL_ZOO else "train_digits_unet")
+        raise ValueError(f"{name}: weights missing at {path} (run scripts/{script}.py)")
     rt = _runtime(options, device, dtype)
     den = load_diffusers(path, runtime=rt, name=name, **options)
     if den.conditional:
@@ -275,11 +287,11 @@ def load_spec(
     """
     name, kind, _, options = _spec_fields(spec)
     if kind is None:
-        if name in NEURAL_ZOO or name in CONDITIONAL_ZOO:
+        if name in _SHIPPED:
             return load_neural_zoo(str(name), device, dtype, **options)
         raise ValueError(
             f"unknown model {name!r}: give a kind ({', '.join(KINDS)}) or one of "
-            f"{', '.join(sorted(NEURAL_ZOO))}"
+            f"{', '.join(sorted(_SHIPPED))}"
         )
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")

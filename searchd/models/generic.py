@@ -301,9 +301,28 @@ class Flow(Parameterization):
     """Rectified flow / flow matching with ``x_t = (1 - t) x0 + t n`` and velocity
     ``v = n - x0``: ``sigma = t / (1 - t)``. The network is fed ``time_scale * t`` (SD3-style
     models: 1000). ``data_at_one=True`` is the opposite convention (facebookresearch
-    flow_matching: ``x_t = t x1 + (1 - t) x0`` with data at t = 1, velocity ``x1 - x0``)."""
+    flow_matching: ``x_t = t x1 + (1 - t) x0`` with data at t = 1, velocity ``x1 - x0``).
+
+    ``Flow.sigma_to_t`` / ``Flow.t_to_sigma`` convert between searchd's noise levels and the
+    flow time of diffusers' ``FlowMatch*`` schedulers and of SD3/Flux pipelines (their
+    ``sigmas=``: noise at t = 1, whatever convention the network itself uses). Whether a
+    loaded model is a flow model: ``flow_parameterization(denoiser)`` (module level).
+    """
 
     kind = "flow"
+
+    @staticmethod
+    def sigma_to_t(sigma: Any) -> Any:
+        """Flow time ``t = sigma / (1 + sigma)`` (in [0, 1)) of EDM noise levels ``sigma``
+        (a float, NumPy array or tensor of any shape; the result has its type and shape).
+        A final 0 stays 0."""
+        return sigma / (1 + sigma)
+
+    @staticmethod
+    def t_to_sigma(t: Any) -> Any:
+        """EDM noise level ``sigma = t / (1 - t)`` of flow times ``t`` in [0, 1) (any shape;
+        t = 1, pure noise, is sigma = inf and has no searchd level)."""
+        return t / (1 - t)
 
     def __init__(
         self,
@@ -311,9 +330,16 @@ class Flow(Parameterization):
         data_at_one: bool = False,
         sigma_min: float = EDM_SIGMA_MIN,
         sigma_max: float = EDM_SIGMA_MAX,
+        shift: float = 1.0,
+        dynamic_shifting: bool = False,
     ):
         self.time_scale, self.data_at_one = float(time_scale), bool(data_at_one)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        # What the checkpoint's FlowMatch scheduler does to the sigmas= it is given (its
+        # config's shift, or a shift from the image size with dynamic shifting): the
+        # model itself does not depend on it; handing a schedule to that scheduler does
+        # (searchd.schedules.baselines.scheduler_sigmas).
+        self.shift, self.dynamic_shifting = float(shift), bool(dynamic_shifting)
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         t = sigma / (1 + sigma)
@@ -331,10 +357,29 @@ class Flow(Parameterization):
             **super().describe(),
             "time_scale": self.time_scale,
             "data_at_one": self.data_at_one,
+            "shift": self.shift,
+            "dynamic_shifting": self.dynamic_shifting,
         }
 
 
 PARAMETERIZATIONS = ("edm", "edm_precond", "vp_eps", "vp_v", "vp_x0", "flow")
+
+
+def flow_parameterization(denoiser: Any) -> Flow | None:
+    """The ``Flow`` parameterization of a loaded rectified-flow model, else None.
+
+    Not None exactly when the denoiser is a network wrapped with ``Flow`` (a diffusers
+    checkpoint with a ``FlowMatch*`` scheduler, such as ``digits-flow-s``, or any model given
+    ``parameterization: flow``), or a model schedule (``ComposedDenoiser``) whose members all
+    are. Use it to tell a flow model apart and to convert its levels:
+    ``flow_parameterization(den).sigma_to_t(sigmas)`` gives the ``sigmas=`` a FlowMatch
+    scheduler or an SD3/Flux pipeline takes (``Flow.sigma_to_t`` is a static method)."""
+    members = getattr(denoiser, "members", None)
+    if members is not None:
+        flows = [flow_parameterization(m) for m in members]
+        return flows[-1] if flows and all(f is not None for f in flows) else None
+    param = getattr(denoiser, "param", None)
+    return param if isinstance(param, Flow) else None
 
 
 def make_time(params: Mapping[str, Any]) -> TimeMap:
@@ -468,10 +513,20 @@ class TextEmbeddings(Conditioning):
         cond: encoder hidden states of the P prompts [P, L, D].
         uncond: encoder hidden states of the negative (empty) prompt [1, L, D] or [P, L, D].
         key: the network keyword (``encoder_hidden_states``).
+        pooled, uncond_pooled: pooled prompt embeddings [P, D'] and of the negative prompt
+            [1, D'] or [P, D'] (SD3's ``pooled_projections``), passed as ``pooled_key``;
+            None for networks that take none.
     """
 
     def __init__(
-        self, cond: Tensor, uncond: Tensor | None = None, key: str = "encoder_hidden_states"
+        self,
+        cond: Tensor,
+        uncond: Tensor | None = None,
+        key: str = "encoder_hidden_states",
+        *,
+        pooled: Tensor | None = None,
+        uncond_pooled: Tensor | None = None,
+        pooled_key: str = "pooled_projections",
     ):
         if cond.ndim != 3:
             raise ValueError(f"prompt embeddings must be [P, L, D]; got {tuple(cond.shape)}")
@@ -479,24 +534,42 @@ class TextEmbeddings(Conditioning):
             raise ValueError(
                 f"negative embeddings {tuple(uncond.shape)} do not match {tuple(cond.shape)}"
             )
+        if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != cond.shape[0]):
+            raise ValueError(f"pooled embeddings must be [P, D] with P = {cond.shape[0]}; got "
+                             f"{tuple(pooled.shape)}")
+        if (uncond is not None and pooled is not None) and (
+            uncond_pooled is None or uncond_pooled.shape[1:] != pooled.shape[1:]
+        ):
+            raise ValueError("a model with pooled embeddings needs the negative prompt's too")
         self.cond, self.uncond, self.key = (
             cond.detach(),
             None if uncond is None else uncond.detach(),
             key,
         )
+        self.pooled = None if pooled is None else pooled.detach()
+        self.uncond_pooled = None if uncond_pooled is None else uncond_pooled.detach()
+        self.pooled_key = pooled_key
         self.n = cond.shape[0]
 
     def kwargs(self, index: Tensor, device: torch.device) -> dict[str, Tensor]:
         self.cond = self.cond.to(device)
-        return {self.key: self.cond[index.to(device) % self.n]}
+        rows = index.to(device) % self.n
+        out = {self.key: self.cond[rows]}
+        if self.pooled is not None:
+            self.pooled = self.pooled.to(device)
+            out[self.pooled_key] = self.pooled[rows]
+        return out
 
     def unconditional(self, batch: int, device: torch.device) -> dict[str, Tensor] | None:
         if self.uncond is None:
             return None
         self.uncond = self.uncond.to(device)
-        if self.uncond.shape[0] == 1:
-            return {self.key: self.uncond.expand(batch, -1, -1)}
-        return {self.key: self.uncond[torch.arange(batch, device=device) % self.uncond.shape[0]]}
+        rows = torch.arange(batch, device=device)
+        out = {self.key: self.uncond[rows % self.uncond.shape[0]]}
+        if self.uncond_pooled is not None:
+            self.uncond_pooled = self.uncond_pooled.to(device)
+            out[self.pooled_key] = self.uncond_pooled[rows % self.uncond_pooled.shape[0]]
+        return out
 
 
 # Calling conventions ---------------------------------------------------------------------

@@ -9,8 +9,9 @@ Two tables, both open for adapters added later:
 
 Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``),
 ``gmm-digits-cond`` (one mixture per digit class, ``searchd.models.conditional``),
-``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``) and
-``digits-unet-cond-s`` (its class-conditional member, with an unconditional mode); the kinds
+``digits-unet-{s,m,l}`` and ``digits-flow-{s,m}`` (the neural digits zoo, EDM-trained and
+rectified-flow, ``searchd.models.adapters``) and ``digits-unet-cond-s`` (its
+class-conditional member, with an unconditional mode); the kinds
 ``gmm`` (an ``.npz`` mixture), ``diffusers`` (a diffusers pipeline or model directory, or a
 hub id), ``edm`` (an NVlabs EDM pickle) and ``generic`` (an entry point
 ``module:function``). The neural adapters are imported on first use, so importing this
@@ -30,7 +31,12 @@ import torch
 
 from searchd.models.base import Denoiser
 from searchd.models.gmm import GaussianMixtureDenoiser
-from searchd.models.names import CONDITIONAL_NEURAL_NAMES, NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import (
+    CONDITIONAL_NEURAL_NAMES,
+    FLOW_ZOO_NAMES,
+    NEURAL_KINDS,
+    NEURAL_ZOO_NAMES,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -229,5 +235,5 @@ register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:
     register_kind(_kind, _adapter_kind(_kind))
 _register_embedded()
-for _name in (*NEURAL_ZOO_NAMES, *CONDITIONAL_NEURAL_NAMES):
+for _name in (*NEURAL_ZOO_NAMES, *FLOW_ZOO_NAMES, *CONDITIONAL_NEURAL_NAMES):
     register(_name, _neural_zoo_member(_name))
