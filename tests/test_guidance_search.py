@@ -119,3 +119,19 @@ def test_a_model_without_guidance_is_refused_before_searching(tmp_path):
                                    "model.name=gmm-digits-k8"],
                        run_dir=str(tmp_path / "r"), engine="local")
     assert not (tmp_path / "r" / "evaluations").exists()
+
+
+def test_extending_the_guided_run_continues_from_its_stored_state(ran):
+    """A resumed guided run (one more generation): the stored rows come back as guided
+    schedules, none is scored again, and the new generation's candidates are guided too.
+    (Runs last: it extends the module's run.)"""
+    run, _ = ran
+    before = searchd.open_run(run).evaluations()
+    again = searchd.search(run_dir=str(run), overrides=["search.evolution.generations=3"],
+                           resume=True, force=True, engine="local")
+    after = searchd.open_run(run).evaluations()
+    ids = [r.candidate_id for _, r in after]
+    assert len(after) > len(before) and len(set(ids)) == len(ids)
+    assert {s.id for s, _ in before} <= {s.id for s, _ in after}
+    assert all(s.guidance is not None for s, _ in after)
+    assert again.schedule.guidance is not None
