@@ -96,6 +96,14 @@ def steps_for_nfe(solver: str, nfe: int, final_zero: bool = True) -> int | None:
 
 
 # Sections -----------------------------------------------------------------------------------
+def _is_file(path: str) -> bool:
+    """``Path(path).is_file()``, False for a name the OS refuses (too long, a NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors."""
 
@@ -404,7 +412,7 @@ class AdaptiveConfig(Section):
     def _global(cls, v: str) -> str:
         if v in ANCHORS:
             return v
-        if v.endswith(".json") and Path(v).is_file():
+        if v.endswith(".json") and _is_file(v):
             return v
         raise ValueError(f"allowed: {', '.join(ANCHORS)}, or the path of an existing best.json")
 
@@ -542,7 +550,7 @@ class MetricConfig(Section):
             if not m or int(m.group(1)) < 2:
                 raise ValueError("exact references are written exact:<n> with n >= 2")
             return v
-        if "://" not in v and not Path(v).is_file():
+        if "://" not in v and not _is_file(v):
             raise ValueError("no such file; give an .npz with mu and sigma, or exact:<n>")
         return v
 

@@ -67,7 +67,7 @@ def _check_model(cfg: SearchConfig) -> None:
         spec = cfg.model.spec
         try:
             check_spec(spec.kind, spec.path, spec.options)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # OSError: a path the OS refuses (too long)
             raise BadInput(str(e)) from None
 
 
