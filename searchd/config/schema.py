@@ -140,6 +140,9 @@ class ModelConfig(Section):
     latency_batch_size: int | None = Field(None, ge=1)  # zoo latency; null: evaluator batch
     device: str = "cpu"  # cpu | cuda | cuda:<i> | mps | auto
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
+    # kind edm / generic run code from their file (unpickling, importing): load them only
+    # when true (the command's --trust-remote-code sets it)
+    trust_remote_code: bool = False
 
     @field_validator("device")
     @classmethod
