@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from searchd import faults
 from searchd.config import SearchConfig
 from searchd.evaluation import CandidateResult
 from searchd.loop import adaptive as adaptive_run
@@ -332,6 +333,7 @@ def _anchors(plan: RunPlan, space: Any, workers: Any, say: Say) -> list[dict[str
         say(f"searchd: computing {' and '.join(names)} on the evaluators ...")
         results = workers.call_each([(compute_anchor, anchor_job(cfg, space, n))
                                      for n in names])
+        faults.hit("during_anchors")  # SEARCHD_FAULT: computed, not stored (faults.py)
         run.write_text(ANCHORS_FILE, json.dumps({"anchors": results}, indent=1) + "\n")
     for r in results:
         sig = ", ".join(f"{x:.4g}" for x in r["schedule"]["sigmas"])
@@ -474,6 +476,7 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
         fin.final_scores, [winner, *baselines], heldout_seeds, 1 + best_base,
         cfg.report.ci_level, grid_seeds, [0, 1 + best_base],
         list(range(s.seed_base, s.seed_base + s.per_candidate)), predictor)
+    faults.hit("during_heldout")  # SEARCHD_FAULT: scored, best.json not written (faults.py)
     held = final["heldout"]
     for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
         score["name"] = name

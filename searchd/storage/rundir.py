@@ -390,6 +390,8 @@ class RunDir:
                 while view:
                     n = os.write(fd, view[:_WRITE_CHUNK])
                     view = view[n:]
+                    # SEARCHD_FAULT=disk_full[:n]: ENOSPC with part of the file written.
+                    faults.write_fails(tmp)
                 os.fsync(fd)
             finally:
                 os.close(fd)
