@@ -119,6 +119,14 @@ class SearchResult:
     files: Mapping[str, str] = field(default_factory=dict)
     best: Mapping[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        # The fields hold whole files (best.json): a REPL shows the gist, not a page of JSON.
+        value = "None" if self.value is None else f"{self.value:.6g}"
+        sid = self.schedule.id if self.schedule is not None else None
+        return (f"SearchResult(status={self.status!r}, run_id={self.run_id!r}, "
+                f"run_dir={self.run_dir!r}, schedule={sid!r}, {self.metric}={value}, "
+                f"evaluations={self.evaluations})")
+
     @classmethod
     def of_run(cls, run: RunDir, run_id: str, best: Mapping[str, Any] | None,
                metric: str, evaluations: int) -> SearchResult:
@@ -274,6 +282,12 @@ class RunView:
     best: dict[str, Any] | None
     baseline_names: dict[str, str] = field(default_factory=dict)
     opened: str | RunDir = ""
+
+    def __repr__(self) -> str:
+        # The fields hold the whole run (every row, best.json): a REPL shows the gist.
+        return (f"RunView(uri={self.uri!r}, run_id={self.run_id!r}, state={self.state!r}, "
+                f"rows={len(self.rows)}, parts={self.n_parts}, bad_parts={len(self.bad_parts)}, "
+                f"best={'yes' if self.best else 'no'})")
 
     @property
     def metric(self) -> str:

@@ -75,6 +75,11 @@ def test_open_run_reads_what_search_wrote(ran):
     assert len(records) == 8 and all(s.id == r.candidate_id for s, r in records)
     assert view.ok_rows()[0]["candidate_id"] == result.schedule.id
     assert view.table().num_rows == 8
+    # What a REPL shows: one line of gist, not every row and best.json.
+    assert repr(view) == (f"RunView(uri={view.uri!r}, run_id='demo', state='finished', rows=8, "
+                          f"parts={view.n_parts}, bad_parts=0, best=yes)")
+    assert repr(result).startswith("SearchResult(status='finished', run_id='demo'")
+    assert f"schedule={result.schedule.id!r}" in repr(result) and "\n" not in repr(result)
 
 
 def test_resuming_the_finished_run_returns_it_without_work(ran):
