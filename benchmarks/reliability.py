@@ -14,7 +14,8 @@ Cases (the numbering of the campaign; benchmarks/results/reliability.md has the 
    private mount namespace (``unshare -rm``: no root needed where user namespaces are
    allowed); the search fails, the tmpfs is grown (``mount -o remount,size=``), ``--resume``;
 5. S3 down and back: a search whose run directory is on moto (127.0.0.1), the server
-   stopped for 15 s once the first part is stored, then started again on the same port;
+   stopped for 60 s (longer than a generation here) once the first part is stored, then
+   started again on the same port;
    and an outage longer than ``SEARCHD_STORAGE_RETRY_S``, then ``--resume``;
 6. 10,000 more fuzzed configurations (``tests/faults/test_fault_fuzz_configs.py``, seeds 1-4);
 7. a long run: ``--long-candidates`` candidates of a random search at 16 samples each on the
@@ -178,7 +179,7 @@ def case_driver_phases() -> dict[str, Any]:
 
 
 # Case 4 -------------------------------------------------------------------------------------
-def case_tmpfs(work: Path, size_k: int = 320) -> dict[str, Any]:
+def case_tmpfs(work: Path, size_k: int = 184) -> dict[str, Any]:
     """A real full disk: a tmpfs of ``size_k`` KiB in a private mount namespace."""
     if shutil.which("unshare") is None:
         return row("4 full disk (tmpfs)", "-", "-", "unshare not found: not run", None, False,
@@ -221,13 +222,13 @@ cp -a {mnt}/run {keep}
                "one line naming the file and ENOSPC, no half-written file, resume finishes "
                "with nothing lost", f"{status.strip()}; first stderr: {err1[:300]!r}; "
                f"resume stderr: {err2[:200]!r}", diff, ok,
-               "unshare -rm bash -c 'mount -t tmpfs -o size=320k ...; python -m searchd.search "
+               "unshare -rm bash -c 'mount -t tmpfs -o size=184k ...; python -m searchd.search "
                "... --run-dir MNT/run; mount -o remount,size=16m MNT; python -m searchd.search "
                "--resume MNT/run'", listing=(work / "tmpfs-ls.txt").read_text()[-1500:])
 
 
 # Case 5 -------------------------------------------------------------------------------------
-def case_s3(work: Path, outage_s: float = 15.0) -> list[dict[str, Any]]:
+def case_s3(work: Path, outage_s: float = 60.0) -> list[dict[str, Any]]:
     from s3_outage import Store
 
     store = Store()
@@ -296,12 +297,13 @@ def case_fuzz(seeds: tuple[int, ...] = (1, 2, 3, 4), n: int = 2500) -> dict[str,
     results = []
     t0 = time.monotonic()
     for seed in seeds:
-        p = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        p = subprocess.run([PY, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                             "tests/faults/test_fault_fuzz_configs.py", "-k", "one_line"],
                            cwd=REPO, env=env(SEARCHD_FUZZ_SEED=str(seed),
                                              SEARCHD_FUZZ_CASES=str(n)),
                            capture_output=True, text=True)
-        results.append((seed, p.returncode, p.stdout.strip().splitlines()[-1]))
+        counts = [ln for ln in p.stdout.splitlines() if ln.startswith("fuzzed")]
+        results.append((seed, p.returncode, p.stdout.strip().splitlines()[-1], counts))
     ok = all(rc == 0 for _, rc, _ in results)
     return row("6 fuzzed configurations", f"{len(seeds) * n} more cases (seeds {seeds})",
                "each validates or exit 2 with one line; no traceback; nothing created",

@@ -27,6 +27,9 @@ class Store:
     """``start()``, ``stop()``, ``outage(seconds)`` (in a thread), ``uri(key)``, ``keys()``."""
 
     def __init__(self) -> None:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
         os.environ.update(AWS_ENV)
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"

@@ -108,6 +108,7 @@ def test_every_fuzzed_configuration_validates_or_fails_on_one_line(outcomes):
         if not ok:
             bad.append(f"case {case.index} {case.what}: {kind}: {err.strip()[:300]!r}")
     counts = Counter(kind for _, kind, _ in outcomes)
+    print(f"fuzzed configurations (seed {SEED}): {dict(counts)}")  # pytest -s shows it
     assert len(outcomes) >= 2000
     assert not bad, f"{len(bad)} of {len(outcomes)} ({dict(counts)}):\n" + "\n".join(bad[:15])
     # The generator is not degenerate: both outcomes occur in numbers.
