@@ -53,7 +53,7 @@ def test_an_outage_longer_than_the_limit_is_one_line_and_keeps_the_run(store, mo
     monkeypatch.setenv(RETRY_ENV, "3")
     run = RunDir(store.uri("runs/gone"))
     run.append_evaluations(make_rows(0, 2))
-    back = store.outage(12.0)
+    back = store.outage(8.0)
     try:
         with pytest.raises(StorageError) as e:
             run.append_evaluations(make_rows(2, 2))
