@@ -291,6 +291,8 @@ def store_env() -> dict[str, str]:
 
 def download(store: Any, key: str, into: Path) -> None:
     for k in store.keys(f"{key}/"):
+        if k.endswith("/"):  # a directory marker
+            continue
         dest = into / k[len(key) + 1:]
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(store.client.get_object(Bucket="searchd-faults", Key=k)["Body"].read())
