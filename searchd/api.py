@@ -145,10 +145,15 @@ class SearchResult:
         if best is None:
             return cls("interrupted", run_id, run.uri, None, None, metric,
                        evaluations=evaluations, files=files)
-        held = tuple(HeldoutScore.from_dict(s) for s in best["heldout"]["scores"])
-        return cls("finished", run_id, run.uri, Schedule.from_dict(best["schedule"]),
-                   best["search"]["value"], best["search"]["metric"], held,
-                   best.get("best_baseline"), int(best["search"]["evaluations"]), files, best)
+        try:
+            held = tuple(HeldoutScore.from_dict(s) for s in best["heldout"]["scores"])
+            return cls("finished", run_id, run.uri, Schedule.from_dict(best["schedule"]),
+                       best["search"]["value"], best["search"]["metric"], held,
+                       best.get("best_baseline"), int(best["search"]["evaluations"]), files,
+                       best)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # not searchd's file
+            raise BadInput(f"{run.display(BEST_FILE)} is not a best.json that searchd wrote "
+                           f"({type(e).__name__}: {one_line(str(e))})") from None
 
     @property
     def heldout_value(self) -> float | None:

@@ -125,7 +125,7 @@ def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "searchd.search", "--config", "configs/quickstart.yaml",
          "--set", f"model.name=edm:{bad}", "--set", "workers.num_workers=1",
-         "--run-dir", str(tmp_path / "run"), "--quiet"],
+         "--run-dir", str(tmp_path / "run"), "--quiet", "--trust-remote-code"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     err = p.stderr.strip()

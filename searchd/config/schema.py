@@ -98,6 +98,14 @@ def steps_for_nfe(solver: str, nfe: int, final_zero: bool = True) -> int | None:
 
 
 # Sections -----------------------------------------------------------------------------------
+def _is_file(path: str) -> bool:
+    """``Path(path).is_file()``, False for a name the OS refuses (too long, a NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors."""
 
@@ -134,6 +142,9 @@ class ModelConfig(Section):
     latency_batch_size: int | None = Field(None, ge=1)  # zoo latency; null: evaluator batch
     device: str = "cpu"  # cpu | cuda | cuda:<i> | mps | auto
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
+    # kind edm / generic run code from their file (unpickling, importing): load them only
+    # when true (the command's --trust-remote-code sets it)
+    trust_remote_code: bool = False
 
     @field_validator("device")
     @classmethod
@@ -467,7 +478,7 @@ class AdaptiveConfig(Section):
     def _global(cls, v: str) -> str:
         if v in ANCHORS:
             return v
-        if v.endswith(".json") and Path(v).is_file():
+        if v.endswith(".json") and _is_file(v):
             return v
         raise ValueError(f"allowed: {', '.join(ANCHORS)}, or the path of an existing best.json")
 
@@ -605,7 +616,7 @@ class MetricConfig(Section):
             if not m or int(m.group(1)) < 2:
                 raise ValueError("exact references are written exact:<n> with n >= 2")
             return v
-        if "://" not in v and not Path(v).is_file():
+        if "://" not in v and not _is_file(v):
             raise ValueError("no such file; give an .npz with mu and sigma, or exact:<n>")
         return v
 

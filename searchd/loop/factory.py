@@ -58,11 +58,15 @@ def load_model(cfg: SearchConfig) -> Any:
     else:
         target: Any = cfg.model.name
         if cfg.model.spec is not None:
+            from searchd.models.generic import UNTRUSTED_KINDS
             from searchd.models.zoo import ModelSpec
 
             spec = cfg.model.spec
+            options = dict(spec.options)
+            if spec.kind in UNTRUSTED_KINDS:  # the loader refuses unless told it is trusted
+                options["trust_remote_code"] = cfg.model.trust_remote_code
             target = ModelSpec(name=model_label(cfg), path=spec.path, kind=spec.kind,
-                               options=dict(spec.options))
+                               options=options)
         den = load(target, device=device, dtype=_dtype(cfg.model.dtype))
     _LOADS += 1
     return den

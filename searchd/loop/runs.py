@@ -38,6 +38,9 @@ RUN_FILE = "run.json"
 SAFE_KEYS = ("workers.", "report.", "run_dir", "search.evolution.generations", "search.budget")
 # Keys that extend a finished run when they grow.
 BUDGET_KEYS = ("search.evolution.generations", "search.budget")
+# Trust in the model's code is given by each invocation (--trust-remote-code, or the
+# configuration file passed with --resume), never taken from the run directory's own files.
+TRUST_KEY = "model.trust_remote_code"
 
 
 class BadInput(ValueError):
@@ -184,6 +187,8 @@ def plan_resume(location: str, config: str | None = None, overrides: Iterable[st
             f"python -m searchd.report {location})")
     recorded = _with_new_defaults(meta.get("config") or stored)
     raw = _undo_derived(dict(stored))
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = {**raw["model"], "trust_remote_code": False}
     overrides = list(overrides)
     if config is not None:
         new = load_config(config, overrides).resolve()
@@ -191,7 +196,7 @@ def plan_resume(location: str, config: str | None = None, overrides: Iterable[st
         new = validate_config(apply_overrides(raw, overrides)).resolve()
     new["run_dir"] = location
     recorded = {**recorded, "run_dir": location}
-    changed = config_diff(recorded, new)
+    changed = [k for k in config_diff(recorded, new) if k != TRUST_KEY]
     unsafe = [k for k in changed if not safe(k)]
     where = "config.yaml or the command line"
     if unsafe:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from searchd import faults
 from searchd.config import SearchConfig
 from searchd.evaluation import CandidateResult
 from searchd.loop import adaptive as adaptive_run
@@ -372,6 +373,7 @@ def _anchors(plan: RunPlan, space: Any, workers: Any, say: Say) -> list[dict[str
         say(f"searchd: computing {' and '.join(names)} on the evaluators ...")
         results = workers.call_each([(compute_anchor, anchor_job(cfg, space, n))
                                      for n in names])
+        faults.hit("during_anchors")  # SEARCHD_FAULT: computed, not stored (faults.py)
         run.write_text(ANCHORS_FILE, json.dumps({"anchors": results}, indent=1) + "\n")
     for r in results:
         sig = ", ".join(f"{x:.4g}" for x in r["schedule"]["sigmas"])
@@ -525,6 +527,7 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
                            cfg.report.ci_level)
     logger.info("held-out phase: %d schedules on %d evaluator(s) in %.1f s",
                 1 + len(baselines), len(jobs) - 1, time.monotonic() - t0)
+    faults.hit("during_heldout")  # SEARCHD_FAULT: scored, best.json not written (faults.py)
     held = final["heldout"]
     for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
         score["name"] = name

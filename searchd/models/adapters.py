@@ -9,6 +9,9 @@
 - ``kind: edm``: ``path`` an NVlabs pickle; options of ``searchd.models.edm.load_edm``;
 - ``kind: generic``: ``path`` an entry point ``module:function``; options of
   ``searchd.models.generic.load_entry_point`` (``args``, ``parameterization``, ``shape``,...);
+- ``edm`` and ``generic`` run code from their file (unpickling, importing): the spec's
+  ``options`` must hold ``trust_remote_code: True`` (what a configuration's
+  ``model.trust_remote_code`` puts there), else ``UntrustedCodeError``;
 - a ``name`` of ``NEURAL_ZOO`` (no kind): the shipped digits UNets.
 
 Every kind takes ``options.runtime`` (``searchd.models.runtime.Runtime`` fields: autocast,
@@ -128,7 +131,8 @@ def load_generic_spec(
     if path is None:
         raise ValueError(f"model {name!r} of kind 'generic' needs path: 'module:function'")
     rt = _runtime(options, device, dtype)
-    return load_entry_point(path, options, runtime=rt, name=name)
+    trust = bool(options.pop("trust_remote_code", False))
+    return load_entry_point(path, options, runtime=rt, name=name, trust_remote_code=trust)
 
 
 KINDS: dict[str, SpecFactory] = {
@@ -238,7 +242,7 @@ def check_spec(
         if check_path and not Path(path).is_file():
             raise FileNotFoundError(f"model path {path!r} (kind gmm) is not a file")
     elif kind == "edm":
-        _check_options("edm", load_edm, opts, ("path", "runtime"))
+        _check_options("edm", load_edm, opts, ("path", "runtime", "trust_remote_code"))
         if check_path and "://" not in path and not Path(path).is_file():
             raise FileNotFoundError(
                 f"model path {path!r} (kind edm) is not a file: give the .pkl (see "

@@ -828,6 +828,31 @@ class NetworkDenoiser:
 
 
 # Generic entry point ---------------------------------------------------------------------
+# Untrusted code ---------------------------------------------------------------------------
+# Model kinds whose loading runs code from the user's file (a pickle, an entry point).
+UNTRUSTED_KINDS = ("edm", "generic")
+TRUST_FLAG = "--trust-remote-code (or model.trust_remote_code: true in the configuration)"
+
+
+class UntrustedCodeError(ValueError):
+    """A model would run code from a file or module that was not declared trusted."""
+
+
+def require_trust(what: str, trusted: bool) -> None:
+    """Refuse, on one line, to run code from ``what`` unless ``trusted``.
+
+    An EDM pickle is unpickled (``pickle`` calls whatever the file names) and a generic entry
+    point is imported and called: both run arbitrary code with the user's rights. As with
+    transformers' ``trust_remote_code``, that needs an explicit opt-in; ``what`` says what
+    would run (e.g. ``"the EDM pickle x.pkl (unpickling runs the code it names)"``).
+    """
+    if not trusted:
+        raise UntrustedCodeError(
+            f"not loading {what}: it runs code with your rights; if you trust it, pass "
+            f"{TRUST_FLAG}"
+        )
+
+
 def import_target(target: str) -> Callable[..., Any]:
     """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
     module_name, sep, attr = target.rpartition(":")
@@ -860,8 +885,12 @@ def load_entry_point(
     *,
     runtime: Runtime | None = None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> NetworkDenoiser:
     """A denoiser from a user function returning ``(module, parameterization)``.
+
+    Importing and calling ``target`` runs its code: ``trust_remote_code=True`` is required
+    (else ``UntrustedCodeError``, before anything is imported).
 
     ``parameterization`` is a name of ``PARAMETERIZATIONS``, a mapping ``{"kind": ...,
     **params}`` (e.g. ``{"kind": "vp_eps", "grid": "iddpm_cosine", "time_scale": 0.25}``,
@@ -875,6 +904,7 @@ def load_entry_point(
     from the options, the parameterization mapping, or the module's ``img_channels`` and
     ``img_resolution`` attributes (EDM/ADM conventions), in that order.
     """
+    require_trust(f"the entry point {target!r} (imported and called)", trust_remote_code)
     opts = dict(options or {})
     fn = import_target(target)
     result = fn(**dict(opts.pop("args", {}) or {}))
