@@ -73,6 +73,10 @@ EXACT_REFERENCE = re.compile(r"^exact:(\d+)$")
 DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 
+# The largest nfe or steps a configuration may ask for.
+MAX_NFE = 1000
+
+
 # Solvers (searchd.solvers, imported when first needed) ------------------------------------------
 def solver_names() -> list[str]:
     """The solver registry's names (``searchd.solvers.SOLVERS``)."""
@@ -89,12 +93,19 @@ def solver_nfe(solver: str, n_steps: int, final_zero: bool = True) -> int:
 
 
 def steps_for_nfe(solver: str, nfe: int, final_zero: bool = True) -> int | None:
-    """Most steps whose cost fits in ``nfe`` evaluations (None if not even one step fits)."""
-    best = None
-    for n in range(1, nfe + 1):
-        if solver_nfe(solver, n, final_zero) <= nfe:
-            best = n
-    return best
+    """Most steps whose cost fits in ``nfe`` evaluations (None if not even one step fits).
+
+    A solver's cost grows with its steps, so this is a bisection: O(log nfe) cost queries."""
+    if solver_nfe(solver, 1, final_zero) > nfe:
+        return None
+    lo, hi = 1, max(1, int(nfe))  # cost(lo) <= nfe; every step costs >= 1 call
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if solver_nfe(solver, mid, final_zero) <= nfe:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # Sections -----------------------------------------------------------------------------------
@@ -671,8 +682,11 @@ class SearchConfig(Section):
 
     model: ModelConfig
     solver: SolverConfig = Field(default_factory=SolverConfig)
-    nfe: int | None = Field(None, ge=1)  # evaluation budget; resolved to the actual cost
-    steps: int | None = Field(None, ge=1)  # or the number of steps
+    # The evaluation budget (resolved to the actual cost) or the number of steps. Bounded:
+    # searchd searches few-step schedules, and an unbounded value (a fuzzed nfe=10**9) made
+    # the resolution below loop for minutes before any message.
+    nfe: int | None = Field(None, ge=1, le=MAX_NFE)
+    steps: int | None = Field(None, ge=1, le=MAX_NFE)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchSection = Field(default_factory=SearchSection)
     baselines: list[Baseline] = Field(
