@@ -390,52 +390,26 @@ def combine_parts(
     order of the schedules): the intervals, and the paired differences against
     ``parts[baseline_index]`` (the same resamples for every part)."""
     seeds = [int(s) for s in seeds]
-    n = len(seeds)
     if not 0 <= baseline_index < len(parts):
         raise ValueError(f"baseline_index {baseline_index} is out of range")
     if interval not in INTERVALS:
         raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
-    teacher = None
-    if any("teacher_boot" in p for p in parts):  # an evaluator with a teacher made the parts
-        teacher = paired_table(
-            [p.get("teacher_distance") for p in parts], [p.get("teacher_boot") for p in parts],
-            [p["candidate_id"] for p in parts], seeds, [p.get("error") for p in parts],
-            metric="teacher_distance", baseline_index=baseline_index, level=level,
-            resamples=resamples, interval=interval)
+    ids, errors = [p["candidate_id"] for p in parts], [p.get("error") for p in parts]
+
+    def table(metric: str, value: str, boot: str) -> dict[str, Any]:
+        # A part without the value (failed, or made without a teacher) is a failed row.
+        ok = [p["status"] == "ok" and value in p for p in parts]
+        return paired_table([float(p[value]) if k else None for p, k in zip(parts, ok)],
+                            [p[boot] if k else None for p, k in zip(parts, ok)],
+                            ids, seeds, errors, metric=metric, baseline_index=baseline_index,
+                            level=level, resamples=resamples, interval=interval)
+
     if parts[0].get("metric", "fid") == "teacher_distance":
-        # A teacher-distance table; with no part scored, every row failed.
-        return teacher if teacher is not None else paired_table(
-            [None] * len(parts), [None] * len(parts), [p["candidate_id"] for p in parts],
-            seeds, [p.get("error") for p in parts], metric="teacher_distance",
-            baseline_index=baseline_index, level=level, resamples=resamples,
-            interval=interval)
-    boot = [None if p["status"] != "ok" else np.asarray(p["boot"], np.float64) for p in parts]
-    point = [None if p["status"] != "ok" else float(p["fid"]) for p in parts]
-    base_boot, base_point = boot[baseline_index], point[baseline_index]
-    scores = []
-    for part, b, p in zip(parts, boot, point):
-        cid = part["candidate_id"]
-        if b is None or p is None:
-            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0],
-                                       part.get("error")))
-            continue
-        diff = diff_ci = None
-        if base_boot is not None and base_point is not None:
-            diff = p - base_point
-            diff_ci = bootstrap_interval(b - base_boot, diff, level, interval)
-        fid_ci = bootstrap_interval(b, p, level, interval)
-        scores.append(HeldoutScore(cid, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
-    table = {
-        "metric": "fid",
-        "level": level,
-        "interval": interval,
-        "resamples": resamples,
-        "n_samples": n,
-        "seed_base": seeds[0],
-        "baseline_id": parts[baseline_index]["candidate_id"],
-        "scores": [s.to_dict() for s in scores],
-    }
-    return table if teacher is None else add_teacher_distance(table, teacher)
+        return table("teacher_distance", "teacher_distance", "teacher_boot")
+    fid = table("fid", "fid", "boot")
+    if any("teacher_boot" in p for p in parts):  # an evaluator with a teacher made the parts
+        add_teacher_distance(fid, table("teacher_distance", "teacher_distance", "teacher_boot"))
+    return fid
 
 
 def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
