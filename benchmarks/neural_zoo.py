@@ -1,9 +1,12 @@
 """The neural digits zoo: recognizability at 35 NFE and FID against the data vs NFE.
 
-    python benchmarks/neural_zoo.py [--members digits-unet-s,digits-unet-m,digits-unet-l]
-        [--nfe 5,10,20] [--n 1000] [--out benchmarks/results/neural_zoo.md]
+    python benchmarks/neural_zoo.py [--members digits-unet-s,digits-unet-m,digits-unet-l,
+        digits-flow-s,digits-flow-m] [--nfe 5,10,20] [--n 1000]
+        [--out benchmarks/results/neural_zoo.md]
 
-For each member (and, for comparison, the embedded ``gmm-digits-k64``):
+For each member (and, for comparison, the embedded ``gmm-digits-k64``); the rectified-flow
+members (``digits-flow-*``) are sampled on the same schedules, in searchd's noise levels (a
+flow model is the same ODE in sigma = t / (1 - t)):
 
 - **Recognizability**: 1,000 samples (seeds 0..999) drawn with Heun, 18 steps = 35 NFE, on
   EDM's schedule (polynomial, rho 7, sigma 0.002..80); the ``digits`` feature network
@@ -40,13 +43,15 @@ from searchd.evaluation import FeatureStats, frechet_distance
 from searchd.evaluation.digits import digits_images
 from searchd.evaluation.features import load_features
 from searchd.models import load
-from searchd.models.adapters import NEURAL_ZOO
+from searchd.models.adapters import FLOW_ZOO, NEURAL_ZOO
 from searchd.models.diffusers import load_diffusers
 from searchd.noise import make_noise
 from searchd.schedules import baseline
 from searchd.solvers import nfe, solve
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+# Shipped members: the EDM-trained UNets and the rectified-flow ones (same networks).
+ZOO = {**NEURAL_ZOO, **FLOW_ZOO}
 THRESHOLDS = (0.5, 0.8, 0.9)
 CONFIDENCE_SAMPLES = 1000
 HEUN_STEPS = 18  # 35 NFE
@@ -122,9 +127,10 @@ def measure(name: str, folder: Path | None, part: str, feats, ref: FeatureStats,
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--members", default=",".join([*NEURAL_ZOO, "gmm-digits-k64"]))
+    p.add_argument("--members", default=",".join([*ZOO, "gmm-digits-k64"]))
     p.add_argument("--zoo-dir", type=Path, default=None,
-                   help="read digits-unet-* from this folder instead of the shipped weights")
+                   help="read digits-unet-*/digits-flow-* from this folder instead of the "
+                   "shipped weights")
     p.add_argument("--nfe", default="5,10,20")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--threads", type=int, default=1)
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> str:
     parts = ["heun", *map(str, nfes)] if args.parts is None else args.parts.split(",")
     conf_rows, fid_rows, train_rows = [], [], []
     for name in members:
-        folder = (args.zoo_dir or NEURAL_ZOO[name].parent) / name if name in NEURAL_ZOO else None
+        folder = (args.zoo_dir or ZOO[name].parent) / name if name in ZOO else None
         digest = weights_digest(name, folder)
         got = {}
         for part in parts:
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{floor_heun:.3f}). Seconds: wall time of a member's parts, summed (a shared "
         "machine under load).",
         "",
-        "## Members: size and training (scripts/train_digits_unet.py, one CPU thread)",
+        "## Members: size and training (scripts/train_digits_unet.py, "
+        "scripts/train_digits_flow.py; one CPU thread)",
         "",
         "| model | parameters | files (MB) | iterations | batch | CPU minutes | wall minutes "
         "| final loss |",

@@ -32,6 +32,16 @@ every NFE <= 6, at no more than 10x GITS's denoiser calls.
 
     nice python benchmarks/quality.py                 # the full run (results/quality.md, .png)
     python benchmarks/quality.py --tiny --out DIR     # a small version (the test suite's)
+
+Flow models (issue 20): ``--baselines flow`` replaces the three non-searched schedules by the
+flow-time families flow users run (``BASELINE_SETS["flow"]``), ``--space warp=flow shift=1``
+warps the search space in flow time, ``--searches evolution`` runs the warm-started evolution
+only. Target (euler, NFE <= 6): the evolution >= 25% better held-out FID than the best flow
+baseline and >= 15% better than GITS and LD3, every interval excluding 0
+(``flow_target_met``; other solvers' rows show it as not required):
+
+    nice python benchmarks/quality.py --models digits-flow-s --solvers euler --nfe 4 5 6 \
+        --baselines flow --searches evolution --space warp=flow shift=1 --threads 1
 """
 
 from __future__ import annotations
@@ -70,15 +80,36 @@ SEED_BASE = 0
 HELDOUT_SEED_BASE = 1_000_000
 REFERENCE_SEED_BASE = 2_000_000
 FLOOR_SEED_BASE = 3_000_000
-FIXED = ("polynomial", "logsnr", "time_uniform")
-METHODS = (*FIXED, "gits", "ld3", "evolution", "bayes", "random")
+# Sets of non-searched schedules (``--baselines``): name -> (family, params) of
+# searchd.schedules.baselines. "edm" (the default): the benchmark's three; "flow": what users
+# of rectified-flow models run (uniform t, SD3's shift 3, Flux's dynamic shift, the beta
+# schedule), each as diffusers' set_timesteps places it and, where users also run it so, with
+# the grid run down to t = 0 (Flux's pipeline, ComfyUI).
+BASELINE_SETS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "edm": {"polynomial": ("polynomial", {"rho": 7}), "logsnr": ("logsnr", {}),
+            "time_uniform": ("time_uniform", {})},
+    "flow": {"flow_uniform": ("flow_uniform", {}),
+             "flow_uniform_to0": ("flow_uniform", {"to_zero": True}),
+             "flow_shift3": ("flow_shift", {"shift": 3.0}),
+             "flow_shift3_to0": ("flow_shift", {"shift": 3.0, "to_zero": True}),
+             # Flux's mu for 64 tokens (an 8x8 image, one token per pixel).
+             "flow_flux": ("flow_flux", {"image_seq_len": 64}),
+             "flow_beta": ("flow_beta", {})},
+}
+FIXED = tuple(BASELINE_SETS["edm"])
+SEARCHES = ("evolution", "bayes", "random")
+METHODS = (*FIXED, "gits", "ld3", *SEARCHES)
 LABELS = {
     "polynomial": "polynomial rho=7", "logsnr": "logSNR", "time_uniform": "time-uniform",
+    "flow_uniform": "uniform t", "flow_uniform_to0": "uniform t, to 0",
+    "flow_shift3": "SD3 shift 3", "flow_shift3_to0": "SD3 shift 3, to 0",
+    "flow_flux": "Flux dynamic shift", "flow_beta": "beta (0.6, 0.6), to 0",
     "gits": "GITS", "ld3": "LD3", "evolution": "evolution (warm start)",
     "bayes": "bayes (TPE)", "random": "random",
 }
 MODEL_NOTES = ("Models: the embedded Gaussian-mixture zoo (reference: exact samples of the "
-               "mixture) and, where listed, the neural digits zoo (digits-unet-s/m/l; "
+               "mixture) and, where listed, the neural digits zoo (digits-unet-s/m/l, and "
+               "the rectified-flow digits-flow-s/m, whose levels are shown in flow time t; "
                "reference: the 1,797 training digits, sample i = digit i mod 1797).")
 
 
@@ -109,7 +140,19 @@ class Settings:
     variants: list[str] = field(default_factory=lambda: ["evolution"])
     racing: dict[str, int] = field(default_factory=lambda: {"top_k": 8, "blocks": 1})
     halving: dict[str, int] = field(default_factory=lambda: {"rungs": 2, "eta": 2})
-    others: bool = True  # bayes and random
+    others: bool = True  # bayes and random (where ``searches`` names them)
+    baselines: str = "edm"  # a key of BASELINE_SETS
+    searches: list[str] = field(default_factory=lambda: list(SEARCHES))  # which to run
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Names of the non-searched schedules of this run."""
+        return tuple(BASELINE_SETS[self.baselines])
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Every schedule of a row, in table order (the variants of issue 19 follow)."""
+        return (*self.fixed, "gits", "ld3", *[s for s in SEARCHES if s in self.searches])
 
 
 # The evolution's settings without the offspring pre-screen: the benchmark's before issue 7
@@ -335,9 +378,10 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
             continue
         anchors = case_anchors(case, nfe)
         n, space, r = anchors["n"], anchors["space"], anchors["ld3_result"]
-        sched: dict[str, Schedule] = dict(zip(FIXED, anchors["bases"]))
+        fixed = st.fixed
+        sched: dict[str, Schedule] = dict(zip(fixed, anchors["bases"]))
         cost: dict[str, dict[str, Any]] = {
-            f: {"calls": 0, "wall_s": 0.0, "candidates": 0} for f in FIXED}
+            f: {"calls": 0, "wall_s": 0.0, "candidates": 0} for f in fixed}
         sched["gits"], sched["ld3"] = anchors["gits"], anchors["ld3"]
         cost["gits"] = {"calls": g["calls"], "wall_s": g["wall_s"], "candidates": 0}
         cost["ld3"] = {"calls": r["denoiser_calls"], "wall_s": r["wall_s"], "candidates": 0,
@@ -345,18 +389,25 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         log(f"  NFE {nfe}: LD3 {r['denoiser_calls']} calls, {r['wall_s']:.0f} s")
         budget = st.budget_factor * g["calls"]
         per_cand = st.per_candidate * nfe
-        bases = [sched[f] for f in FIXED]
+        bases = [sched[f] for f in fixed]
         # Fixed schedules on the search seeds: the best one is the comparison point.
         base_vals = {f: res.metrics["fid"] for f, res in
-                     zip(FIXED, ev.evaluate(bases, search_seeds))}
-        best_fixed = min(FIXED, key=lambda f: base_vals[f])
+                     zip(fixed, ev.evaluate(bases, search_seeds))}
+        best_fixed = min(fixed, key=lambda f: base_vals[f])
         n_evo = evolution_candidates(st, g["calls"], r["denoiser_calls"], nfe)
         n_free = int(budget // per_cand)
         warm = [with_meta(sched["gits"], origin="gits"), with_meta(sched["ld3"], origin="ld3")]
         anchor_calls = cost["gits"]["calls"] + cost["ld3"]["calls"]
         anchor_wall = cost["gits"]["wall_s"] + cost["ld3"]["wall_s"]
-        for seed in st.searcher_seeds:
-            for variant in st.variants:
+        from searchd.solvers.strategy import FAMILIES
+
+        variants = [v for v in st.variants
+                    if not (v.startswith("strategy") and st.solver not in FAMILIES)]
+        if variants != list(st.variants):
+            log(f"  NFE {nfe}: {st.solver} has no per-step strategy: variants "
+                f"{', '.join(v for v in st.variants if v not in variants)} not run")
+        for seed in st.searcher_seeds if "evolution" in st.searches else ():
+            for variant in variants:
                 t1 = time.perf_counter()
                 out = run_variant(variant, st, space, ev, search_seeds, bases + warm,
                                   n_evo, seed, nfe)
@@ -382,6 +433,8 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
                 ("random", RandomSearcher(space, "fid", "min", num_samples=n_free,
                                           seed=st.seed, seeds=bases)),
             ):
+                if name not in st.searches:
+                    continue
                 t1 = time.perf_counter()
                 out = run_searcher(searcher, ev, search_seeds, st.batch)
                 sched[name] = out["schedule"]
@@ -397,6 +450,7 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         row = summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals,
                         case.get("floor"), st)
         row["evolution_settings"] = dict(st.evolution)
+        row["settings"] = {"baselines": st.baselines, "space": plain(st.space)}
         rows.append(row)
         rows.sort(key=lambda r: r["nfe"])
         if on_row is not None:
@@ -431,10 +485,9 @@ def case_anchors(case: dict[str, Any], nfe: int) -> dict[str, Any]:
     st, ev, solver = case["st"], case["ev"], case["st"].solver
     n = steps_for_nfe(solver, nfe)
     space = case["space_for"](n)
-    bases = [Schedule(baseline(f, n, space.sigma_min, space.sigma_max, True,
-                               **({"rho": 7} if f == "polynomial" else {})),
-                      solver=solver, meta={"origin": "baseline", "family": f, "name": f})
-             for f in FIXED]
+    bases = [Schedule(baseline(fam, n, space.sigma_min, space.sigma_max, True, **params),
+                      solver=solver, meta={"origin": "baseline", "family": fam, "name": name})
+             for name, (fam, params) in BASELINE_SETS[st.baselines].items()]
     gits = space.check(gits_for(case["gits"], n, solver))
     ld3_params = dict(final_zero=True, free_end=True, sigma_min=space.sigma_min,
                       sigma_max=space.sigma_max, seed=st.seed, loss="auto")
@@ -483,8 +536,8 @@ def summarize(model: str, nfe: int, n_steps: int, sched: dict[str, Schedule],
             e["excess"], e["excess_ci"] = ex, _ci(h["boot"] - floor["boot"], ex)
         return e
 
-    for m in METHODS:
-        if m in held:
+    for m in sched:
+        if "@" not in m:
             out["methods"][m] = entry(m)
     gits, ld3 = held["gits"], held["ld3"]
     for key in [k for k in sched if "@" in k]:
@@ -508,11 +561,23 @@ def summarize(model: str, nfe: int, n_steps: int, sched: dict[str, Schedule],
             rel = 1.0 - evo["fid"] / o["fid"]  # relative improvement of evolution over it
             rel_boot = 1.0 - evo["boot"] / o["boot"]
             out[f"evolution_vs_{other}"] = {"improvement": rel, "ci": _ci(rel_boot, rel)}
+        # ... and over the best non-searched schedule (chosen on the search seeds).
+        fx = held[best_fixed]
+        out["evolution_vs_fixed"] = {"improvement": 1.0 - evo["fid"] / fx["fid"],
+                                     "ci": _ci(1.0 - evo["boot"] / fx["boot"],
+                                               1.0 - evo["fid"] / fx["fid"])}
         out["evolution_cost_over_gits"] = cost["evolution"]["calls"] / cost["gits"]["calls"]
         out["target_met"] = bool(
             out["evolution_vs_gits"]["improvement"] >= 0.15
             and out["evolution_vs_ld3"]["improvement"] >= 0.15
             and out["evolution_cost_over_gits"] <= 10.0 + 1e-9
+        )
+        # The flow models' target (issue 20): >= 25% over the best flow baseline and >= 15%
+        # over the better of GITS and LD3, every interval excluding 0.
+        out["flow_target_met"] = bool(
+            out["target_met"] and out["evolution_vs_fixed"]["improvement"] >= 0.25
+            and all(out[k]["ci"][0] > 0 for k in ("evolution_vs_gits", "evolution_vs_ld3",
+                                                   "evolution_vs_fixed"))
         )
     return out
 
@@ -531,9 +596,9 @@ def _kept(row: dict[str, Any], e: dict[str, Any]) -> str:
     """`` (LD3's)`` where a search's winner is one of its seeds (an anchor, a baseline)."""
     if "strategy" in e:
         return ""
-    for m in (*FIXED, "gits", "ld3"):
-        if m in row["methods"] and row["methods"][m]["sigmas"] == e["sigmas"]:
-            return f" ({LABELS[m]}'s)"
+    for m in [k for k in row["methods"] if k not in SEARCHES]:
+        if row["methods"][m]["sigmas"] == e["sigmas"]:
+            return f" ({LABELS.get(m, m)}'s)"
     return ""
 
 
@@ -599,6 +664,63 @@ def _f(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
 
 
+def _flow_rows(mres: dict[str, Any]) -> bool:
+    return any(r.get("settings", {}).get("baselines") == "flow" for r in mres["rows"])
+
+
+def _case_settings(mres: dict[str, Any], st: Settings) -> list[str]:
+    """A line naming a case's baselines and space where they are not the header's."""
+    out = []
+    for r in mres["rows"]:
+        cs = r.get("settings")
+        if cs is None or (cs["baselines"] == "edm" and _norm(cs["space"]) == _norm(st.space)):
+            continue
+        fams = "; ".join(f"{LABELS.get(k, k)}: `{f}` {p or ''}".rstrip()
+                         for k, (f, p) in BASELINE_SETS[cs["baselines"]].items())
+        space = {k: v for k, v in cs["space"].items()
+                 if not (k == "rho" and cs["space"].get("warp") != "rho")}
+        line = (f"NFE {r['nfe']}: non-searched schedules `--baselines {cs['baselines']}` "
+                f"({fams}); space: continuous, "
+                + ", ".join(f"{k}={v}" for k, v in space.items()) + ".")
+        if line not in out:
+            out.append(line)
+    # One line for all NFEs when they share their settings.
+    if len(out) > 1 and len({o.split(": ", 1)[1] for o in out}) == 1:
+        out = ["Every NFE: " + out[0].split(": ", 1)[1]]
+    return [x for o in out for x in (o, "")]
+
+
+def _flow_required(mres: dict[str, Any], row: dict[str, Any]) -> bool:
+    """The flow target is set for euler at NFE <= 6 (what flow users run); other solvers'
+    rows show it, not required."""
+    return row["nfe"] <= 6 and mres.get("solver") == "euler"
+
+
+def _flow_target(mres: dict[str, Any], pct: Any) -> list[str]:
+    """The flow target table (issue 20): the searched schedule against the best flow baseline
+    (chosen on the search seeds) and GITS and LD3, every interval excluding 0."""
+    lines = ["### Target (flow): evolution >= 25% better than the best flow baseline, >= 15% "
+             "better than GITS and LD3, intervals excluding 0 (required: euler, NFE <= 6)", "",
+             "| NFE | evolution | best flow baseline | better than it by [95% CI] | "
+             "better than GITS by [95% CI] | better than LD3 by [95% CI] | calls / GITS's | "
+             "target met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in mres["rows"]:
+        if "evolution_vs_fixed" not in row:
+            continue
+        m, bf = row["methods"], row["best_fixed"]
+        need = _flow_required(mres, row)
+        ok = row.get("flow_target_met", False)
+        met = ("yes" if ok else "**no**") if need else (
+            "(not required) " + ("yes" if ok else "no"))
+        lines.append(
+            f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {LABELS.get(bf, bf)} "
+            f"{_f(m[bf]['fid'])} | {pct(row['evolution_vs_fixed'])} | "
+            f"{pct(row['evolution_vs_gits'])} | {pct(row['evolution_vs_ld3'])} | "
+            f"{row['evolution_cost_over_gits']:.2f} | {met} |")
+    return [*lines, ""]
+
+
 def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> str:
     lines = [
         "# Quality: searched schedules vs the published ones (held-out FID)", "",
@@ -636,25 +758,31 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
     ]
     for mres in res["models"]:
         lines += [f"## {mres['model']}, {mres.get('solver', res['solver'])}", ""]
-        lines += ["### Target: warm-started evolution vs GITS and LD3", "",
-                  "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
-                  "better than LD3 by [95% CI] | calls / GITS's | target met |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in mres["rows"]:
-            if "evolution_vs_gits" not in row:
-                continue
-            m = row["methods"]
-            vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
-            pct = lambda d: (f"{100 * d['improvement']:.1f}% [{100 * d['ci'][0]:.1f}, "  # noqa: E731
-                             f"{100 * d['ci'][1]:.1f}]")
-            need = row["nfe"] <= 6
-            met = ("yes" if row["target_met"] else "**no**") if need else (
-                "(not required) " + ("yes" if row["target_met"] else "no"))
-            lines.append(
-                f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {_f(m['gits']['fid'])} | "
-                f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
-                f"{row['evolution_cost_over_gits']:.2f} | {met} |")
-        lines.append("")
+        lines += _case_settings(mres, st)
+        pct = lambda d: (f"{100 * d['improvement']:.1f}% [{100 * d['ci'][0]:.1f}, "  # noqa: E731
+                         f"{100 * d['ci'][1]:.1f}]")
+        flow_case = _flow_rows(mres)
+        if flow_case:
+            # The flow table holds the GITS and LD3 comparisons too: no second table.
+            lines += _flow_target(mres, pct)
+        else:
+            lines += ["### Target: warm-started evolution vs GITS and LD3", "",
+                      "| NFE | evolution | GITS | LD3 | better than GITS by [95% CI] | "
+                      "better than LD3 by [95% CI] | calls / GITS's | target met |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for row in mres["rows"]:
+                if "evolution_vs_gits" not in row:
+                    continue
+                m = row["methods"]
+                vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
+                need = row["nfe"] <= 6
+                met = ("yes" if row["target_met"] else "**no**") if need else (
+                    "(not required) " + ("yes" if row["target_met"] else "no"))
+                lines.append(
+                    f"| {row['nfe']} | {_f(m['evolution']['fid'])} | {_f(m['gits']['fid'])} | "
+                    f"{_f(m['ld3']['fid'])} | {pct(vg)} | {pct(vl)} | "
+                    f"{row['evolution_cost_over_gits']:.2f} | {met} |")
+            lines.append("")
         # Rows merged from runs with other evolution settings (rows written before the
         # settings were kept have none: they ran without the offspring pre-screen).
         other: dict[str, list[str]] = {}
@@ -667,29 +795,39 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
             lines += [f"NFE {', '.join(nfes)}: the evolution ran with other settings ({key}); "
                       "see the command line and `quality-diagnosis.md`.", ""]
         lines += variant_lines(mres)
+        key = "flow_target_met" if flow_case else "target_met"
         missed = [str(r["nfe"]) for r in mres["rows"]
-                  if r["nfe"] <= 6 and not r.get("target_met", True)]
-        if missed:
+                  if (_flow_required(mres, r) if flow_case else r["nfe"] <= 6)
+                  and not r.get(key, True)]
+        if missed and flow_case:
+            # The mixture's diagnosis does not cover flow models; the converged model's
+            # floor beside these rows does (benchmarks/quality_floor.py).
+            lines += [f"**Flow target not met at NFE {', '.join(missed)}.** The converged "
+                      f"model's floor beside these schedules: "
+                      "`benchmarks/results/quality_floor.md`.", ""]
+        elif missed:
             lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
                       "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
             fl = row.get("floor")
+            # Flow rows: the levels in flow time t = sigma / (1 + sigma), as flow users set them.
+            flow = row.get("settings", {}).get("baselines") == "flow"
             lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
-                      f"Best non-searched schedule: {LABELS[row['best_fixed']]}."
+                      f"Best non-searched schedule: {LABELS.get(row['best_fixed'])}."
                       + ("" if fl is None else
                          f" Floor (FID of {fl['n']:,} exact samples of the model): "
                          f"{_f(fl['fid'])} [{_f(fl['fid_ci'][0])}, {_f(fl['fid_ci'][1])}]; "
                          "excess = FID - floor."), "",
                       "| schedule | held-out FID [95% CI] | excess over floor [95% CI] | "
                       "diff to best non-searched "
-                      "[95% CI] | denoiser calls | wall s | candidates | sigmas |",
+                      "[95% CI] | denoiser calls | wall s | candidates | "
+                      + ("t |" if flow else "sigmas |"),
                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-            entries = [(LABELS[k], k, row["methods"][k]) for k in METHODS
-                       if k in row["methods"]]
+            entries = [(LABELS.get(k, k), k, row["methods"][k]) for k in row["methods"]]
             entries += [(f"{VARIANT_LABELS.get(v, v)}, seed {sd}", v, e)
                         for v, per in row.get("variants", {}).items() for sd, e in per.items()]
             for label, meth, m in entries:
-                sig = ", ".join(f"{x:.3g}" for x in m["sigmas"])
+                sig = ", ".join(f"{x / (1 + x) if flow else x:.3g}" for x in m["sigmas"])
                 if "strategy" in m:
                     sig += "; strategy " + " ".join(m["strategy"])
                 diff = ("-" if meth == row["best_fixed"] else
@@ -728,16 +866,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5), squeeze=False)
     for ax, mres in zip(axes[0], models):
         nfes = [r["nfe"] for r in mres["rows"]]
-        for k, meth in enumerate(METHODS):
-            if not all(meth in r["methods"] for r in mres["rows"]):
-                continue
+        methods = [k for k in (mres["rows"][0]["methods"] if mres["rows"] else ())
+                   if all(k in r["methods"] for r in mres["rows"])]
+        for k, meth in enumerate(methods):
             fid = np.array([r["methods"][meth]["fid"] for r in mres["rows"]])
             ci = np.array([r["methods"][meth]["fid_ci"] for r in mres["rows"]])
             err = np.abs(np.stack([fid - ci[:, 0], ci[:, 1] - fid]))
-            x = np.array(nfes) + (k - len(METHODS) / 2) * 0.04
+            x = np.array(nfes) + (k - len(methods) / 2) * 0.04
             style = "-" if meth in ("gits", "ld3", "evolution") else ":"
             ax.errorbar(x, fid, yerr=err, marker="o", ms=3, capsize=2, ls=style,
-                        label=LABELS[meth])
+                        label=LABELS.get(meth, meth))
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("held-out FID (digits features), 95% CI")
@@ -748,6 +886,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _recorded_command(json_path: Path) -> str | None:
+    """The command line of the quality.md beside a quality.json (a merged result written
+    before merged files kept their command), or None."""
+    md = json_path.with_suffix(".md")
+    if not md.is_file():
+        return None
+    for line in md.read_text().splitlines():
+        if line.startswith("Command: `") and line.endswith("`"):
+            return line[len("Command: `"):-1]
+    return None
 
 
 def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
@@ -763,15 +913,17 @@ def merge(out: Path, others: Sequence[Path], st: Settings, command: str) -> int:
             have = {row["nfe"] for row in cur["rows"]}
             cur["rows"] += [row for row in m["rows"] if row["nfe"] not in have]
             cur["rows"].sort(key=lambda row: row["nfe"])
-    commands = []
-    for r in runs:
+    commands, parts = [], []
+    for f, r in zip([f for f in files if f.exists()], runs):
         nfes = sorted({row["nfe"] for m in r["models"] for row in m["rows"]})
-        commands.append(r.get("command") or "nice python benchmarks/quality.py --nfe "
-                        + " ".join(map(str, nfes)))
+        commands.append(r.get("command") or _recorded_command(f)
+                        or "nice python benchmarks/quality.py --nfe " + " ".join(map(str, nfes)))
+        # A merged result counts the processes it was merged from, not itself.
+        parts += r.get("parts") or [str(f)]
     command = " ; ".join(commands)
     res = {"solver": runs[0]["solver"], "models": list(models.values()),
            "wall_s": sum(float(r.get("wall_s", 0.0)) for r in runs),
-           "parts": [str(f) for f in files if f.exists()]}
+           "parts": parts, "command": command}
     (out / "quality.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     (out / "quality.md").write_text(markdown(res, st, command, res["wall_s"]))
     plot(res, out / "quality.png")
@@ -803,6 +955,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--race-k", type=int, default=None, help="racing: candidates re-scored")
     p.add_argument("--no-others", action="store_true",
                    help="skip bayes and random (issue 19's runs: the evolution variants only)")
+    p.add_argument("--baselines", choices=sorted(BASELINE_SETS), default=None,
+                   help="the non-searched schedules: edm (default: polynomial, logSNR, "
+                   "time-uniform) or flow (the flow-time families flow users run)")
+    p.add_argument("--searches", nargs="+", choices=SEARCHES, default=None,
+                   help="which searches to run (default: all three)")
+    p.add_argument("--space", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="ContinuousSpace keywords over the defaults, e.g. warp=flow shift=3 "
+                   "(values parsed as YAML)")
     p.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                    help="compute nothing: merge the rows of these quality.json files (runs "
                         "of the same settings over other NFEs, e.g. in parallel processes) "
@@ -820,6 +980,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         st.racing = dict(st.racing, top_k=a.race_k)
     if a.no_others:
         st.others = False
+    if a.baselines is not None:
+        st.baselines = a.baselines
+    if a.searches is not None:
+        st.searches = list(a.searches)
+    for kv in a.space or ():
+        key, sep, val = kv.partition("=")
+        if not sep or not key:
+            p.error(f"--space {kv!r}: expected KEY=VALUE")
+        import yaml
+
+        st.space = {**st.space, key: yaml.safe_load(val)}
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -855,8 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              earlier.get((m, solver), ()), write))
     write()
     log(f"wrote {out / 'quality.md'}, quality.json, quality.png")
-    met = all(r.get("target_met", False) for m in res["models"] for r in m["rows"]
-              if r["nfe"] <= 6)
+    key = "flow_target_met" if st.baselines == "flow" else "target_met"
+    met = all(r.get(key, False) for m in res["models"] for r in m["rows"] if r["nfe"] <= 6)
     log("target " + ("met" if met else "NOT met") + " at every NFE <= 6")
     return 0
 

@@ -56,6 +56,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,12 @@ C_NOISE_SCALE = 250.0
 # EDM's lognormal training noise (-1.2, 1.2) for sigma_data = 0.5, shifted by ln(0.75 / 0.5).
 P_MEAN, P_STD = -0.8, 1.2
 SHAPE = (1, 8, 8)
+DATA_RECORD = {
+    "dataset": "sklearn.datasets.load_digits",
+    "n": 1797,
+    "scaling": "x / 8 - 1",
+    "resolution": 8,
+}
 
 # Widths: channels per resolution (8x8, 4x4, 2x2); self-attention at 4x4 and 2x2.
 WIDTHS: dict[str, dict] = {
@@ -131,6 +138,98 @@ def edm_loss(
     return (f - target).square().mean()
 
 
+def fit(
+    net: UNet2DModel,
+    loss_fn: Callable[[UNet2DModel, torch.Tensor, torch.Generator], torch.Tensor],
+    data: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    iters: int,
+    batch: int,
+    lr: float,
+    ema_halflife: float,
+    max_minutes: float,
+    tag: str,
+    log_every: int = 200,
+) -> tuple[UNet2DModel, dict]:
+    """The training loop both digits zoos share: Adam, linear warm-up then cosine decay to 5%
+    over the larger of the iterations done and the CPU time used, gradient clipping at 1, an
+    EMA of the weights with a half-life in iterations.
+
+    ``loss_fn(net, x0 [batch, 1, 8, 8], gen)`` is the model's loss on a batch of digits drawn
+    from ``data`` with ``gen``. Returns the EMA network and the run's record (iterations, CPU
+    and wall minutes, final loss).
+    """
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    warmup = max(1, min(100, iters // 20))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    losses: list[float] = []
+    done = 0
+    for step in range(iters):
+        # Warm-up, then cosine decay to 5% of the peak over the run's progress: the larger of
+        # the iterations done and the CPU time used (so a time-bounded run still decays).
+        progress = max(step / iters, (time.process_time() - cpu_start) / (max_minutes * 60))
+        if progress >= 1.0:
+            print(f"[{tag}] stopping at step {step}: {max_minutes} CPU minutes used", flush=True)
+            break
+        frac = min(1.0, (step + 1) / warmup)
+        cos = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        for g in opt.param_groups:
+            g["lr"] = lr * frac * cos
+        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
+        loss = loss_fn(net, data[idx], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        # EMA with a half-life in iterations (shorter at the start).
+        decay = 0.5 ** (1.0 / max(1.0, min(ema_halflife, (step + 1) / 4)))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        losses.append(float(loss.detach()))
+        done = step + 1
+        elapsed = time.perf_counter() - start
+        if done % log_every == 0:
+            print(
+                f"[{tag}] step {done}/{iters} loss {np.mean(losses[-log_every:]):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min "
+                f"({(time.process_time() - cpu_start) / 60:.1f} CPU min)",
+                flush=True,
+            )
+    record = {
+        "iterations": done,
+        "planned_iterations": iters,
+        "batch": batch,
+        "lr": lr,
+        "ema_halflife_iters": ema_halflife,
+        "minutes": round((time.perf_counter() - start) / 60, 2),
+        "cpu_minutes": round((time.process_time() - cpu_start) / 60, 2),
+        "final_loss": float(np.mean(losses[-200:])),
+        "threads": 1,
+    }
+    return ema, record
+
+
+def load_stage(src: Path) -> tuple[UNet2DModel, list[dict]]:
+    """A saved model to continue training (another stage) and its earlier stages' records."""
+    net = UNet2DModel.from_pretrained(src, low_cpu_mem_usage=False).train()
+    prev = json.loads((src / "searchd.json").read_text())["training"]
+    return net, [*prev.pop("stages", []), prev]
+
+
+def stage_totals(record: dict, stages: list[dict]) -> dict:
+    """A training record with its earlier stages and the totals over all of them."""
+    return {
+        **record,
+        "stages": stages,
+        "total_cpu_minutes": round(record["cpu_minutes"]
+                                   + sum(st["cpu_minutes"] for st in stages), 2),
+        "total_iterations": record["iterations"] + sum(st["iterations"] for st in stages),
+    }
+
+
 def train_width(
     width: str,
     out_root: Path,
@@ -156,56 +255,22 @@ def train_width(
     data = digits_data()
     stages: list[dict] = []
     if init_from is not None:
-        src = init_from / f"digits-unet-{width}"
-        net = UNet2DModel.from_pretrained(src, low_cpu_mem_usage=False).train()
-        prev = json.loads((src / "searchd.json").read_text())["training"]
-        stages = [*prev.pop("stages", []), prev]
+        net, stages = load_stage(init_from / f"digits-unet-{width}")
     else:
         net = build_unet(width)
-    ema = copy.deepcopy(net).requires_grad_(False)
     param = EDMPreconditioned(SIGMA_DATA, C_NOISE_SCALE)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
-    warmup = max(1, min(100, iters // 20))
-    start, cpu_start = time.perf_counter(), time.process_time()
-    losses: list[float] = []
-    done = 0
-    for step in range(iters):
-        # Warm-up, then cosine decay to 5% of the peak over the run's progress: the larger of
-        # the iterations done and the CPU time used (so a time-bounded run still decays).
-        progress = max(step / iters, (time.process_time() - cpu_start) / (max_minutes * 60))
-        if progress >= 1.0:
-            print(f"[{width}] stopping at step {step}: {max_minutes} CPU minutes used", flush=True)
-            break
-        frac = min(1.0, (step + 1) / warmup)
-        cos = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-        for g in opt.param_groups:
-            g["lr"] = lr * frac * cos
-        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
-        loss = edm_loss(net, param, data[idx], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        # EMA with a half-life in iterations (shorter at the start).
-        decay = 0.5 ** (1.0 / max(1.0, min(ema_halflife, (step + 1) / 4)))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
-        losses.append(float(loss.detach()))
-        done = step + 1
-        elapsed = time.perf_counter() - start
-        if done % log_every == 0:
-            print(
-                f"[{width}] step {done}/{iters} loss {np.mean(losses[-log_every:]):.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min "
-                f"({(time.process_time() - cpu_start) / 60:.1f} CPU min)",
-                flush=True,
-            )
-    minutes = (time.perf_counter() - start) / 60
-    cpu_minutes = (time.process_time() - cpu_start) / 60
+
+    def loss_fn(n: UNet2DModel, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return edm_loss(n, param, x0, g)
+
+    ema, run = fit(net, loss_fn, data, gen, iters=iters, batch=batch, lr=lr,
+                   ema_halflife=ema_halflife, max_minutes=max_minutes, tag=width,
+                   log_every=log_every)
     out = out_root / f"digits-unet-{width}"
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out, safe_serialization=True)
+    run["seed"] = seed
+    run.update(p_mean=P_MEAN, p_std=P_STD)
     record = {
         "format": "searchd-digits-unet",
         "shape": list(SHAPE),
@@ -217,33 +282,13 @@ def train_width(
             "sigma_min": 0.002,
             "sigma_max": 80.0,
         },
-        "data": {
-            "dataset": "sklearn.datasets.load_digits",
-            "n": int(data.shape[0]),
-            "scaling": "x / 8 - 1",
-            "resolution": 8,
-        },
-        "training": {
-            "iterations": done,
-            "planned_iterations": iters,
-            "batch": batch,
-            "lr": lr,
-            "ema_halflife_iters": ema_halflife,
-            "seed": seed,
-            "p_mean": P_MEAN,
-            "p_std": P_STD,
-            "minutes": round(minutes, 2),
-            "cpu_minutes": round(cpu_minutes, 2),
-            "final_loss": float(np.mean(losses[-200:])),
-            "threads": 1,
-            "stages": stages,
-            "total_cpu_minutes": round(cpu_minutes + sum(st["cpu_minutes"] for st in stages), 2),
-            "total_iterations": done + sum(st["iterations"] for st in stages),
-        },
+        "data": DATA_RECORD,
+        "training": stage_totals(run, stages),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     (out / "searchd.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[{width}] saved to {out} ({done} steps, {minutes:.1f} min)", flush=True)
+    print(f"[{width}] saved to {out} ({run['iterations']} steps, {run['minutes']:.1f} min)",
+          flush=True)
     return record
 
 

@@ -60,9 +60,13 @@ class HeldoutScore:
         name: "searched" (the winner) or the baseline's name.
         candidate_id: the schedule's id.
         status: "ok" or "failed" (``error`` says why).
-        fid, fid_ci: the metric on the held-out samples and its bootstrap interval.
+        fid, fid_ci: held-out FID and its bootstrap interval (None when the table scores
+            another metric).
         diff, diff_ci: the paired difference against the best baseline and its interval.
         significant: the difference's interval excludes 0 (None: no difference).
+        metric: the table's metric: "fid", or "teacher_distance" (a run without reference
+            statistics).
+        value, ci: the table's metric on the held-out samples and its bootstrap interval.
     """
 
     name: str
@@ -74,6 +78,9 @@ class HeldoutScore:
     diff_ci: tuple[float, float] | None
     significant: bool | None
     error: str | None = None
+    metric: str = "fid"
+    value: float | None = None
+    ci: tuple[float, float] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HeldoutScore:
@@ -82,9 +89,11 @@ class HeldoutScore:
         def pair(v: Any) -> tuple[float, float] | None:
             return None if v is None else (float(v[0]), float(v[1]))
 
+        metric = str(d.get("metric") or "fid")  # runs written before the key: FID
         return cls(str(d.get("name")), str(d.get("candidate_id")), str(d.get("status")),
                    d.get("fid"), pair(d.get("fid_ci")), d.get("diff"), pair(d.get("diff_ci")),
-                   d.get("significant", significant(d)), d.get("error"))
+                   d.get("significant", significant(d)), d.get("error"), metric,
+                   d.get(metric), pair(d.get(f"{metric}_ci")))
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,14 @@ class SearchResult:
     files: Mapping[str, str] = field(default_factory=dict)
     best: Mapping[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        # The fields hold whole files (best.json): a REPL shows the gist, not a page of JSON.
+        value = "None" if self.value is None else f"{self.value:.6g}"
+        sid = self.schedule.id if self.schedule is not None else None
+        return (f"SearchResult(status={self.status!r}, run_id={self.run_id!r}, "
+                f"run_dir={self.run_dir!r}, schedule={sid!r}, {self.metric}={value}, "
+                f"evaluations={self.evaluations})")
+
     @classmethod
     def of_run(cls, run: RunDir, run_id: str, best: Mapping[str, Any] | None,
                metric: str, evaluations: int) -> SearchResult:
@@ -128,15 +145,20 @@ class SearchResult:
         if best is None:
             return cls("interrupted", run_id, run.uri, None, None, metric,
                        evaluations=evaluations, files=files)
-        held = tuple(HeldoutScore.from_dict(s) for s in best["heldout"]["scores"])
-        return cls("finished", run_id, run.uri, Schedule.from_dict(best["schedule"]),
-                   best["search"]["value"], best["search"]["metric"], held,
-                   best.get("best_baseline"), int(best["search"]["evaluations"]), files, best)
+        try:
+            held = tuple(HeldoutScore.from_dict(s) for s in best["heldout"]["scores"])
+            return cls("finished", run_id, run.uri, Schedule.from_dict(best["schedule"]),
+                       best["search"]["value"], best["search"]["metric"], held,
+                       best.get("best_baseline"), int(best["search"]["evaluations"]), files,
+                       best)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # not searchd's file
+            raise BadInput(f"{run.display(BEST_FILE)} is not a best.json that searchd wrote "
+                           f"({type(e).__name__}: {one_line(str(e))})") from None
 
     @property
     def heldout_value(self) -> float | None:
         """The winner's held-out value (None when interrupted or failed)."""
-        return self.heldout[0].fid if self.heldout else None
+        return self.heldout[0].value if self.heldout else None
 
 
 # search() -------------------------------------------------------------------------------------
@@ -270,6 +292,12 @@ class RunView:
     baseline_names: dict[str, str] = field(default_factory=dict)
     opened: str | RunDir = ""
 
+    def __repr__(self) -> str:
+        # The fields hold the whole run (every row, best.json): a REPL shows the gist.
+        return (f"RunView(uri={self.uri!r}, run_id={self.run_id!r}, state={self.state!r}, "
+                f"rows={len(self.rows)}, parts={self.n_parts}, bad_parts={len(self.bad_parts)}, "
+                f"best={'yes' if self.best else 'no'})")
+
     @property
     def metric(self) -> str:
         metrics = {r["metric"] for r in self.rows}
@@ -280,8 +308,13 @@ class RunView:
         return "value"
 
     def ok_rows(self) -> list[dict[str, Any]]:
-        """Scored candidates with a value, best first (ties by id, as the searchers rank)."""
-        ok = [r for r in self.rows if r["status"] == "ok" and r["value"] is not None]
+        """Scored candidates with a value, best first (ties by id, as the searchers rank);
+        the race's re-scorings on fresh seed blocks (``searchd.loop.racing``) are not
+        candidates of their own and are left out."""
+        from searchd.loop.racing import is_race_row
+
+        ok = [r for r in self.rows if r["status"] == "ok" and r["value"] is not None
+              and not is_race_row(r)]
         return sorted(ok, key=lambda r: ranking_key(r["value"], r["candidate_id"]))
 
     def baseline_rows(self) -> list[dict[str, Any]]:
@@ -296,11 +329,15 @@ class RunView:
 
         return rows_to_table(self.rows) if self.rows else empty_table()
 
-    def evaluations(self) -> list[tuple[Schedule, Any]]:
-        """Every scored candidate as the one result record: ``(Schedule, CandidateResult)``."""
+    def evaluations(self, race: bool = False) -> list[tuple[Schedule, Any]]:
+        """Every scored candidate as the one result record: ``(Schedule, CandidateResult)``.
+        ``race``: also the race's re-scorings of the top candidates on fresh seed blocks
+        (rows ``trial_id`` ``race/<block>/<rank>``, ``searchd.loop.racing``), which repeat
+        candidate ids."""
+        from searchd.loop.racing import is_race_row
         from searchd.loop.record import from_row
 
-        return [from_row(r, check_id=False) for r in self.rows]
+        return [from_row(r, check_id=False) for r in self.rows if race or not is_race_row(r)]
 
     def run_dir(self) -> RunDir:
         """The run directory, opened again (for writing plots beside it, say)."""

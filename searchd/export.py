@@ -42,7 +42,7 @@ import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,8 @@ class DiffusersExport:
             the schedule ends above 0 and the scheduler holds a VP or flow sample).
         step_kwargs: keywords for ``scheduler.step`` (LMS: ``order``); ``pin_schedule`` makes
             them the defaults.
+        guidance_scale: a guided schedule's one constant weight, for the pipeline's
+            ``guidance_scale`` (None: the schedule has no weights).
     """
 
     solver: str
@@ -157,6 +159,7 @@ class DiffusersExport:
     init_noise_sigma: float
     output_scale: float
     step_kwargs: dict[str, Any] = field(default_factory=dict)
+    guidance_scale: float | None = None
 
     @property
     def n_steps(self) -> int:
@@ -164,13 +167,14 @@ class DiffusersExport:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What a diffusers pipeline call takes to run these levels (with this scheduler)."""
+        g = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
         if self.route == "timesteps":
-            return {"timesteps": list(self.timesteps or ())}
+            return {"timesteps": list(self.timesteps or ()), **g}
         if self.route == "sigmas":
             # FlowMatch schedulers append the final 0 themselves; Euler takes it in the list.
             levels = self.sigmas[:-1] if self.flow else self.sigmas
-            return {"sigmas": list(levels)}
-        return {"num_inference_steps": self.n_steps}
+            return {"sigmas": list(levels), **g}
+        return {"num_inference_steps": self.n_steps, **g}
 
     def make_scheduler(self, config: Mapping[str, Any] | None = None) -> Any:
         """The configured scheduler, built from a model's scheduler ``config`` (e.g.
@@ -769,7 +773,8 @@ def usage_section(
     """``best.json``'s ``usage``: the schedule in every form, each usable as written.
 
     Keys: ``sigmas`` (full precision, with the final 0 if any), ``solver`` and
-    ``solver_options``, ``flow`` (levels exported in t), ``discrete`` (all levels on the
+    ``solver_options``, ``flow`` (levels exported in t), ``t`` (flow models only: the
+    levels in flow time ``t = sigma / (1 + sigma)``), ``discrete`` (all levels on the
     model's grid), ``diffusers`` (``DiffusersExport.to_dict()``, or ``{"error": ...}``
     naming the nearest counterpart), ``kdiffusion``, ``comfy``, and ``searchd`` (the lines
     that sample it with searchd itself).
@@ -783,7 +788,12 @@ def usage_section(
         "flow": bool(flow),
         "discrete": grid_indices(schedule.sigmas, sigma_grid) is not None,
     }
-    strategy = getattr(schedule, "strategy", None)
+    if flow:  # the levels in flow time, with the final 0: what flow users set (issue 20)
+        out["t"] = [float(x) for x in flow_time(schedule.sigmas)]
+    scale, refusal = guidance_scale(schedule.guidance)
+    if schedule.guidance is not None:
+        out["guidance"] = [float(w) for w in schedule.guidance]
+    strategy = schedule.strategy
     if strategy is not None:
         # A per-step strategy (searchd.solvers.strategy): no scheduler of these tools changes
         # its multistep order or corrector step by step as the strategy does.
@@ -797,10 +807,15 @@ def usage_section(
         out["diffusers"] = {"error": "a model schedule switches networks per step; diffusers "
                                      "schedulers drive one network (the levels are exported "
                                      "below)"}
+    elif refusal is not None:
+        out["diffusers"] = {"error": refusal}
     else:
         try:
-            out["diffusers"] = diffusers_export(schedule.sigmas, schedule.solver, options,
-                                                flow=flow, sigma_grid=sigma_grid).to_dict()
+            exp = diffusers_export(schedule.sigmas, schedule.solver, options, flow=flow,
+                                   sigma_grid=sigma_grid)
+            if scale is not None:
+                exp = replace(exp, guidance_scale=scale)
+            out["diffusers"] = exp.to_dict()
         except ExportError as e:
             out["diffusers"] = {"error": str(e)}
     if strategy is None:
@@ -808,15 +823,50 @@ def usage_section(
                                               flow=flow).to_dict()
         out["comfy"] = comfy_export(schedule.sigmas, schedule.solver, options,
                                     flow=flow).to_dict()
+        if schedule.guidance is not None:
+            say = (f"guidance: the sampler's CFG scale (cond_scale / cfg) = {_fmt(scale)}"
+                   if scale is not None else
+                   "guidance: these levels only; the per-step weights are not part of this "
+                   "form (its CFG wrappers take one scale): run them with searchd")
+            for key in ("kdiffusion", "comfy"):
+                out[key]["note"] = f"{out[key]['note']}; {say}"
     extra = "" if strategy is None else f", strategy={list(strategy)!r}"
+    g = "" if schedule.guidance is None else f", guidance={_fmt_list(schedule.guidance)}"
     out["searchd"] = {
         "code": ("from searchd.solvers import solve\n"
-                 f"x = solve(denoiser, noise, {_fmt_list(sig)}, solver={schedule.solver!r}"
-                 + extra
+                 + ("" if not g else "# cond={'sample_index': seeds} gives sample i the class "
+                    "(or prompt) seeds[i] mod C\n")
+                 + f"x = solve(denoiser, noise, {_fmt_list(sig)}, solver={schedule.solver!r}"
+                 + extra + g
                  + "".join(f", {k}={_fmt_value(v)}" for k, v in options.items()) + ")\n"),
         "command": "python -m searchd.sample --schedule best.json",
     }
     return out
+
+
+def guidance_scale(weights: Sequence[float] | np.ndarray | None
+                   ) -> tuple[float | None, str | None]:
+    """A guided schedule's diffusers ``guidance_scale``, or why there is none.
+
+    diffusers pipelines take one ``guidance_scale`` for every step and run the
+    unconditional branch only when it is above 1, so a schedule whose weights are one
+    constant w > 1 (or all 1: no guidance) is exact as ``guidance_scale = w``; per-step
+    weights, or a constant in [0, 1), are refused with the reason. Returns (scale, None),
+    (None, reason), or (None, None) without weights.
+    """
+    if weights is None:
+        return None, None
+    w = np.asarray(weights, dtype=np.float64)
+    if np.all(w == w[0]):
+        if w[0] == 1.0 or w[0] > 1.0:
+            return float(w[0]), None
+        return None, (f"constant guidance w = {_fmt(w[0])} below 1 has no diffusers pipeline "
+                      "form: pipelines guide only when guidance_scale > 1; run it with "
+                      "python -m searchd.sample --schedule best.json")
+    return None, ("per-step guidance weights have no diffusers pipeline form: a pipeline "
+                  "takes one guidance_scale for every step; run the schedule with python -m "
+                  "searchd.sample --schedule best.json or searchd.solvers.solve(..., "
+                  "guidance=...) (the levels alone are in the kdiffusion and comfy forms)")
 
 
 # What a run's model is, without loading it ----------------------------------------------------
@@ -939,8 +989,11 @@ def export_best(best: Mapping[str, Any], to: str, *, run_dir: Path | None = None
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}; allowed: {', '.join(TARGETS)}")
+    weights = best.get("guidance")
+    if weights is None and isinstance(best.get("schedule"), Mapping):
+        weights = best["schedule"].get("guidance")
     sched = Schedule(best["sigmas"], best.get("model_ids"), solver=str(best["solver"]),
-                     strategy=best.get("strategy"))
+                     strategy=best.get("strategy"), guidance=weights)
     usage = best.get("usage") if isinstance(best.get("usage"), Mapping) else {}
     options = dict(best.get("solver_options") or usage.get("solver_options") or {})
     if "flow" in usage:

@@ -16,7 +16,22 @@ not a simulation. Unset (the default), every hook is a dictionary lookup and not
   scoring start; if the batch's results reach the driver first, it is killed there, before
   storing them (``searchd.loop.hooks``);
 - ``after_generation``: the ``n``-th batch's rows and the searcher state after it are stored,
-  and the searcher has not yet learned of the results (the next generation is not built).
+  and the searcher has not yet learned of the results (the next generation is not built);
+- ``during_anchors``: the driver has asked the evaluators for the ``n``-th anchor schedule
+  (GITS, LD3: ``search.evolution.warm_start`` or a baseline family) and none is stored yet;
+- ``during_heldout``: the driver has asked an evaluator to re-score the winner and the
+  baselines on the held-out seeds (the search's rows are all stored; best.json is not);
+- ``during_race``: the race (``searchd.loop.racing``) has stored the rows of its ``n``-th
+  fresh seed block, and the later blocks are not scored yet.
+
+A kill anywhere in one of these windows leaves the run directory as the kill at its end does
+(nothing is written inside a window), so each point stands for its whole window.
+
+One point does not kill: ``disk_full`` makes the ``n``-th write to a local run directory,
+and every one after it in this process, fail with ``OSError(ENOSPC)`` once the data (or its
+first MiB) is in the temporary file, before the rename (what a full disk does to a write
+that needs one more block), so the run's own handling of a full disk (the error, the
+temporary removed, nothing half-written left under a final name) is what runs.
 
 Example: ``SEARCHD_FAULT=after_tmp_write:2 python -m searchd.search --config ...`` dies while
 writing the second evaluation part; ``python -m searchd.search --resume RUN_DIR`` then
@@ -28,6 +43,7 @@ This module imports only the standard library (``searchd.storage`` uses it).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -38,6 +54,10 @@ POINTS: dict[str, str] = {
     "after_tmp_write": "an evaluation part's temporary file is written, before its rename",
     "mid_generation": "an evaluator is scoring the n-th batch, none of its rows stored",
     "after_generation": "the n-th batch's rows and searcher state are stored",
+    "during_anchors": "the driver is waiting for the n-th anchor schedule (GITS, LD3)",
+    "during_heldout": "the driver is waiting for the held-out scores (n-th time)",
+    "during_race": "the race stored its n-th seed block's rows, later blocks not scored",
+    "disk_full": "the n-th local run-directory write and every later one fail with ENOSPC",
 }
 
 _hits: dict[str, int] = {}
@@ -83,6 +103,22 @@ def hit(point: str) -> None:
     _hits[point] = _hits.get(point, 0) + 1
     if _hits[point] == n:
         kill(point, n)
+
+
+def write_fails(path: str) -> None:
+    """Count one local write of ``path``; from the ``n``-th on (``disk_full:<n>``) raise
+    ``OSError(ENOSPC)`` as a full disk does. Nothing happens when ``disk_full`` is not armed."""
+    n = armed("disk_full")
+    if n is None:
+        return
+    _hits["disk_full"] = _hits.get("disk_full", 0) + 1
+    if _hits["disk_full"] >= n:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def reset() -> None:
+    """Forget the counts (a test that arms a point again in the same process)."""
+    _hits.clear()
 
 
 def kill(point: str, n: int, detail: str | None = None) -> None:

@@ -152,31 +152,41 @@ def _baselines(rep: RunView) -> list[str]:
 def _heldout(rep: RunView) -> list[str]:
     if not rep.best:
         return ["Held-out scores: none yet (best.json is written when the search ends)"]
-    metric = rep.metric
     ho = rep.best.get("heldout", {})
+    metric = ho.get("metric", "fid")  # the table's metric (runs written before the key: FID)
     level = int(round(100 * float(ho.get("level", 0.95))))
-    out = [f"Held-out scores ({ho.get('n_samples')} samples, seeds from {ho.get('seed_base')}, "
-           f"{level}% bootstrap CIs; differences paired against "
+    out = [f"Held-out scores, {metric} ({ho.get('n_samples')} samples, seeds from "
+           f"{ho.get('seed_base')}, {level}% bootstrap CIs; differences paired against "
            f"{rep.best.get('best_baseline')})"]
-    lines = []
-    for s in ho.get("scores", []):
-        ci = s.get(f"{metric}_ci")
-        dci = s.get("diff_ci")
-        sig = significant(s) if s.get("name") != rep.best.get("best_baseline") else None
-        lines.append([
-            s.get("name"), s.get("candidate_id"), s.get("status"), s.get(metric),
-            None if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]", s.get("diff"),
-            None if not dci else f"[{dci[0]:+.4g}, {dci[1]:+.4g}]",
-            None if sig is None else ("yes" if sig else "no (CI contains 0)"),
-        ])
-    out.append(_table(["schedule", "candidate", "status", metric, "CI", "diff", "diff CI",
-                       "significant"], lines))
+    out.append(_heldout_table(rep, ho.get("scores", []), metric, "diff"))
+    if metric != "teacher_distance" and any("teacher_distance" in s for s in ho.get("scores", [])):
+        out.append("Held-out teacher_distance (the searched metric; same samples and resamples)")
+        out.append(_heldout_table(rep, ho["scores"], "teacher_distance", "teacher_distance_diff"))
     out.append(f"best schedule: {rep.best.get('solver')}, sigmas "
                + json.dumps(rep.best.get("sigmas")))
     ad = rep.best.get("adaptive")
     if ad:
         out.extend(["", *_adaptive_lines(ad)])
     return out
+
+
+def _heldout_table(rep: RunView, scores: Sequence[Mapping[str, Any]], metric: str,
+                   diff: str) -> str:
+    """The held-out rows' ``metric`` with its interval and the paired difference ``diff``."""
+    lines = []
+    for s in scores:
+        ci = s.get(f"{metric}_ci")
+        dci = s.get(f"{diff}_ci")
+        base = s.get("name") == rep.best.get("best_baseline")
+        sig = None if base else significant(s, f"{diff}_ci")
+        lines.append([
+            s.get("name"), s.get("candidate_id"), s.get("status"), s.get(metric),
+            None if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]", s.get(diff),
+            None if not dci else f"[{dci[0]:+.4g}, {dci[1]:+.4g}]",
+            None if sig is None else ("yes" if sig else "no (CI contains 0)"),
+        ])
+    return _table(["schedule", "candidate", "status", metric, "CI", "diff", "diff CI",
+                   "significant"], lines)
 
 
 def _failures(rep: RunView) -> list[str]:

@@ -1,11 +1,12 @@
 """``python -m searchd.sample``: sample a model with one solver and one schedule.
 
 The schedule is a baseline family (``--schedule polynomial --nfe 6``), a searched schedule
-(``--schedule runs/x/best.json``: its levels, solver and model), or levels given on the
-command line (``--sigmas 80,3.1,0.9,0.2,0``). Writes a PNG grid of the samples and prints the
-NFE spent and, for models with exact samples (the embedded Gaussian mixtures), the
-pixel-space Frechet distance against as many exact samples, with the floor (the same
-distance between two independent exact sets).
+(``--schedule runs/x/best.json``: its levels, solver, model and guidance weights), or levels
+given on the command line (``--sigmas 80,3.1,0.9,0.2,0``, optionally ``--guidance 1,2,2,1``).
+A conditional model's sample i gets class (or prompt) ``seed mod C``, as in a search.
+Writes a PNG grid of the samples and prints the NFE spent and, for models with exact samples
+(the embedded Gaussian mixtures), the pixel-space Frechet distance against as many exact
+samples, with the floor (the same distance between two independent exact sets).
 
     python -m searchd.sample --model gmm-digits-k64 --solver dpmpp_2m --schedule polynomial \\
         --nfe 6 --out grid.png
@@ -67,15 +68,21 @@ def frechet_distance_pixels(a: Tensor, b: Tensor) -> float:
 
 def generate(
     den: Denoiser, solver: str, sigmas: np.ndarray, seeds: Sequence[int] | range,
-    strategy: Sequence[str] | None = None, **opts
+    guidance: np.ndarray | None = None, strategy: Sequence[str] | None = None, **opts
 ) -> Tensor:
-    """Samples [len(seeds), *shape] of ``den`` along ``sigmas`` [N+1], noise per seed
-    (``strategy``: the solver's variant per step, ``searchd.solvers.strategy``)."""
+    """Samples [len(seeds), *shape] of ``den`` along ``sigmas`` [N+1], noise per seed; a
+    conditional model's row i gets the class or prompt of ``seeds[i]``, and ``guidance``
+    [N] (None: the model as loaded) the weight of each step; ``strategy``: the solver's
+    variant per step (``searchd.solvers.strategy``), or None."""
+    from searchd.models.conditional import row_conditioning
+
     dtype = getattr(den, "dtype", torch.float32)
     device = getattr(den, "device", "cpu")
     noise = make_noise(seeds, tuple(den.shape), device=device, dtype=dtype)
+    g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float64)
     return solve(den, noise, torch.as_tensor(sigmas, dtype=torch.float64), solver=solver,
-                 strategy=strategy, **opts)
+                 guidance=g, cond=row_conditioning(den, list(seeds)), strategy=strategy,
+                 **opts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sigmas", default=None,
                    help="explicit noise levels, comma-separated and decreasing, e.g. "
                    "80,3.1,0.9,0.2,0 (a final 0 makes the last step denoise)")
+    p.add_argument("--guidance", default=None,
+                   help="classifier-free guidance weight per step, comma-separated (one "
+                   "value: every step), e.g. 1,2,2,1; a conditional model only (default: "
+                   "best.json's weights, else the model as loaded)")
     p.add_argument("--rho", type=float, default=None, help="rho of the polynomial family")
     p.add_argument("--nfe", type=int, default=None,
                    help="NFE budget of a baseline family (default: 10)")
@@ -133,6 +144,26 @@ def parse_sigmas(text: str) -> np.ndarray:
         raise ValueError(f"--sigmas: {e}") from None
 
 
+def parse_guidance(text: str, n_steps: int) -> np.ndarray:
+    """``--guidance 1,2,2,1`` (or one value for every step): float64 weights [N];
+    ``ValueError`` naming the bad entry."""
+    from searchd.schedule import validate_guidance
+
+    vals = []
+    for i, p in enumerate(t.strip() for t in text.split(",")):
+        try:
+            vals.append(float(p))
+        except ValueError:
+            raise ValueError(f"--guidance entry {i} = {p!r} is not a number; give one weight "
+                             "per step (or one for all), e.g. 1,2,2,1") from None
+    if len(vals) == 1:
+        vals = vals * n_steps
+    try:
+        return np.array(validate_guidance(vals, n_steps))
+    except ValueError as e:
+        raise ValueError(f"--guidance: {e}") from None
+
+
 def explicit_schedule(args: argparse.Namespace) -> dict | None:
     """The schedule given by ``--sigmas`` or ``--schedule FILE`` (levels, solver, options,
     model, label), or None for a baseline family. ``ValueError`` for conflicting options or
@@ -150,7 +181,7 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
                              "the steps")
     if args.sigmas is not None:
         return {"sigmas": parse_sigmas(args.sigmas), "solver": args.solver or "dpmpp_2m",
-                "options": {}, "model": args.model, "label": "given"}
+                "options": {}, "model": args.model, "label": "given", "guidance": None}
     from searchd.export import load_best
 
     best = load_best(args.schedule)
@@ -169,9 +200,12 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
         if model not in known_models():
             raise ValueError(f"{args.schedule}: its model {model!r} is not a zoo name; give "
                              "--model")
+    sched = best.get("schedule") if isinstance(best.get("schedule"), dict) else {}
+    weights = best.get("guidance", sched.get("guidance"))
     return {"sigmas": np.array(validate_sigmas(best["sigmas"])), "solver": solver,
             "options": options, "model": model, "label": args.schedule,
-            "strategy": strategy}
+            "strategy": strategy,
+            "guidance": None if weights is None else np.asarray(weights, dtype=np.float64)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +275,7 @@ def _run(args: Any) -> int:
     budget = 10 if args.nfe is None else args.nfe
     options: dict = {}
     strategy = None if given is None else given.get("strategy")
+    guidance = None if given is None else given["guidance"]
     try:
         if given is None:
             steps = steps_for_budget(args.solver, budget)
@@ -251,14 +286,26 @@ def _run(args: Any) -> int:
             validate_sigmas(sigmas, den.sigma_min, den.sigma_max)
             SOLVERS[args.solver].resolve(options)
             budget = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
+        if args.guidance is not None:
+            guidance = parse_guidance(args.guidance, steps)
+        if guidance is not None:
+            from searchd.schedule import validate_guidance
+
+            validate_guidance(guidance, steps)
     except ValueError as e:
         return _fail(str(e))
+    from searchd.models.conditional import supports_guidance
+
+    if guidance is not None and not supports_guidance(den):
+        return _fail(f"model {args.model!r} takes no guidance weights (it is not class- or "
+                     "text-conditional with an unconditional mode); drop --guidance or give "
+                     "--model gmm-digits-cond / digits-unet-cond-s")
     spent = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
 
     t0 = time.perf_counter()
     try:
-        x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), strategy,
-                     **options)
+        x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), guidance,
+                     strategy, **options)
     except ValueError as e:  # a strategy that does not fit the schedule
         return _fail(str(e))
     seconds = time.perf_counter() - t0
@@ -269,6 +316,12 @@ def _run(args: Any) -> int:
     print("sigmas " + " ".join(f"{s:.4g}" for s in sigmas))
     if strategy is not None:
         print("strategy " + " ".join(strategy))
+    if guidance is not None:
+        from searchd.solvers import network_calls
+
+        calls = network_calls(args.solver, steps, bool(sigmas[-1] == 0), guidance)
+        print("guidance " + " ".join(f"{w:.4g}" for w in guidance)
+              + f"  network calls {calls} (a step at w != 1 calls the model twice)")
     print(f"sampling {seconds:.2f} s ({args.n / seconds:.0f} samples/s)")
 
     sample_data = getattr(den, "sample_data", None)

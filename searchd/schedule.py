@@ -2,7 +2,10 @@
 
 A timestep schedule of N steps is a strictly decreasing float64 array of N+1 noise levels.
 Its last entry is either 0 (the last step denoises) or a level > 0 at which the sample is
-taken as it stands. A model schedule gives the zoo member used at each of the N steps.
+taken as it stands. A model schedule gives the zoo member used at each of the N steps. A
+guidance schedule gives the classifier-free guidance weight w of each of the N steps
+(``u + w (c - u)``; w = 1 is the conditional model alone, and a step with w = 1 makes no
+unconditional call); a schedule without one runs the model as it was loaded.
 """
 
 from __future__ import annotations
@@ -101,18 +104,39 @@ def _strategy_of(value: Any) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def validate_guidance(guidance: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:
+    """Check a guidance schedule (one finite weight >= 0 per step) against N steps and
+    return it as a read-only float64 array [N]."""
+    arr = np.array(guidance, dtype=np.float64)
+    if arr.ndim != 1 or arr.size != n_steps:
+        raise ValueError(
+            f"guidance has shape {arr.shape}; expected ({n_steps},), one weight per step"
+        )
+    for i, w in enumerate(arr.tolist()):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(
+                f"guidance[{i}] = {w!r}; guidance weights must be finite and >= 0 "
+                "(1: conditional only, no guidance)"
+            )
+    arr.setflags(write=False)
+    return arr
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
-    """One candidate: noise levels, optional model per step, and the solver that runs it.
+    """One candidate: noise levels, optional model and guidance weight per step, and the
+    solver that runs it.
 
     ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
     not part of the identity: two schedules with the same sigmas (to a relative 1e-9),
-    models and solver are the same candidate and have the same ``id``.
+    models, guidance, strategy and solver are the same candidate and have the same ``id``.
+    ``guidance`` (float64 [N] or None) is part of the identity only when present, so every
+    schedule without it keeps the id it always had.
 
     ``strategy``: None (the solver's own per-step rule), or the solver's variant per step,
     one code per step (``searchd.solvers.strategy``: ``"1"``, ``"2"``, ``"3"``, ``"2c"``),
-    stored in canonical form; it is part of the identity (a schedule without one keeps the
-    id it always had).
+    stored in canonical form; like ``guidance`` it is part of the identity only when present.
+    A schedule may carry both.
     """
 
     sigmas: np.ndarray
@@ -120,6 +144,7 @@ class Schedule:
     solver: str = "dpmpp_2m"
     meta: Mapping[str, Any] = field(default_factory=dict)
     strategy: tuple[str, ...] | None = None
+    guidance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sig = validate_sigmas(self.sigmas)
@@ -127,6 +152,8 @@ class Schedule:
         if self.model_ids is not None:
             ids = validate_model_ids(self.model_ids, sig.size - 1)
             object.__setattr__(self, "model_ids", ids)
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", validate_guidance(self.guidance, sig.size - 1))
         if not isinstance(self.solver, str) or not self.solver:
             raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
         object.__setattr__(self, "meta", dict(self.meta))
@@ -144,6 +171,12 @@ class Schedule:
     @property
     def final_zero(self) -> bool:
         return bool(self.sigmas[-1] == 0.0)
+
+    @property
+    def guided_steps(self) -> np.ndarray | None:
+        """Which steps call the unconditional model too (w != 1), bool [N]; None without a
+        guidance schedule."""
+        return None if self.guidance is None else self.guidance != 1.0
 
     def check_range(self, sigma_min: float, sigma_max: float) -> Schedule:
         """Validate against a model's noise range; returns self for chaining."""
@@ -164,11 +197,13 @@ class Schedule:
     # Identity -----------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Content hash of (sigmas, model_ids, solver): the candidate's id everywhere.
+        """Content hash of (sigmas, model_ids, strategy, guidance, solver): the candidate's
+        id everywhere (strategy and guidance only when present).
 
-        The sigmas are hashed as ``canonical_sigmas`` (rounded to a relative 2**-30), so two
-        schedules that differ only by floating-point noise (a parameter vector decoded
-        twice, a crossover that reproduces a parent) are one candidate, scored once.
+        The sigmas (and guidance weights) are hashed as ``canonical_sigmas`` (rounded to a
+        relative 2**-30), so two schedules that differ only by floating-point noise (a
+        parameter vector decoded twice, a crossover that reproduces a parent) are one
+        candidate, scored once.
         """
         h = hashlib.sha256()
         h.update(self.solver.encode())
@@ -180,6 +215,9 @@ class Schedule:
         if self.strategy is not None:
             h.update(b"|k|")
             h.update(",".join(self.strategy).encode())
+        if self.guidance is not None:
+            h.update(b"|g|")
+            h.update(np.ascontiguousarray(canonical_sigmas(self.guidance), dtype="<f8").tobytes())
         return h.hexdigest()[:HASH_CHARS]
 
     def __hash__(self) -> int:
@@ -192,13 +230,18 @@ class Schedule:
         sig = ", ".join(f"{s:.4g}" for s in self.sigmas)
         ids = "" if self.model_ids is None else f", model_ids={self.model_ids.tolist()}"
         strat = "" if self.strategy is None else f", strategy={list(self.strategy)}"
-        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{strat})"
+        g = (
+            ""
+            if self.guidance is None
+            else ", guidance=[" + ", ".join(f"{w:.4g}" for w in self.guidance) + "]"
+        )
+        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{strat}{g})"
 
     # Serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form; floats are written with ``repr`` precision, so it round-trips.
-        ``strategy`` is present only where the schedule has one."""
-        out = {
+        ``strategy`` and ``guidance`` appear only when the schedule has them."""
+        d = {
             "id": self.id,
             "sigmas": [float(s) for s in self.sigmas],
             "model_ids": None if self.model_ids is None else [int(m) for m in self.model_ids],
@@ -206,8 +249,10 @@ class Schedule:
             "meta": dict(self.meta),
         }
         if self.strategy is not None:
-            out["strategy"] = list(self.strategy)
-        return out
+            d["strategy"] = list(self.strategy)
+        if self.guidance is not None:
+            d["guidance"] = [float(w) for w in self.guidance]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
@@ -217,6 +262,7 @@ class Schedule:
             solver=d.get("solver", "dpmpp_2m"),
             meta=d.get("meta") or {},
             strategy=_strategy_of(d.get("strategy")),
+            guidance=None if d.get("guidance") is None else np.asarray(d["guidance"]),
         )
         if "id" in d and d["id"] != s.id:
             raise ValueError(f"schedule id {d['id']!r} does not match its content ({s.id})")

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
                    help="ray: Ray Tune and evaluator actors (default); local: this process")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="load models whose loading runs code from their file (an EDM pickle, a generic "
+        "entry point): sets model.trust_remote_code; only for files you trust",
+    )
     return p
 
 
@@ -79,6 +84,8 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInput("give --config FILE (for example configs/quickstart.yaml) or --resume")
     if args.force and not args.resume:
         raise BadInput("--force goes with --resume")
+    if args.trust_remote_code:
+        args.overrides = [*args.overrides, "model.trust_remote_code=true"]
     if args.print_config:
         if args.resume:
             raise BadInput("--print-config shows a configuration file's: give --config")

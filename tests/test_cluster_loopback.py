@@ -297,6 +297,43 @@ def test_stopped_job_resumes_with_every_evaluation_once(search: dict[str, Any]) 
     assert best["search"]["value"] == min(r["value"] for r in rows)
 
 
+def test_a_job_submit_without_the_token_is_refused(cluster: LoopbackCluster,
+                                                   tmp_path: Path) -> None:
+    """Token authentication is on: ``ray job submit`` with no token, or another one, is
+    refused and no job is made; the dashboard's HTTP API answers 401 without the header."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    (tmp_path / "job").mkdir()
+    clients = {
+        "no token file": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")},
+        "another token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)},
+        "auth mode off": {},
+    }
+    for what, extra in clients.items():
+        env = {k: v for k, v in cluster.env.items()
+               if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+        env.update(extra, HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+        job_id = f"refused-{what.replace(' ', '-')}"
+        done = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+             cluster.dashboard_url, "--submission-id", job_id, "--no-wait", "--working-dir",
+             str(tmp_path / "job"), "--", "python", "-c", "print(1)"],
+            env=env, capture_output=True, text=True, timeout=120)
+        out = (done.stdout + done.stderr).lower()
+        assert done.returncode != 0, (what, out[-2000:])
+        assert "401" in out or "unauthorized" in out or "token" in out, (what, out[-2000:])
+        with pytest.raises(urllib.error.HTTPError):  # the authorized API knows no such job
+            cluster.job(job_id)
+    req = urllib.request.Request(cluster.dashboard_url + "/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code in (401, 403)
+
+
 def ray_node_of(value: str, node_ids: list[str]) -> str | None:
     """The Ray node id that a ``node`` column value names: the id itself, a prefix of it of 8+
     hex digits, or a value containing either (``host/<id>``)."""

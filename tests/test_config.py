@@ -118,7 +118,7 @@ def test_bad_override_keys_name_the_key_and_the_allowed_keys(override, expected)
     ("solver.options={order: 9}", "solver.options", "{'order': 9}", "allowed options: none"),
     ("search.bayes.sampler=cmaes", "search.bayes.sampler", "'cmaes'", "'tpe' or 'gp'"),
     ("solver.name=rk4", "solver.name", "'rk4'", "dpmpp_2m"),
-    ("space.warp=linear", "space.warp", "'linear'", "'logsnr' or 'rho'"),
+    ("space.warp=linear", "space.warp", "'linear'", "'logsnr', 'rho' or 'flow'"),
     ("space.gap_ratio=0.5", "space.gap_ratio", "0.5", "greater than 1"),
     ("search.evolution.m_prob=1.5", "search.evolution.m_prob", "1.5", "less than or equal to 1"),
     ("search.evolution.select_num=40", "search.evolution.select_num", "40",
@@ -320,3 +320,24 @@ def test_search_config_schema_forbids_extra_keys_everywhere():
     models = set(walk(SearchConfig))
     assert len(models) >= 12
     assert all(m.model_config.get("extra") == "forbid" for m in models)
+
+
+def test_steps_for_nfe_is_the_most_steps_that_fit_for_every_solver():
+    """The bisection against the definition: the largest n whose cost fits in nfe."""
+    from searchd.config.schema import solver_nfe, steps_for_nfe
+    from searchd.solvers import SOLVERS
+
+    for solver in SOLVERS:
+        for final_zero in (True, False):
+            for nfe in range(1, 61):
+                fits = [n for n in range(1, nfe + 1) if solver_nfe(solver, n, final_zero) <= nfe]
+                assert steps_for_nfe(solver, nfe, final_zero) == (max(fits) if fits else None)
+
+
+def test_a_huge_nfe_is_refused_at_once_on_one_line(capsys):
+    """nfe = 10**9 once made the steps' resolution loop for minutes (found by the fuzzer)."""
+    from searchd.search import main
+
+    assert main(["--config", str(QUICKSTART), "--set", "nfe=1000000000", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nfe: got 1000000000" in err and "1000" in err

@@ -111,6 +111,27 @@ def test_heldout_scores_with_paired_differences():
         heldout_scores(ev, scheds, range(900, 1100), search_seeds=range(0, 1000))
 
 
+def test_heldout_parts_on_several_workers_equal_one_pass():
+    """The held-out phase split over workers (``heldout_part`` per group of schedules,
+    ``combine_parts`` in the driver) gives bitwise the values of ``heldout_scores`` on one
+    evaluator; a failed schedule stays failed with its reason."""
+    from searchd.evaluation.heldout import combine_parts, heldout_part
+
+    den = Gaussian()
+    ev = Evaluator(den, "pixels", None, metrics=("teacher_distance",))
+    ev_ref = compute_reference([den.sample(2000, 0)], ev.features, {"source": "gaussian"})
+    ev = Evaluator(den, "pixels", ev_ref, batch_size=150)  # chunks cross schedules
+    scheds = [Schedule(baseline("polynomial", 4, 0.002, 80.0, rho=r)) for r in (7.0, 6.0, 2.0)]
+    bad = Schedule([200.0, 1.0, 0.0])  # above the model's sigma_max: fails alone
+    seeds = range(5000, 5400)
+    whole = heldout_scores(ev, [*scheds, bad], seeds, baseline_index=1, resamples=120)
+    parts = heldout_part(ev, scheds[:1], seeds, resamples=120) + \
+        heldout_part(ev, [scheds[1]], seeds, resamples=120) + \
+        heldout_part(ev, [scheds[2], bad], seeds, resamples=120)
+    assert combine_parts(parts, seeds, baseline_index=1, resamples=120) == whole
+    assert whole["scores"][3]["status"] == "failed" and "invalid" in whole["scores"][3]["error"]
+
+
 @pytest.mark.parametrize("outer_elements", [1 << 22, 40])
 @pytest.mark.parametrize("max_dim", [256, 0])
 def test_weighted_grams_equal_the_direct_products(monkeypatch, outer_elements, max_dim):

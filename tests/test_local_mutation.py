@@ -6,6 +6,8 @@ continuous space's cube decodes back from its parameters to itself.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,86 @@ class _Other:
 
     def check(self, schedule: Schedule) -> Schedule:
         return self.inner.check(schedule)
+
+
+# The option in a search: search.evolution.mutation ------------------------------------------
+def test_mutation_level_in_a_search_moves_one_level_and_shares_prefixes(tmp_path):
+    """``search.evolution.mutation: level`` reaches the evolution (each mutant moves exactly
+    one level of its parent) and the evaluators (the prefix tree, whose values are those of
+    each candidate alone: the rows' values equal a plain evaluator's)."""
+    import searchd
+    from searchd.config import load_config
+    from searchd.evaluation.reference import ReferenceStats
+    from searchd.loop.factory import EvaluatorFactory
+    from searchd.loop.stages import _evaluator_options
+    from searchd.storage import RunDir, table_to_rows
+    from tests.test_api import QUICK, TINY
+
+    sets = [*TINY, "search.evolution.mutation=level", "search.evolution.mutation_num=2",
+            "search.evolution.crossover_num=0", "search.evolution.generations=3",
+            "search.predictor.enabled=false"]
+    assert _evaluator_options(load_config(str(QUICK), sets)) == {"prefix_sharing": True}
+    assert _evaluator_options(load_config(str(QUICK), TINY)) == {}
+    run = tmp_path / "level"
+    searchd.search(str(QUICK), sets, run_dir=str(run), engine="local")
+    rows = table_to_rows(RunDir(str(run)).read_evaluations())
+    by_id = {r["candidate_id"]: r for r in rows}
+    mutants = [r for r in rows if r["origin"] == "mutation"]
+    assert mutants
+    for r in mutants:
+        parent = np.asarray(by_id[r["parent_ids"][0]]["sigmas"])
+        moved = np.asarray(r["sigmas"]) != parent
+        assert moved.sum() == 1, (r["sigmas"], parent)
+    ref = ReferenceStats.from_bytes((run / "reference.npz").read_bytes()).to_dict()
+    plain = EvaluatorFactory(load_config(str(QUICK), sets).resolve(), ref)()
+    seeds = range(int(rows[0]["seed_base"]), int(rows[0]["seed_base"]) + 100)
+    for r, res in zip(rows, plain.evaluate([Schedule.from_dict(json.loads(r["schedule"]))
+                                            for r in rows], seeds)):
+        assert res.metrics["fid"] == pytest.approx(r["value"], rel=1e-5)
+
+
+def test_mutation_misspelt_is_refused():
+    from searchd.config import ConfigError, load_config
+    from tests.test_api import QUICK
+
+    with pytest.raises(ConfigError, match="search.evolution.mutation"):
+        load_config(str(QUICK), ["search.evolution.mutation=levels"])
+    with pytest.raises(ValueError, match="mutation = 'one'"):
+        from searchd.searchers.evolution import EvolutionSearcher
+
+        EvolutionSearcher(ContinuousSpace(4, 0.002, 80.0, True), mutation="one")
+
+
+def test_prefix_order_keeps_shared_leading_levels_together():
+    from searchd.distributed.pool import prefix_order
+
+    a = Schedule([80.0, 10.0, 1.0, 0.0])
+    b = Schedule([80.0, 5.0, 1.0, 0.0])
+    c = Schedule([80.0, 10.0, 2.0, 0.0])
+    d = Schedule([60.0, 10.0, 1.0, 0.0])
+    order = prefix_order([a, b, c, d.to_dict()])
+    assert order == [3, 1, 0, 2]  # 60..., then 80/5, then 80/10/1 next to 80/10/2
+
+
+def test_a_run_from_before_the_key_resumes(tmp_path):
+    """A run recorded before ``search.evolution.mutation`` existed is not refused on resume
+    (the new key at its default is no change); a real change still is."""
+    import yaml
+
+    import searchd
+    from searchd.loop.runs import BadInput
+    from tests.test_api import QUICK, TINY
+
+    run = tmp_path / "old"
+    searchd.search(str(QUICK), TINY, run_dir=str(run), engine="local")
+    meta = json.loads((run / "run.json").read_text())
+    del meta["config"]["search"]["evolution"]["mutation"]
+    (run / "run.json").write_text(json.dumps(meta))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["search"]["evolution"]["mutation"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    again = searchd.search(str(QUICK), TINY, run_dir=str(run), resume=True, engine="local")
+    assert again.status == "finished"
+    with pytest.raises(BadInput, match="search.evolution.mutation"):
+        searchd.search(str(QUICK), [*TINY, "search.evolution.mutation=level"],
+                       run_dir=str(run), resume=True, engine="local")

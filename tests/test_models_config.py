@@ -125,7 +125,7 @@ def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "searchd.search", "--config", "configs/quickstart.yaml",
          "--set", f"model.name=edm:{bad}", "--set", "workers.num_workers=1",
-         "--run-dir", str(tmp_path / "run"), "--quiet"],
+         "--run-dir", str(tmp_path / "run"), "--quiet", "--trust-remote-code"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     err = p.stderr.strip()
@@ -136,7 +136,7 @@ def test_model_that_fails_to_load_in_the_worker_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["cifar10-edm", "ddpm-cifar10", "sd15"])
+@pytest.mark.parametrize("name", ["cifar10-edm", "ddpm-cifar10", "sd15", "sd3"])
 def test_real_checkpoint_configs_validate_without_weights(name, tmp_path, monkeypatch):
     # The validator checks that a reference file exists: stand in empty files for the
     # downloads the comments describe, in a scratch working directory.

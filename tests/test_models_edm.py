@@ -68,7 +68,7 @@ def write_snapshot(path, net: nn.Module) -> None:
 def test_unconditional_pickle_is_the_network_itself(tmp_path):
     net = MiniEDMPrecond()
     write_snapshot(tmp_path / "net.pkl", net)
-    den = load_edm(tmp_path / "net.pkl")
+    den = load_edm(tmp_path / "net.pkl", trust_remote_code=True)
     assert den.shape == (3, 8, 8) and den.sigma_min == 0.002 and den.sigma_max == 80.0
     assert den.sigma_grid is None and den.decode is None
     x = torch.randn(4, 3, 8, 8) * 5
@@ -89,10 +89,10 @@ def test_class_conditional_pickle_gets_one_hot_labels_in_turn_and_guidance(tmp_p
 
     class Spec:
         name, kind, path = "mini", "edm", str(tmp_path / "cond.pkl")
-        options = {"guidance_scale": 2.0}
+        options = {"guidance_scale": 2.0, "trust_remote_code": True}
 
     guided = load_spec(Spec())
-    plain = load_edm(tmp_path / "cond.pkl")
+    plain = load_edm(tmp_path / "cond.pkl", trust_remote_code=True)
     assert guided.cost == 2.0 and plain.cost == 1.0
     x = torch.randn(6, 3, 8, 8)
     s = torch.full((6,), 1.5)
@@ -101,7 +101,7 @@ def test_class_conditional_pickle_gets_one_hot_labels_in_turn_and_guidance(tmp_p
         c, u = net(x, s, onehot), net(x, s, torch.zeros(6, 4))
     torch.testing.assert_close(plain(x, s), c)
     torch.testing.assert_close(guided(x, s), u + 2.0 * (c - u), rtol=1e-5, atol=1e-5)
-    fixed = load_edm(tmp_path / "cond.pkl", labels=[3])
+    fixed = load_edm(tmp_path / "cond.pkl", labels=[3], trust_remote_code=True)
     with torch.no_grad():
         torch.testing.assert_close(fixed(x, s), net(x, s, torch.eye(4)[[3] * 6]))
 
@@ -122,8 +122,8 @@ def test_missing_nvlabs_code_says_what_to_install(tmp_path):
 
 def test_bad_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        load_edm(tmp_path / "missing.pkl")
+        load_edm(tmp_path / "missing.pkl", trust_remote_code=True)
     with open(tmp_path / "nomodule.pkl", "wb") as f:
         pickle.dump({"ema_typo": MiniEDMPrecond()}, f)
     with pytest.raises(ValueError, match="no torch module under 'ema'"):
-        load_edm(tmp_path / "nomodule.pkl")
+        load_edm(tmp_path / "nomodule.pkl", trust_remote_code=True)

@@ -184,8 +184,8 @@ ENTRY = textwrap.dedent('''
 def test_entry_point_covers_iddpm_with_its_grid_and_learned_variance(tmp_path, monkeypatch):
     (tmp_path / "my_iddpm.py").write_text(ENTRY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    den = load_entry_point("my_iddpm:build", {"args": {"width": 3}})
-    by_file = load_entry_point(f"{tmp_path / 'my_iddpm.py'}:build")
+    den = load_entry_point("my_iddpm:build", {"args": {"width": 3}}, trust_remote_code=True)
+    by_file = load_entry_point(f"{tmp_path / 'my_iddpm.py'}:build", trust_remote_code=True)
     assert den.shape == (1, 8, 8) and den.module.width == 3
     np.testing.assert_allclose(den.sigma_grid.numpy(), iddpm_cosine_grid(4000), rtol=1e-9)
     idx = torch.tensor([0, 1000, 3999])
@@ -196,13 +196,14 @@ def test_entry_point_covers_iddpm_with_its_grid_and_learned_variance(tmp_path, m
     torch.testing.assert_close(den(x, s), x - col(s) * eps, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(by_file(x, s), den(x, s))
     with pytest.raises(ValueError, match="must return"):
-        load_entry_point("my_iddpm:wrong")
+        load_entry_point("my_iddpm:wrong", trust_remote_code=True)
     with pytest.raises(ValueError, match="module:function"):
-        load_entry_point("my_iddpm")
+        load_entry_point("my_iddpm", trust_remote_code=True)
 
     class Spec:
         name, kind, path = "iddpm", "generic", "my_iddpm:build"
-        options = {"parameterization": {"time_scale": 1.0}, "runtime": {"batch_size": 2}}
+        options = {"parameterization": {"time_scale": 1.0}, "runtime": {"batch_size": 2},
+                   "trust_remote_code": True}
 
     spec_den = load_spec(Spec())  # options override the returned parameterization
     assert spec_den.batch_size == 2

@@ -45,6 +45,18 @@ def test_predictor_ranks_held_out_candidates():
         SchedulePredictor(3).score(test)
 
 
+def test_predictor_on_a_training_set_larger_than_a_step_draws():
+    """Above twice the pairs a step draws, a step runs the network on the drawn rows only
+    (the same loss): it still learns the ranking."""
+    sp = space()
+    rng = np.random.default_rng(0)
+    pool = list({s.id: s for s in (sp.sample(rng) for _ in range(160))}.values())
+    train, test = pool[:80], pool[80:]
+    pred = SchedulePredictor(3, seed=0, config=PredictorConfig(steps=60, pairs_per_step=16))
+    pred.fit(train, [quality(s) for s in train])  # 80 > 2 x 16: the drawn rows only
+    assert kendall_tau(pred.score(test), [quality(s) for s in test]) > 0.6
+
+
 def build(top_fraction):
     sp = space()
     return sp, EvolutionSearcher(

@@ -145,3 +145,56 @@ def test_tiny_quality_variants(tmp_path, quality):
     assert [(r["variant"], r["seed"]) for r in merged["rows"][0]["runs"]] == [
         ("benchmark", 0), ("benchmark", 1), ("step", 0), ("step", 1), ("benchmark-2", 0),
         ("benchmark-2", 1)]
+
+
+def test_tiny_quality_benchmark_on_a_flow_model(tmp_path, quality, monkeypatch):
+    """The flow case: digits-flow-s, the flow baselines, a space warped in flow time, the
+    warm-started evolution only; the flow target's comparisons are in the row and the table."""
+    import torch
+
+    torch.set_num_threads(1)
+    tiny = quality.tiny_settings
+
+    def tiny_flow():  # a population that holds the 6 flow baselines, GITS and LD3
+        s = tiny()
+        s.evolution = dict(s.evolution, population_num=8, mutation_num=4)
+        s.searcher_seeds, s.variants = [0], ["evolution"]  # issue 19's variants: elsewhere
+        return s
+
+    monkeypatch.setattr(quality, "tiny_settings", tiny_flow)
+    assert quality.main(["--tiny", "--models", "digits-flow-s", "--solvers", "euler",
+                         "--baselines", "flow", "--searches", "evolution",
+                         "--space", "warp=flow", "shift=3", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "quality.json").read_text())
+    (model,) = res["models"]
+    assert model["model"] == "digits-flow-s" and model["solver"] == "euler"
+    (row,) = model["rows"]
+    assert list(row["methods"]) == [*quality.BASELINE_SETS["flow"], "gits", "ld3", "evolution"]
+    assert row["settings"] == {"baselines": "flow", "space": {
+        **quality.plain(quality.tiny_settings().space), "warp": "flow", "shift": 3}}
+    assert row["best_fixed"] in quality.BASELINE_SETS["flow"]
+    vf = row["evolution_vs_fixed"]
+    best = row["methods"][row["best_fixed"]]["fid"]
+    assert vf["improvement"] == pytest.approx(1 - row["methods"]["evolution"]["fid"] / best)
+    assert isinstance(row["flow_target_met"], bool)
+    text = (tmp_path / "quality.md").read_text()
+    assert "Target (flow)" in text and "SD3 shift 3" in text and "--baselines flow" in text
+    # Its GITS and LD3 comparisons are in the flow table; the mixture's second table is not
+    # repeated, and a miss points at the floor measurement, not the mixture's diagnosis.
+    assert "Target: warm-started evolution vs GITS and LD3" not in text
+    assert "quality-diagnosis.md` (" not in text
+
+    # Merging it into an earlier merged result keeps that result's commands and processes.
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    old = {k: v for k, v in res.items() if k != "command"}
+    old["models"] = [dict(model, model="gmm-digits-k64")]
+    old["parts"] = ["/runs/a/quality.json", "/runs/b/quality.json"]
+    (prev / "quality.json").write_text(json.dumps(old))
+    (prev / "quality.md").write_text("# Quality\n\nCommand: `cmd a ; cmd b`\n")
+    assert quality.main(["--merge", str(tmp_path / "quality.json"), "--out", str(prev)]) == 0
+    merged = json.loads((prev / "quality.json").read_text())
+    assert merged["parts"] == [*old["parts"], str(tmp_path / "quality.json")]
+    assert merged["command"] == "cmd a ; cmd b ; " + res["command"]
+    assert [m["model"] for m in merged["models"]] == ["gmm-digits-k64", "digits-flow-s"]
+    assert f"Command: `cmd a ; cmd b ; {res['command']}`" in (prev / "quality.md").read_text()

@@ -83,6 +83,7 @@ def test_race_rescores_the_top_k_on_fresh_blocks_and_pools():
     scorer.calls.clear()
     again = race(scored, scorer, blocks, "fid", 3, known=known)
     assert scorer.calls == [] and again.winner.id == out.winner.id
+    assert again.scored == 0 and again.calls == out.calls  # the race's cost, stored or not
     # Too few finite values: no race.
     assert race([(s[0], 1.0), (s[1], None)], scorer, blocks, "fid", 3) is None
 
@@ -171,3 +172,60 @@ def test_a_run_races_and_stores_the_race_as_rows(tmp_path, rungs):
     if rungs == 2:
         assert {x["fidelity"] for x in search_rows} <= {1, 2}
     assert out.status == "finished"
+
+
+def test_a_run_killed_during_the_race_resumes_without_scoring_stored_blocks(tmp_path):
+    """kill -9 (``SEARCHD_FAULT=during_race:1``) once the race has stored its first fresh
+    block: the resume reads those rows back, scores the second block only, and its winner
+    is the lowest pooled mean of the stored and the new values."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import searchd
+    from searchd.storage import RunDir, table_to_rows
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    sets = ["nfe=4", "search.algorithm=random", "search.budget=16",
+            "search.candidates_per_trial=4", "samples.per_candidate=40", "samples.heldout=40",
+            "metric.reference=exact:200", "report.plots=false", "search.racing.top_k=4",
+            "search.racing.blocks=2"]
+    args = ["--config", str(repo / "configs" / "quickstart.yaml"), "--engine", "local",
+            "--quiet", "--run-dir", str(run)] + [a for kv in sets for a in ("--set", kv)]
+    env = dict(os.environ, PYTHONPATH=str(repo), SEARCHD_FAULT="during_race:1")
+    p = subprocess.run([sys.executable, "-m", "searchd.search", *args], capture_output=True,
+                       text=True, cwd=repo, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert "SIGKILL at during_race:1" in p.stderr
+
+    def race_rows() -> list[dict]:
+        rows = table_to_rows(RunDir(str(run)).read_evaluations())
+        return [r for r in rows if r["trial_id"].startswith("race/")]
+
+    killed = race_rows()
+    assert sorted(r["fidelity"] for r in killed) == [1] * 4 and not (run / "best.json").exists()
+    stored = {r["candidate_id"]: r["value"] for r in killed}
+
+    out = searchd.search(run_dir=str(run), resume=True, engine="local")
+    assert out.status == "finished"
+    after = race_rows()
+    # Block 1 is not scored again (its rows are the killed run's); block 2 is scored once.
+    assert sorted((r["candidate_id"], r["fidelity"]) for r in after) == sorted(
+        [(c, 1) for c in stored] + [(c, 2) for c in stored])
+    assert {r["candidate_id"]: r["value"] for r in after if r["fidelity"] == 1} == stored
+    best = json.loads((run / "best.json").read_text())["racing"]
+    by_id = {c["id"]: c for c in best["candidates"]}
+    assert set(by_id) == set(stored)
+    for cid, c in by_id.items():
+        assert c["values"][1] == stored[cid]
+        block2 = next(r["value"] for r in after if r["candidate_id"] == cid
+                      and r["fidelity"] == 2)
+        assert c["values"][2] == block2
+        assert math.isclose(c["pooled"], sum(c["values"]) / 3, rel_tol=1e-12)
+    assert best["winner"] == min(by_id.values(), key=lambda c: c["pooled"])["id"]
+    # The race's record counts every re-scoring (the stored block too), as an uninterrupted
+    # run's does.
+    assert out.schedule.id == best["winner"] and best["rescored"] == 8
+    assert best["denoiser_calls"] == 8 * 4 * 40

@@ -20,7 +20,7 @@ SMIN, SMAX = 0.002, 80.0
 
 CONTINUOUS = [
     dict(n_steps=n, final_zero=fz, warp=w, free_endpoints=fe)
-    for n, fz, w, fe in itertools.product((2, 5, 12), (True, False), ("logsnr", "rho"),
+    for n, fz, w, fe in itertools.product((2, 5, 12), (True, False), ("logsnr", "rho", "flow"),
                                           (False, True))
 ]
 

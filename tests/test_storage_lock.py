@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from datetime import datetime
 
 import pytest
 from test_storage_support import start_child, storage_warnings
@@ -100,8 +101,18 @@ def test_lock_of_another_host_needs_force(tmp_path):
 def test_heartbeat_is_refreshed_while_held(tmp_path):
     with RunLock(tmp_path / "run", heartbeat_s=0.05) as lock:
         first = read_lock(tmp_path / "run")
-        time.sleep(0.4)
+        # Poll rather than sleep a fixed time: on a loaded machine the heartbeat thread may
+        # not run within a fraction of a second (this failed 2 runs in 5 at load 25).
+        # A read that meets the rewrite between its truncate and its write sees no record
+        # (None, "unreadable content"); the flock, not the content, is what excludes.
+        deadline = time.monotonic() + 30.0
         later = read_lock(tmp_path / "run")
+        while (later is None or later.heartbeat == first.heartbeat) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+            later = read_lock(tmp_path / "run")
+        assert later is not None
         assert later.token == lock.info.token
-        assert later.heartbeat > first.heartbeat and later.started == first.started
+        assert (datetime.fromisoformat(later.heartbeat) > datetime.fromisoformat(first.heartbeat)
+                and later.started == first.started)
     assert read_lock(tmp_path / "run") is None

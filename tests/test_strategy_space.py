@@ -192,3 +192,127 @@ def test_a_run_searches_the_strategy_space_and_records_it(tmp_path):
     if winner.strategy is not None:
         assert best["strategy"] == list(winner.strategy)
         assert "error" in best["usage"]["diffusers"]
+
+
+# Solver strategies with guidance weights ----------------------------------------------------
+def guided_space(solver: str = "unipc", n: int = 4) -> StrategySpace:
+    from searchd.schedules.guidance_spaces import GuidedSpace, IntervalGuidance
+
+    times = ContinuousSpace(n, 0.002, 80.0, True, solver=solver)
+    return StrategySpace(GuidedSpace(times, IntervalGuidance((1.0, 4.0), 0.002, 80.0)))
+
+
+def test_a_strategy_space_over_a_guided_space_searches_both():
+    """Every point carries timesteps, guidance weights and a strategy; the halves round
+    trip, mutate and cross over without losing the other; a plain guided schedule (a
+    guided baseline) is the plain solver's point, a schedule without weights is refused."""
+    sp = guided_space()
+    assert sp.dim == 2 + 3 + 4 + 4  # gaps, interval (w, lo, hi), order and corrector per step
+    rng = np.random.default_rng(1)
+    pts = [sp.sample(rng) for _ in range(12)]
+    for s in pts:
+        assert s.strategy is not None and s.guidance is not None and len(s.guidance) == 4
+        assert sp.check(s) is s
+        assert sp.decode(sp.encode(s)) == s
+        assert Schedule.from_json(s.to_json()) == s
+    for a, b in zip(pts, pts[1:]):
+        for c in (sp.mutate(a, rng, 0.5, 0.2), sp.crossover(a, b, rng)):
+            assert c.strategy is not None and c.guidance is not None
+            assert sp.check(c) is c
+    # The id holds both: dropping either changes it.
+    s = pts[0]
+    import dataclasses
+
+    assert len({s.id, dataclasses.replace(s, strategy=None).id,
+                dataclasses.replace(s, guidance=None).id}) == 3
+    plain = dataclasses.replace(s, strategy=None)
+    assert sp.check(plain) is plain
+    assert sp.project(plain).strategy == default_strategy("unipc", 4, True)
+    with pytest.raises(ValueError, match="has no guidance weights"):
+        sp.check(dataclasses.replace(s, guidance=None))
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_strategies_with_guidance_run_bitwise_through_the_prefix_tree(solver):
+    """Schedules sharing levels and weights but not strategies (and the reverse) through
+    the tree: each is bitwise ``solve`` alone with both."""
+    from searchd.models import load
+    from searchd.models.conditional import row_conditioning
+    from searchd.noise import make_noise
+    from searchd.solvers import solve
+    from searchd.solvers.prefix import solve_prefix_tree
+
+    den = load("gmm-digits-cond", dtype=torch.float64)
+    seeds = list(range(8))
+    noise = make_noise(seeds, tuple(den.shape), dtype=torch.float64)
+    cond = row_conditioning(den, seeds)
+    sig = torch.tensor([80.0, 14.0, 3.0, 0.8, 0.0], dtype=torch.float64)
+    weights = [torch.tensor(w, dtype=torch.float64)
+               for w in ([2.0, 2.0, 1.0, 1.0], [2.0, 3.0, 1.0, 1.0])]
+    strategies = [("1", "2", "2", "1"), ("1", "1", "2", "1"), ("1", "2", "3", "1")]
+    if solver == "unipc":
+        strategies = [("1c", "2c", "2", "1"), ("1c", "2", "2", "1"), ("1", "2c", "3c", "1")]
+    cases = [(w, k) for w in weights for k in strategies]
+    with torch.no_grad():
+        got = solve_prefix_tree(den, noise, [sig] * len(cases), solver=solver,
+                                guidance=[w for w, _ in cases], cond=cond,
+                                strategies=[k for _, k in cases])
+        for (w, k), g in zip(cases, got):
+            want = solve(den, noise, sig, solver=solver, guidance=w, cond=cond, strategy=k)
+            assert torch.equal(g, want), (w, k)
+        # Both matter: another strategy or other weights give other samples.
+        assert not torch.equal(got[0], got[1]) and not torch.equal(got[0], got[3])
+
+
+def test_a_guided_run_searches_strategies_too(tmp_path):
+    """configs/digits-cond.yaml with an interval guidance space and ``space.strategy``: the
+    baselines are the plain solver's guided ones, the candidates carry both, best.json
+    records both, and ``searchd.sample`` runs them."""
+    from pathlib import Path
+
+    import searchd
+    from searchd.sample import main as sample_main
+
+    cond = Path(__file__).resolve().parents[1] / "configs" / "digits-cond.yaml"
+    run = tmp_path / "run"
+    overrides = ["solver.name=unipc", "nfe=4", "space.strategy=true",
+                 "space.guidance.kind=interval", "search.evolution.population_num=4",
+                 "search.evolution.select_num=2", "search.evolution.mutation_num=2",
+                 "search.evolution.crossover_num=1", "search.evolution.generations=2",
+                 "samples.per_candidate=60", "samples.heldout=60", "metric.reference=exact:200",
+                 "report.plots=false", "baselines=[{family: polynomial, params: {rho: 7}}]"]
+    out = searchd.search(str(cond), overrides, run_dir=str(run), engine="local")
+    best = json.loads((run / "best.json").read_text())
+    records = searchd.open_run(run).evaluations()
+    assert all(s.guidance is not None for s, _ in records)
+    assert all(s.strategy is None for s, _ in records if s.meta.get("origin") == "baseline")
+    assert any(s.strategy is not None for s, _ in records)
+    winner = Schedule.from_dict(best["schedule"])
+    assert winner == out.schedule and best["guidance"] == winner.guidance.tolist()
+    if winner.strategy is not None:
+        assert best["strategy"] == list(winner.strategy)
+    assert sample_main(["--schedule", str(run / "best.json"), "--n", "8",
+                        "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_config_refuses_a_strategy_it_cannot_search_on_one_line():
+    """Before anything starts (config validation): a solver without per-step variants, an
+    order the family lacks, the adaptive method, a model-schedule space."""
+    from pathlib import Path
+
+    from searchd.config import ConfigError, load_config
+
+    quick = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quick, ["space.strategy=true", "space.guidance.kind=none"])
+    assert cfg.space.strategy
+    bad = [
+        (["solver.name=euler"], r"space\.strategy: .*solver 'euler' has no per-step variant"),
+        (["space.max_order=4"], r"space\.max_order: .*dpmpp_2m offers orders \[1, 2, 3\]"),
+        (["search.algorithm=adaptive"], r"space\.strategy: .*adaptive predicts timesteps only"),
+        (["search.evolution.mutation=level"], r"search\.evolution\.mutation: .*space\.strategy "
+                                              r"needs mutation: space"),
+    ]
+    for overrides, msg in bad:
+        with pytest.raises(ConfigError, match=msg) as e:
+            load_config(quick, ["space.strategy=true", *overrides])
+        assert "\n" not in str(e.value)

@@ -131,7 +131,7 @@ def load_predictor(directory: str | Path) -> OneShotPredictor | DeltaPredictor:
     path = Path(directory) / "predictor.pt"
     if not path.is_file():
         raise ValueError(f"no predictor at {path} (expected predictor.pt from save_predictor)")
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)  # plain data and tensors: no code runs
     try:
         return predictor_from_blob(blob)
     except ValueError as e:

@@ -78,7 +78,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                 index = part
             else:
                 raise ConfigError([f"--set {key_path}: {here} is a value, not a section"])
-            if not isinstance(node, (dict, list)):
+            if not isinstance(node, (dict, list)) or (isinstance(node, list)
+                                                      and isinstance(index, str)):
                 raise ConfigError([f"--set {key_path}: {here} is not a section in this file"])
             if i == len(parts) - 1:
                 node[index] = value

@@ -22,9 +22,11 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
   solver's options).
 - ``nfe`` or ``steps``: the budget of network evaluations, or the number of steps.
 - ``space``: ``kind`` continuous | discrete | models | joint; ``budget_ms`` / ``budget_nfe``
-  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``); ``endpoints``
-  fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``; ``sigma_min``/``sigma_max``
-  overrides; ``grid`` (discrete).
+  and ``timesteps`` (model schedules); ``warp`` logsnr | rho (``rho``) | flow (``shift``);
+  ``endpoints`` fixed | free (``endpoint_range``); ``gap_ratio``; ``final_zero``;
+  ``sigma_min``/``sigma_max`` overrides; ``grid`` (discrete); ``guidance`` (``kind`` none |
+  constant | interval | steps: classifier-free guidance weights searched with the timesteps,
+  ``w``, ``w_range``, ``one_band``, ``baseline_w``, ``paper_interval``).
 - ``search``: ``algorithm`` (a searcher of ``SEARCHERS``); ``seed``; ``budget``
   (candidates); ``candidates_per_trial``; ``evolution`` (O2TDM's parameters,
   ``warm_start``); ``bayes`` (sampler); ``gits`` and ``ld3`` (the published methods'
@@ -71,6 +73,10 @@ EXACT_REFERENCE = re.compile(r"^exact:(\d+)$")
 DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 
+# The largest nfe or steps a configuration may ask for.
+MAX_NFE = 1000
+
+
 # Solvers (searchd.solvers, imported when first needed) ------------------------------------------
 def solver_names() -> list[str]:
     """The solver registry's names (``searchd.solvers.SOLVERS``)."""
@@ -87,15 +93,30 @@ def solver_nfe(solver: str, n_steps: int, final_zero: bool = True) -> int:
 
 
 def steps_for_nfe(solver: str, nfe: int, final_zero: bool = True) -> int | None:
-    """Most steps whose cost fits in ``nfe`` evaluations (None if not even one step fits)."""
-    best = None
-    for n in range(1, nfe + 1):
-        if solver_nfe(solver, n, final_zero) <= nfe:
-            best = n
-    return best
+    """Most steps whose cost fits in ``nfe`` evaluations (None if not even one step fits).
+
+    A solver's cost grows with its steps, so this is a bisection: O(log nfe) cost queries."""
+    if solver_nfe(solver, 1, final_zero) > nfe:
+        return None
+    lo, hi = 1, max(1, int(nfe))  # cost(lo) <= nfe; every step costs >= 1 call
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if solver_nfe(solver, mid, final_zero) <= nfe:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # Sections -----------------------------------------------------------------------------------
+def _is_file(path: str) -> bool:
+    """``Path(path).is_file()``, False for a name the OS refuses (too long, a NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors."""
 
@@ -132,6 +153,9 @@ class ModelConfig(Section):
     latency_batch_size: int | None = Field(None, ge=1)  # zoo latency; null: evaluator batch
     device: str = "cpu"  # cpu | cuda | cuda:<i> | mps | auto
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
+    # kind edm / generic run code from their file (unpickling, importing): load them only
+    # when true (the command's --trust-remote-code sets it)
+    trust_remote_code: bool = False
 
     @field_validator("device")
     @classmethod
@@ -188,6 +212,53 @@ class SolverConfig(Section):
         return self
 
 
+class GuidanceConfig(Section):
+    """Guidance weights per step searched with the timesteps
+    (``searchd.schedules.guidance_spaces``); the model must be conditional with an
+    unconditional mode (checked when it is loaded)."""
+
+    kind: Literal["none", "constant", "interval", "steps"] = "none"
+    # constant: every step w; interval: w inside a searched (sigma_lo, sigma_hi], 1 outside;
+    # steps: a free weight per step
+    w: float | None = Field(None, ge=0)  # constant: the weight; interval: fixed w (null: search)
+    w_range: tuple[float, float] = (0.0, 4.0)  # interval with w null, and steps: searched range
+    one_band: float = Field(0.05, ge=0)  # steps: weights this close to 1 become 1 (no uncond.)
+    baseline_w: list[float] = [1.0, 2.0]  # constant-guidance baselines, on every family
+    # (kind constant: its own w only)
+    paper_interval: bool = True  # also the NeurIPS 2024 interval (w 2 on (0.28, 1.61])
+
+    @field_validator("baseline_w")
+    @classmethod
+    def _baseline_w(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not (0 <= w < float("inf"))]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0; got {bad[0]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _family(self) -> GuidanceConfig:
+        lo, hi = self.w_range
+        if not 0 <= lo < hi < float("inf"):
+            raise FieldError("w_range", list(self.w_range), "need 0 <= w_min < w_max")
+        if self.kind == "constant" and self.w is None:
+            raise FieldError("w", None, "guidance kind 'constant' needs the weight w")
+        searched = self.kind == "steps" or (self.kind == "interval" and self.w is None)
+        allowed = ([1.0, self.w] if self.kind == "interval" and self.w is not None else None)
+        for w in self.baseline_w:
+            if searched and not lo <= w <= hi:
+                raise FieldError("baseline_w", self.baseline_w,
+                                 f"{w:g} is outside w_range [{lo:g}, {hi:g}]: the searched "
+                                 "family cannot hold it")
+            if allowed is not None and w not in allowed:
+                raise FieldError("baseline_w", self.baseline_w,
+                                 f"{w:g}: an interval of fixed w = {self.w:g} holds constant "
+                                 "weights 1 and w only")
+        if self.kind == "steps" and not self.one_band < (hi - lo) / 2:
+            raise FieldError("one_band", self.one_band,
+                             f"must be below (w_max - w_min) / 2 = {(hi - lo) / 2:g}")
+        return self
+
+
 class SpaceConfig(Section):
     """The search space (searchd.schedules.spaces)."""
 
@@ -196,8 +267,9 @@ class SpaceConfig(Section):
     budget_ms: float | None = Field(None, gt=0)  # model schedules: ms per sample, or
     budget_nfe: float | None = Field(None, gt=0)  # NFE-equivalents of the slowest member
     timesteps: dict[str, Any] = {"family": "polynomial", "params": {"rho": 7}}  # kind models
-    warp: Literal["logsnr", "rho"] = "logsnr"  # continuous: coordinate of uniform gaps
+    warp: Literal["logsnr", "rho", "flow"] = "logsnr"  # continuous: coordinate of uniform gaps
     rho: float = Field(7.0, gt=0)  # exponent of warp "rho" (sigma^(1/rho))
+    shift: float = Field(1.0, gt=0)  # warp "flow": SD3's shift of flow time t
     endpoints: Literal["fixed", "free"] = "fixed"  # free: the top/bottom levels are searched
     endpoint_range: float = Field(0.3, gt=0, lt=0.5)  # free: reach, as a fraction of the span
     gap_ratio: float = Field(10.0, gt=1)  # continuous: max ratio of a gap to the last gap
@@ -205,6 +277,7 @@ class SpaceConfig(Section):
     sigma_min: float | None = Field(None, gt=0)  # override the model's noise range
     sigma_max: float | None = Field(None, gt=0)
     grid: str | None = None  # discrete: a named grid; null: the model's own grid
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)  # searched guidance
     # The solver's per-step strategy searched with the timesteps (searchd.solvers.strategy):
     # continuous/discrete spaces of dpmpp_2m, dpmpp_3m, unipc, ipndm, deis.
     strategy: bool = False
@@ -240,6 +313,10 @@ class SpaceConfig(Section):
         if self.strategy and self.model_schedule:
             raise FieldError("strategy", True, f"a per-step strategy goes with space.kind "
                              f"continuous or discrete, not {self.kind!r}")
+        if self.guidance.kind != "none" and self.kind not in ("continuous", "discrete"):
+            raise FieldError("guidance", self.guidance.kind,
+                             f"guidance is searched with space.kind continuous or discrete, "
+                             f"not {self.kind!r}")
         if self.sigma_min is not None and self.sigma_max is not None:
             if not self.sigma_min < self.sigma_max:
                 raise FieldError("sigma_min", self.sigma_min,
@@ -262,6 +339,10 @@ class EvolutionConfig(Section):
     generations: int = Field(12, ge=1)  # generations in all, generation 0 included
     random_fill: bool = True  # fill each generation with random candidates
     warm_start: list[str] = []  # computed schedules (gits, ld3) opening generation 0
+    # space: the space's own mutation (each parameter moves with m_prob); level: one level
+    # moves between its neighbours and the evaluators share the common prefixes (issue 22:
+    # measured 1.13-1.22x faster, held-out worse on short warm-started searches; an option)
+    mutation: Literal["space", "level"] = "space"
 
     @field_validator("warm_start")
     @classmethod
@@ -289,6 +370,10 @@ class EvolutionConfig(Section):
         warm-start schedules."""
         if cfg.search.algorithm != "evolution":
             return
+        if self.mutation == "level" and cfg.space.kind in ("models", "joint"):
+            raise FieldError("search.evolution.mutation", self.mutation,
+                             f"the level-local mutation moves noise levels only; space.kind "
+                             f"{cfg.space.kind!r} needs mutation: space")
         names = [b.label for b in cfg.baselines]
         n_seeds = len(names) + len([a for a in self.warm_start
                                     if a not in cfg.baseline_families])
@@ -428,7 +513,7 @@ class AdaptiveConfig(Section):
     def _global(cls, v: str) -> str:
         if v in ANCHORS:
             return v
-        if v.endswith(".json") and Path(v).is_file():
+        if v.endswith(".json") and _is_file(v):
             return v
         raise ValueError(f"allowed: {', '.join(ANCHORS)}, or the path of an existing best.json")
 
@@ -582,7 +667,7 @@ class MetricConfig(Section):
             if not m or int(m.group(1)) < 2:
                 raise ValueError("exact references are written exact:<n> with n >= 2")
             return v
-        if "://" not in v and not Path(v).is_file():
+        if "://" not in v and not _is_file(v):
             raise ValueError("no such file; give an .npz with mu and sigma, or exact:<n>")
         return v
 
@@ -637,8 +722,11 @@ class SearchConfig(Section):
 
     model: ModelConfig
     solver: SolverConfig = Field(default_factory=SolverConfig)
-    nfe: int | None = Field(None, ge=1)  # evaluation budget; resolved to the actual cost
-    steps: int | None = Field(None, ge=1)  # or the number of steps
+    # The evaluation budget (resolved to the actual cost) or the number of steps. Bounded:
+    # searchd searches few-step schedules, and an unbounded value (a fuzzed nfe=10**9) made
+    # the resolution below loop for minutes before any message.
+    nfe: int | None = Field(None, ge=1, le=MAX_NFE)
+    steps: int | None = Field(None, ge=1, le=MAX_NFE)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchSection = Field(default_factory=SearchSection)
     baselines: list[Baseline] = Field(
@@ -666,6 +754,11 @@ class SearchConfig(Section):
         if (self.model.zoo is not None) != self.space.model_schedule:
             raise FieldError("space.kind", self.space.kind,
                              "model.zoo goes with space.kind models or joint, and they need it")
+        if self.space.guidance.kind != "none" and self.search.algorithm in ("adaptive",):
+            raise FieldError("space.guidance.kind", self.space.guidance.kind,
+                             "search.algorithm adaptive predicts timesteps only; set none")
+        if self.space.strategy:
+            self._check_strategy()
         if self.space.kind == "joint" and self.space.grid is not None:
             raise FieldError("space.grid", self.space.grid,
                              "a joint space searches continuous timesteps; set null")
@@ -719,6 +812,27 @@ class SearchConfig(Section):
         if len(names) > (self.search.budget or 0):
             raise FieldError("search.budget", self.search.budget,
                              f"must be >= the number of baselines ({len(names)})")
+
+    def _check_strategy(self) -> None:
+        """``space.strategy``: a solver with per-step variants, an order it offers, and a
+        searching algorithm (``searchd.strategy_codes.FAMILIES``)."""
+        from searchd.strategy_codes import FAMILIES
+
+        family = FAMILIES.get(self.solver.name)
+        if family is None:
+            raise FieldError("space.strategy", True,
+                             f"solver {self.solver.name!r} has no per-step variant; allowed "
+                             f"solvers: {', '.join(FAMILIES)} (or space.strategy: false)")
+        if self.space.max_order is not None and self.space.max_order not in family[0]:
+            raise FieldError("space.max_order", self.space.max_order,
+                             f"{self.solver.name} offers orders {list(family[0])}")
+        if self.search.algorithm == "adaptive":
+            raise FieldError("space.strategy", True,
+                             "search.algorithm adaptive predicts timesteps only; set false")
+        if self.search.algorithm == "evolution" and self.search.evolution.mutation == "level":
+            raise FieldError("search.evolution.mutation", "level",
+                             "the level-local mutation moves noise levels only; "
+                             "space.strategy needs mutation: space")
 
     def _check_seed_ranges(self) -> None:
         s = self.samples

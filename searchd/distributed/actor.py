@@ -61,7 +61,8 @@ class PlainHost:
 
 @dataclass(frozen=True)
 class FactoryName:
-    """The name of the named actor (``pool.FactoryHolder``) that keeps an evaluator factory."""
+    """The name of the named actor (``holders.FactoryHolder``) that keeps an evaluator
+    factory."""
 
     name: str
 
@@ -89,8 +90,10 @@ class EvaluatorActor:
         max_batch: int = 4096,
         max_wait_s: float = 0.005,
     ) -> None:
-        if isinstance(factory, FactoryName):  # a pool's FactoryHolder
-            factory = ray.get(ray.get_actor(factory.name).get.remote())
+        if isinstance(factory, FactoryName):  # a pool's FactoryHolder: pickled bytes
+            from searchd.distributed.holders import loads
+
+            factory = loads(ray.get(ray.get_actor(factory.name).get.remote()))
         self._host: EvaluatorHost | PlainHost = (
             factory.host() if hasattr(factory, "host") else PlainHost(factory))
         ctx = ray.get_runtime_context()

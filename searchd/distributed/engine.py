@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -182,6 +183,7 @@ class RayEngine:
         if self.say is not None:
             self.say(f"searchd: starting {where} ...")
         logger.info("starting %s", where)
+        t0 = time.monotonic()
         saved = {n: logging.getLogger(n).level for n in RAY_START_LOGGERS}
         for n in RAY_START_LOGGERS:
             logging.getLogger(n).setLevel(logging.ERROR)
@@ -195,6 +197,7 @@ class RayEngine:
         finally:
             for n, level in saved.items():
                 logging.getLogger(n).setLevel(level)
+        logger.info("Ray ready in %.1f s", time.monotonic() - t0)
 
     def start(self, factory: EvaluatorFactory, workers_config: Any) -> PoolWorkers:
         """Start (or join) Ray and the evaluator pool; the actors load the models once."""

@@ -36,6 +36,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from searchd.distributed.actor import EvaluatorActor, FactoryName
+from searchd.distributed.holders import FactoryHolder, PoolMembership, dumps, loads
 from searchd.evaluation import CandidateResult
 
 # A picklable factory of the actors' evaluators (``searchd.loop.factory.EvaluatorFactory``,
@@ -79,49 +80,19 @@ def split_balanced(n: int, k: int) -> list[tuple[int, int]]:
     return out
 
 
-@ray.remote(num_cpus=0)
-class FactoryHolder:
-    """Keeps the evaluator factory (which may hold large reference statistics) for the
-    pool's actors and their restarts. Actors get this named actor's name as a constructor
-    argument and fetch the factory from it when they start: with the factory itself, an
-    ``ObjectRef`` of it or an actor handle (which carries a reference) as a constructor
-    argument, Ray logs an error-level line for every actor with restarts
-    (ray-project/ray#53727). Placed on the driver's node; not restarted (a restart would come
-    back empty)."""
+def prefix_order(candidates: Sequence[Any]) -> list[int]:
+    """Indices of ``candidates`` (schedules, or their dicts) sorted by solver, steps, models
+    and then their levels from the top, so that schedules with common leading levels are
+    next to each other (a stable sort: equal keys keep their order)."""
 
-    def __init__(self) -> None:
-        self._factory: Any = None
+    def key(j: int) -> tuple[Any, ...]:
+        c = candidates[j]
+        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
+        mids = get("model_ids")
+        sig = tuple(float(x) for x in get("sigmas"))
+        return (str(get("solver", "")), len(sig), () if mids is None else tuple(mids), sig)
 
-    def put(self, factory: Any) -> None:
-        self._factory = factory
-
-    def get(self) -> Any:
-        return self._factory
-
-
-@ray.remote(num_cpus=0)
-class PoolMembership:
-    """The pool's current actors, for clients that were pickled before the pool grew (Tune
-    trials get their client when the Tuner is built). A client asks once per call; one
-    round trip of about a millisecond. Not restarted if it dies: a restart would bring back
-    the initial list; clients then keep the actors they know."""
-
-    def __init__(self, actors: list[ActorHandle], names: list[str]) -> None:
-        self._version = 0
-        self._actors = list(actors)
-        self._names = list(names)
-
-    def update(self, actors: list[ActorHandle], names: list[str]) -> int:
-        """Publish a new actor list; returns its version."""
-        self._version += 1
-        self._actors, self._names = list(actors), list(names)
-        return self._version
-
-    def get(self, version: int) -> tuple[int, list[ActorHandle], list[str]] | None:
-        """None if ``version`` is current, else ``(version, actors, names)``."""
-        if version == self._version:
-            return None
-        return self._version, self._actors, self._names
+    return sorted(range(len(candidates)), key=key)
 
 
 class PoolClient:
@@ -143,6 +114,7 @@ class PoolClient:
         max_attempts: int = 3,
         restart_timeout_s: float = 600.0,
         membership: ActorHandle | None = None,
+        group_prefixes: bool = False,
     ) -> None:
         if not actors:
             raise ValueError("a pool client needs at least one actor")
@@ -155,6 +127,7 @@ class PoolClient:
         self.resends = 0  # chunks re-sent after an actor died (this client copy only)
         self._membership = membership
         self._version = 0
+        self.group_prefixes = group_prefixes
 
     def _sync(self) -> None:
         """Pick up the pool's current actors (no-op without a membership actor, or if it
@@ -191,11 +164,29 @@ class PoolClient:
         dies is re-sent, up to ``max_attempts`` sends in all; errors raised by the evaluator
         itself are not retried and propagate.
 
+        With ``group_prefixes`` (evaluators with a prefix tree) the candidates are sorted by
+        their levels first, so that schedules with common leading levels land in the same
+        chunk and share those steps; the results come back in the callers' order (and are
+        the same: the tree's results are those of each candidate alone).
+
         Raises:
             RayActorError: a chunk's actors died ``max_attempts`` times.
             TimeoutError: no result came within ``timeout_s`` seconds.
         """
         candidates = list(candidates)
+        if self.group_prefixes and len(candidates) > 1:
+            order = prefix_order(candidates)
+            if order != sorted(order):
+                ranked = self._score([candidates[j] for j in order], seeds, timeout_s)
+                out: list[CandidateResult | None] = [None] * len(candidates)
+                for k, j in enumerate(order):
+                    out[j] = ranked[k]
+                return out  # type: ignore[return-value]
+        return self._score(candidates, seeds, timeout_s)
+
+    def _score(self, candidates: list[Any], seeds: Sequence[int], timeout_s: float | None
+               ) -> list[CandidateResult]:
+        """``score`` in the given order."""
         self._sync()
         chunks = split_balanced(len(candidates), len(self._actors))
         if not chunks:
@@ -376,7 +367,7 @@ class EvaluatorPool:
             name=self._factory_name,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         ).remote()
-        ray.get(self._factory.put.remote(factory))
+        ray.get(self._factory.put.remote(dumps(factory)))
         self._fixed = num_workers
         self.num_gpus_per_worker = float(num_gpus_per_worker)
         self.cpus_per_worker = float(cpus_per_worker)
@@ -397,8 +388,9 @@ class EvaluatorPool:
         self._starting: list[tuple[ActorHandle, str, ray.ObjectRef]] = []
         self._add(n)
         self._membership = PoolMembership.remote(self._actors, self.names)
+        self._group = bool(getattr(factory, "evaluator_options", {}).get("prefix_sharing"))
         self._client = PoolClient(self._actors, self.names, max_attempts,
-                                  membership=self._membership)
+                                  membership=self._membership, group_prefixes=self._group)
 
     # Sizing ------------------------------------------------------------------------------
     def target_workers(self) -> int:
@@ -511,7 +503,8 @@ class EvaluatorPool:
         if admitted:
             ray.get(self._membership.update.remote(self._actors, self.names))
             self._client = PoolClient(self._actors, self.names, self.max_attempts,
-                                      membership=self._membership)
+                                      membership=self._membership,
+                                      group_prefixes=self._group)
         return admitted
 
     # Use ---------------------------------------------------------------------------------
@@ -558,9 +551,10 @@ class EvaluatorPool:
     def set_reference(self, reference: Any) -> None:
         """Give every actor the reference statistics (they build their evaluators), and
         keep them in the factory, so that restarted and later actors build with them."""
-        factory = ray.get(self._factory.get.remote())
+        factory = loads(ray.get(self._factory.get.remote()))
         if dataclasses.is_dataclass(factory) and hasattr(factory, "reference"):
-            ray.get(self._factory.put.remote(dataclasses.replace(factory, reference=reference)))
+            ray.get(self._factory.put.remote(
+                dumps(dataclasses.replace(factory, reference=reference))))
         ray.get([a.set_reference.remote(reference) for a in self._actors])
 
     def call_all(self, fn: Callable[..., Any], *args: Any) -> list[Any]:

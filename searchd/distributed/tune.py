@@ -83,6 +83,8 @@ class TuneOutcome:
         eval_s: seconds the trials spent waiting for the scorer (summed over trials).
         experiment_path: Tune's experiment directory (scratch: the run directory is the
             record).
+        score_cpu_s: CPU seconds each trial's process spent in the scorer (sending the
+            candidates, gathering the results), in the order the results came.
     """
 
     finished: bool
@@ -92,6 +94,7 @@ class TuneOutcome:
     startup_s: float
     eval_s: float
     experiment_path: str
+    score_cpu_s: tuple[float, ...] = ()
 
 
 def best_value(values: Sequence[float | None], mode: str) -> float:
@@ -174,13 +177,16 @@ def make_trainable(scorer: Scorer, seeds: Sequence[int], metric: str, mode: str
 
     def score_batch(config: dict[str, Any]) -> None:
         schedules = [Schedule.from_dict(d) for d in config["candidates"]]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = scorer.score(schedules, seeds) if schedules else []
         eval_s = time.perf_counter() - t0
         tune.report({
             metric: best_value([r.value(metric) for r in results], mode),
             "n_candidates": len(results),
             "eval_s": eval_s,
+            # CPU the trial's process spent sending and gathering (the driver's side of
+            # the scoring, beside the driver itself): benchmarks/scale.py's capacity.
+            "score_cpu_s": time.process_time() - c0,
             PAYLOAD_KEY: results,
         })
 
@@ -218,10 +224,12 @@ class _LoopCallback(Callback):
         self.n_errored = 0
         self.first_start: float | None = None
         self.eval_s = 0.0
+        self.score_cpu_s: list[float] = []  # per trial, in the order their results came
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.first_start is None:
             self.first_start = time.perf_counter()
+            logger.info("first Tune trial started (batch %s)", trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -231,6 +239,7 @@ class _LoopCallback(Callback):
         self.searcher.loop.complete(trial.trial_id, results)
         self.n_trials += 1
         self.eval_s += float(result.get("eval_s", 0.0))
+        self.score_cpu_s.append(float(result.get("score_cpu_s", 0.0)))
         if self.between is not None:
             self.between()
 
@@ -319,6 +328,7 @@ def run_tune(
         startup_s=(callback.first_start - t0) if callback.first_start is not None else math.nan,
         eval_s=callback.eval_s,
         experiment_path=str(grid.experiment_path),
+        score_cpu_s=tuple(callback.score_cpu_s),
     )
 
 

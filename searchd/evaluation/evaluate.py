@@ -4,11 +4,15 @@
 reference's factor for the fast Frechet path, the KID reference terms, the noise and
 the teacher samples of the seeds it has seen) and scores candidates:
 
-1. Candidates are grouped by (solver, n_steps, final_zero, model schedule or not). A group
+1. Candidates are grouped by (solver, n_steps, final_zero, model schedule or not, guidance
+   schedule or not, per-step solver strategy: the strategy itself, or with the prefix tree
+   whether there is one). A group
    of K candidates scored on n seeds is one solver run over K * n rows with per-sample
    sigmas [K * n, N + 1], cut into chunks of ``batch_size`` rows. Row ``k * n + i`` is
    sample i of candidate k and starts from the noise of ``seeds[i]`` (common random
-   numbers: every candidate sees the same noise).
+   numbers: every candidate sees the same noise); a conditional model also gets
+   ``sample_index = seeds[i]``, which fixes the row's class or prompt (the same in every
+   candidate; ``searchd.models.conditional``).
 2. Each chunk's samples are checked: a candidate with a non-finite sample (or a solver
    error on its rows) is marked failed with the reason and its remaining rows are dropped;
    the other candidates go on.
@@ -48,6 +52,7 @@ from searchd.evaluation.prefix import run_group_tree
 from searchd.evaluation.reference import ReferenceStats
 from searchd.evaluation.stats import DEFAULT_CHUNK, FeatureStats
 from searchd.evaluation.teacher import TeacherCache, TeacherSettings
+from searchd.models.conditional import row_conditioning, supports_guidance
 from searchd.noise import make_noise
 from searchd.schedule import Schedule
 from searchd.solvers.prefix import PrefixStats
@@ -414,6 +419,7 @@ class Evaluator:
         noise = self.noise(seeds)
         sigmas = torch.tensor(schedule.sigmas)
         mids = None if schedule.model_ids is None else torch.tensor(schedule.model_ids)
+        guid = None if schedule.guidance is None else torch.tensor(schedule.guidance)
         parts = []
         with torch.no_grad():
             for a in range(0, noise.shape[0], self.batch_size):
@@ -424,6 +430,8 @@ class Evaluator:
                     solver=solver,
                     model_ids=mids,
                     strategy=schedule.strategy,
+                    guidance=guid,
+                    cond=row_conditioning(self.denoiser, seeds[a : a + self.batch_size]),
                     **self.solver_options,
                 )
                 parts.append(x.detach())
@@ -454,6 +462,23 @@ class Evaluator:
         """Results and per-sample features [n, d] (float32, CPU; None when failed)."""
         return self._score(candidates, seeds, keep=True)
 
+    def per_sample_teacher_distances(
+        self,
+        candidates: Sequence[Schedule | Mapping[str, Any]],
+        seeds: Sequence[int],
+        *,
+        features: bool = False,
+    ) -> tuple[list[CandidateResult], list[Tensor | None], list[Tensor | None]]:
+        """Results, per-sample features [n, d] (float32, CPU; only with ``features``, else
+        None) and per-sample teacher distances [n] (float64, CPU: ``||x_i - teacher_i||``,
+        whose mean is the ``teacher_distance`` metric), one of each per candidate (None
+        when failed), from one sampling pass. Needs the metric ``teacher_distance``."""
+        if self.teacher is None:
+            raise ValueError("per-sample teacher distances need the metric teacher_distance")
+        dists: list[Tensor | None] = []
+        results, feats = self._score(candidates, seeds, keep=features, teacher_out=dists)
+        return results, feats, dists
+
     def _score(
         self,
         candidates: Sequence[Schedule | Mapping[str, Any]],
@@ -461,7 +486,11 @@ class Evaluator:
         *,
         keep: bool,
         stats_only: bool = False,
+        teacher_out: list[Tensor | None] | None = None,
     ) -> tuple[list[CandidateResult], list[Tensor | None]]:
+        """Score the candidates: results, and per-sample features when ``keep``. Given a list
+        ``teacher_out``, each candidate's per-sample teacher distances [n] (None when failed)
+        are appended to it."""
         from searchd.solvers import nfe
 
         seeds = [int(s) for s in seeds]
@@ -490,9 +519,12 @@ class Evaluator:
             for j, p in enumerate(prepared):
                 if isinstance(p, tuple):
                     s, solver, _ = p
-                    key = (solver, s.n_steps, s.final_zero, s.model_ids is not None)
-                    if s.strategy is not None:  # one solve per per-step strategy
-                        key = (*key, s.strategy)
+                    key = (solver, s.n_steps, s.final_zero, s.model_ids is not None,
+                           s.guidance is not None)
+                    if s.strategy is not None:
+                        # One batched solve per per-step strategy; the prefix tree keys
+                        # each step's code itself, so its group holds every strategy.
+                        key = (*key, True if self.prefix_sharing else s.strategy)
                     groups.setdefault(key, []).append(j)
 
             accs: dict[int, _Accumulator] = {}
@@ -521,11 +553,15 @@ class Evaluator:
                 if isinstance(p, str):
                     results.append(self._failed(_candidate_id(c), 0, n, seed_base, p, 0.0))
                     kept.append(None)
+                    if teacher_out is not None:
+                        teacher_out.append(None)
                     continue
                 s, _, cost = p
                 r, feats = self._finish(s, cost, accs[j], walls[j], n, seed_base, stats_only)
                 results.append(r)
                 kept.append(feats if keep else None)
+                if teacher_out is not None:
+                    teacher_out.append(accs[j].teacher_dist.clone() if r.ok else None)
             return results, kept
         finally:
             if extra_kept:
@@ -543,6 +579,11 @@ class Evaluator:
             n_models = getattr(self.denoiser, "n_models", None)
             if s.model_ids is not None and n_models is not None:
                 s.check_models(int(n_models))
+            if s.guidance is not None and not supports_guidance(self.denoiser):
+                raise ValueError(
+                    "the schedule has guidance weights; this model takes none (it is not "
+                    "class- or text-conditional with an unconditional mode)"
+                )
             return s, solver, nfe(solver, s.n_steps, final_zero=s.final_zero)
         except (ValueError, TypeError, KeyError) as e:
             return f"invalid candidate: {e}"
@@ -562,6 +603,9 @@ class Evaluator:
         mids = None
         if schedules[0].model_ids is not None:
             mids = torch.as_tensor(np.stack([s.model_ids for s in schedules]), dtype=torch.int64)
+        guid = None
+        if schedules[0].guidance is not None:
+            guid = torch.as_tensor(np.stack([s.guidance for s in schedules]), dtype=torch.float64)
         strategy = schedules[0].strategy  # a group shares its strategy (see _score)
         start = 0
         total = k * n
@@ -582,7 +626,7 @@ class Evaluator:
                 continue
             idx = torch.as_tensor(rows)
             cand_idx, sample_idx = idx // n, idx % n
-            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs,
+            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs, guid,
                                  strategy)
             # Hand each candidate its rows (consecutive samples), checking finiteness.
             for c in torch.unique(cand_idx).tolist():
@@ -608,6 +652,7 @@ class Evaluator:
         sample_idx: Tensor,
         js: list[int],
         accs: dict[int, _Accumulator],
+        guid: Tensor | None = None,
         strategy: tuple[str, ...] | None = None,
     ) -> Tensor | None:
         """Samples of the given rows; a solver error is isolated to the candidates it hits."""
@@ -615,6 +660,8 @@ class Evaluator:
 
         def run(sel: Tensor) -> Tensor:
             m = None if mids is None else mids[cand_idx[sel]]
+            g = None if guid is None else guid[cand_idx[sel]]
+            seeds = [self._seeds_now[i] for i in sample_idx[sel].tolist()]
             with torch.no_grad():
                 return solve(
                     self.denoiser,
@@ -623,6 +670,8 @@ class Evaluator:
                     solver=solver,
                     model_ids=m,
                     strategy=strategy,
+                    guidance=g,
+                    cond=row_conditioning(self.denoiser, seeds),
                     **self.solver_options,
                 ).detach()
 

@@ -1,4 +1,5 @@
-"""Held-out scoring: FID with bootstrap confidence intervals, and paired differences.
+"""Held-out scoring: FID (or teacher distance) with bootstrap confidence intervals, and
+paired differences.
 
 The winner and the baselines of a search are re-scored on seeds the search never saw. Each
 FID gets a bootstrap 95% interval: sample indices are resampled with replacement, the
@@ -15,6 +16,16 @@ The bootstrap is vectorized. With ``B`` the reference's factor (``B B^T = S_ref`
 resample (``weighted_grams``: on the CPU the resample counts times the per-sample outer
 products, one large matrix product; on a GPU batched matmuls) and one batched ``eigvalsh``,
 all float64.
+
+Without reference statistics (a teacher_distance search, e.g. Stable Diffusion without
+reference images) the table scores the teacher distance instead: the mean over held-out
+samples of each sample's distance to the teacher's sample of the same seed
+(``Evaluator.per_sample_teacher_distances``), a resample's value the mean under its counts,
+with the same resample indices for every schedule, so differences are paired as for FID.
+An evaluator with both a reference and a teacher gives the FID table, each row also carrying
+the teacher distance (``teacher_distance``, ``teacher_distance_ci``, ``teacher_distance_diff``,
+``teacher_distance_diff_ci``): the teacher's held-out samples are made for the table anyway.
+The table's ``metric`` names its metric; its rows hold ``<metric>`` and ``<metric>_ci``.
 """
 
 from __future__ import annotations
@@ -167,12 +178,13 @@ class HeldoutScore:
     Attributes:
         candidate_id: the schedule's id.
         status: "ok" or "failed".
-        fid: FID on all held-out samples.
-        fid_ci: bootstrap interval (lo, hi).
-        diff: fid minus the baseline's fid (0 for the baseline itself).
+        fid: the metric on all held-out samples (``to_dict`` names it after ``metric``).
+        fid_ci: bootstrap interval (lo, hi) (``to_dict``: ``<metric>_ci``).
+        diff: the value minus the baseline's (0 for the baseline itself).
         diff_ci: paired bootstrap interval of the difference.
         n_samples, seed_base: the held-out samples.
         error: why it failed.
+        metric: "fid" or "teacher_distance".
     """
 
     candidate_id: str
@@ -184,12 +196,27 @@ class HeldoutScore:
     n_samples: int
     seed_base: int
     error: str | None = None
+    metric: str = "fid"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("fid_ci", "diff_ci"):
             d[k] = None if d[k] is None else [float(v) for v in d[k]]
+        if self.metric != "fid":
+            d[self.metric], d[f"{self.metric}_ci"] = d.pop("fid"), d.pop("fid_ci")
         return d
+
+
+def check_disjoint(seeds: Sequence[int], search_seeds: Sequence[int] | None) -> None:
+    """Refuse held-out seeds that meet the search's seeds (``ValueError``, one line)."""
+    if search_seeds is None:
+        return
+    overlap = {int(s) for s in seeds} & {int(s) for s in search_seeds}
+    if overlap:
+        raise ValueError(
+            f"held-out seeds overlap the search seeds ({len(overlap)} shared, e.g. "
+            f"{min(overlap)}); held-out scoring needs a disjoint seed range"
+        )
 
 
 def heldout_scores(
@@ -203,11 +230,12 @@ def heldout_scores(
     bootstrap_seed: int = 0,
     search_seeds: Sequence[int] | None = None,
     interval: str = "centered",
+    metric: str | None = None,
 ) -> dict[str, Any]:
     """Re-score schedules on held-out seeds, with bootstrap intervals and paired differences.
 
     Args:
-        evaluator: an ``Evaluator`` with a reference (FID).
+        evaluator: an ``Evaluator`` with a reference (FID) or a teacher (teacher distance).
         schedules: the schedules (the winner and the baselines).
         seeds: held-out seeds; must not meet ``search_seeds`` when that is given.
         baseline_index: which schedule the differences are taken against.
@@ -216,21 +244,21 @@ def heldout_scores(
         bootstrap_seed: seed of the resampling (the same indices for every schedule).
         search_seeds: the search's seeds, to check that the held-out ones are disjoint.
         interval: interval method (``bootstrap_interval``).
+        metric: "fid" or "teacher_distance"; None: ``heldout_metric(evaluator)``. With FID
+            and a teacher, each row also carries the teacher distance (module docstring).
 
     Returns:
-        ``{"level", "resamples", "n_samples", "seed_base", "baseline_id", "scores": [
-        HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
+        ``{"metric", "level", "resamples", "n_samples", "seed_base", "baseline_id",
+        "scores": [HeldoutScore.to_dict(), ...]}`` in the order of ``schedules``.
     """
     seeds = [int(s) for s in seeds]
-    if search_seeds is not None:
-        overlap = set(seeds) & {int(s) for s in search_seeds}
-        if overlap:
-            raise ValueError(
-                f"held-out seeds overlap the search seeds ({len(overlap)} shared, e.g. "
-                f"{min(overlap)}); held-out scoring needs a disjoint seed range"
-            )
+    check_disjoint(seeds, search_seeds)
     if not 0 <= baseline_index < len(schedules):
         raise ValueError(f"baseline_index {baseline_index} is out of range")
+    metric = heldout_metric(evaluator) if metric is None else metric
+    if metric == "teacher_distance" or getattr(evaluator, "teacher", None) is not None:
+        return _teacher_heldout(evaluator, schedules, seeds, metric, baseline_index, level,
+                                resamples, bootstrap_seed, interval)
     if evaluator.frechet is None:
         raise ValueError("held-out scoring needs an evaluator with reference statistics")
     if interval not in INTERVALS:
@@ -277,30 +305,220 @@ def scores_from_features(
         raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
     errors = list(errors) if errors is not None else [None] * len(features)
     counts = bootstrap_counts(n, resamples, bootstrap_seed)
-    boot: list[Tensor | None] = []
-    point: list[float | None] = []
-    for f in features:
-        if f is None:
-            boot.append(None)
-            point.append(None)
-            continue
-        if len(f) != n:
-            raise ValueError(f"features have {len(f)} rows; there are {n} seeds")
-        point.append(float(frechet.distance(*_moments(f))))
-        boot.append(bootstrap_fid(f, frechet, counts))
-    base_boot, base_point = boot[baseline_index], point[baseline_index]
-    scores = []
-    for cid, b, p, err in zip(ids, boot, point, errors):
-        if b is None:
-            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err))
-            continue
-        diff = diff_ci = None
-        if base_boot is not None:
-            diff = p - base_point
-            diff_ci = bootstrap_interval(b - base_boot, diff, level, interval)
-        fid_ci = bootstrap_interval(b, p, level, interval)
-        scores.append(HeldoutScore(cid, "ok", p, fid_ci, diff, diff_ci, n, seeds[0]))
+    parts = [score_features(frechet, f, cid, n, counts, err)
+             for f, cid, err in zip(features, ids, errors)]
+    return combine_parts(parts, seeds, baseline_index=baseline_index, level=level,
+                         resamples=resamples, interval=interval)
+
+
+def score_features(frechet: FrechetReference, features: Tensor | np.ndarray | None,
+                   candidate_id: str, n: int, counts: Tensor, error: str | None = None
+                   ) -> dict[str, Any]:
+    """One schedule's part of held-out scoring: its FID on all samples and the FID of each
+    bootstrap resample (``counts`` [B, n]), as plain data that ``combine_parts`` turns into
+    intervals and paired differences. ``features`` [n, d] (None: the schedule failed,
+    ``error`` says why)."""
+    if features is None:
+        return {"candidate_id": candidate_id, "status": "failed", "error": error}
+    if len(features) != n:
+        raise ValueError(f"features have {len(features)} rows; there are {n} seeds")
     return {
+        "candidate_id": candidate_id,
+        "status": "ok",
+        "fid": float(frechet.distance(*_moments(features))),
+        "boot": bootstrap_fid(features, frechet, counts).numpy(),
+    }
+
+
+def heldout_part(
+    evaluator: Any,
+    schedules: Sequence[Schedule | Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``score_features`` of each schedule on the held-out ``seeds``, on one evaluator: the
+    share of held-out scoring that one worker of a pool does (the sampling, the features
+    and the bootstrap of its schedules). Every part is bitwise what ``heldout_scores``
+    computes for that schedule: per-sample features do not depend on which schedules are
+    sampled together, and the resample counts depend only on ``(n, resamples,
+    bootstrap_seed)``. Join the parts with ``combine_parts``.
+
+    The part's metric is ``heldout_metric(evaluator)``. An evaluator with a teacher also
+    puts the teacher distance in each part (``teacher_distance``: the mean of the
+    per-sample distances; ``teacher_boot``: ``bootstrap_mean`` on the same counts), from the
+    same sampling pass, as ``heldout_scores`` does."""
+    metric = heldout_metric(evaluator)
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    counts = bootstrap_counts(n, resamples, bootstrap_seed)
+    if getattr(evaluator, "teacher", None) is not None:
+        results, feats, dists = evaluator.per_sample_teacher_distances(
+            list(schedules), seeds, features=metric == "fid")
+    else:
+        results, feats = evaluator.per_sample_features(list(schedules), seeds)
+        dists = [None] * len(results)
+    parts = []
+    for r, f, d in zip(results, feats, dists):
+        ok = r.status == "ok"
+        if metric == "fid":
+            part = score_features(evaluator.frechet, f if ok else None, r.candidate_id, n,
+                                  counts, r.error)
+        else:
+            part = {"candidate_id": r.candidate_id, "status": "ok" if ok else "failed",
+                    "error": r.error}
+        part["metric"] = metric
+        if ok and d is not None:
+            v = torch.as_tensor(d).to(torch.float64).reshape(-1)
+            part["teacher_distance"] = float(v.mean())
+            part["teacher_boot"] = bootstrap_mean(v, counts).numpy()
+        parts.append(part)
+    return parts
+
+
+def combine_parts(
+    parts: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    interval: str = "centered",
+) -> dict[str, Any]:
+    """``heldout_scores``' result from each schedule's part (``score_features``, in the
+    order of the schedules): the intervals, and the paired differences against
+    ``parts[baseline_index]`` (the same resamples for every part)."""
+    seeds = [int(s) for s in seeds]
+    if not 0 <= baseline_index < len(parts):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    ids, errors = [p["candidate_id"] for p in parts], [p.get("error") for p in parts]
+
+    def table(metric: str, value: str, boot: str) -> dict[str, Any]:
+        # A part without the value (failed, or made without a teacher) is a failed row.
+        ok = [p["status"] == "ok" and value in p for p in parts]
+        return paired_table([float(p[value]) if k else None for p, k in zip(parts, ok)],
+                            [p[boot] if k else None for p, k in zip(parts, ok)],
+                            ids, seeds, errors, metric=metric, baseline_index=baseline_index,
+                            level=level, resamples=resamples, interval=interval)
+
+    if parts[0].get("metric", "fid") == "teacher_distance":
+        return table("teacher_distance", "teacher_distance", "teacher_boot")
+    fid = table("fid", "fid", "boot")
+    if any("teacher_boot" in p for p in parts):  # an evaluator with a teacher made the parts
+        add_teacher_distance(fid, table("teacher_distance", "teacher_distance", "teacher_boot"))
+    return fid
+
+
+def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    f = torch.as_tensor(features).to(torch.float64)
+    mu = f.mean(0)
+    c = f - mu
+    return mu.numpy(), (c.T @ c / (f.shape[0] - 1)).numpy()
+
+
+# Teacher distance -------------------------------------------------------------------------------
+HELDOUT_METRICS = ("fid", "teacher_distance")
+
+
+def heldout_metric(evaluator: Any) -> str:
+    """The metric of an evaluator's held-out table: "fid" when it has reference statistics,
+    else "teacher_distance" when it has a teacher (``ValueError`` when it has neither)."""
+    if getattr(evaluator, "frechet", None) is not None:
+        return "fid"
+    if getattr(evaluator, "teacher", None) is not None:
+        return "teacher_distance"
+    raise ValueError("held-out scoring needs an evaluator with reference statistics (fid) "
+                     "or a teacher (metric teacher_distance)")
+
+
+def bootstrap_mean(values: Tensor | np.ndarray, counts: Tensor) -> Tensor:
+    """The mean of per-sample values [n] under each resample's counts [B, n] -> [B] (float64).
+
+    Row b is ``sum_i counts[b, i] * values[i] / n``: the mean of the resampled values."""
+    v = torch.as_tensor(values).to(torch.float64).reshape(-1)
+    c = counts.to(torch.float64)
+    if c.shape[1] != v.shape[0]:
+        raise ValueError(f"counts have {c.shape[1]} columns; there are {v.shape[0]} samples")
+    return c @ v / v.shape[0]
+
+
+def scores_from_distances(
+    distances: Sequence[Tensor | np.ndarray | None],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    interval: str = "centered",
+    errors: Sequence[str | None] | None = None,
+    metric: str = "teacher_distance",
+) -> dict[str, Any]:
+    """``heldout_scores``' table of a per-sample metric: per-sample values [n] (row i: seed
+    i; ``None`` marks a failed entry) scored by their mean, with bootstrap intervals and
+    paired differences against ``distances[baseline_index]`` (the same resample counts,
+    ``bootstrap_counts(n, resamples, bootstrap_seed)``, for every entry)."""
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    counts = bootstrap_counts(n, resamples, bootstrap_seed)
+    points: list[float | None] = []
+    boots: list[Tensor | None] = []
+    for d in distances:
+        if d is not None and len(d) != n:
+            raise ValueError(f"per-sample values have {len(d)} rows; there are {n} seeds")
+        v = None if d is None else torch.as_tensor(d).to(torch.float64).reshape(-1)
+        points.append(None if v is None else float(v.mean()))
+        boots.append(None if v is None else bootstrap_mean(v, counts))
+    return paired_table(points, boots, ids, seeds, errors, metric=metric,
+                        baseline_index=baseline_index, level=level, resamples=resamples,
+                        interval=interval)
+
+
+def paired_table(
+    points: Sequence[float | None],
+    boots: Sequence[Tensor | np.ndarray | None],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    errors: Sequence[str | None] | None = None,
+    *,
+    metric: str,
+    baseline_index: int = 0,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    interval: str = "centered",
+) -> dict[str, Any]:
+    """The held-out table from each entry's value on all samples and its bootstrap values
+    [B] (the same resamples for every entry; ``None``: the entry failed): intervals, and
+    differences against entry ``baseline_index`` whose intervals come from the differences
+    of the bootstrap values (paired)."""
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    if not 0 <= baseline_index < len(points):
+        raise ValueError(f"baseline_index {baseline_index} is out of range")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    errors = list(errors) if errors is not None else [None] * len(points)
+    base_point, base_boot = points[baseline_index], boots[baseline_index]
+    scores = []
+    for cid, p, b, err in zip(ids, points, boots, errors):
+        if p is None or b is None:
+            scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err,
+                                       metric))
+            continue
+        b = torch.as_tensor(b, dtype=torch.float64)
+        diff = diff_ci = None
+        if base_point is not None and base_boot is not None:
+            diff = p - base_point
+            diff_ci = bootstrap_interval(b - torch.as_tensor(base_boot, dtype=torch.float64),
+                                         diff, level, interval)
+        ci = bootstrap_interval(b, p, level, interval)
+        scores.append(HeldoutScore(cid, "ok", p, ci, diff, diff_ci, n, seeds[0], None, metric))
+    return {
+        "metric": metric,
         "level": level,
         "interval": interval,
         "resamples": resamples,
@@ -311,8 +529,49 @@ def scores_from_features(
     }
 
 
-def _moments(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = torch.as_tensor(features).to(torch.float64)
-    mu = f.mean(0)
-    c = f - mu
-    return mu.numpy(), (c.T @ c / (f.shape[0] - 1)).numpy()
+def add_teacher_distance(table: dict[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
+    """Each row of a FID ``table`` given the teacher distance of the same schedule from the
+    teacher-distance ``teacher`` table (same schedules, same seeds): ``teacher_distance``,
+    ``teacher_distance_ci``, ``teacher_distance_diff``, ``teacher_distance_diff_ci``."""
+    for row, t in zip(table["scores"], teacher["scores"]):
+        row["teacher_distance"] = t.get("teacher_distance")
+        row["teacher_distance_ci"] = t.get("teacher_distance_ci")
+        row["teacher_distance_diff"] = t.get("diff")
+        row["teacher_distance_diff_ci"] = t.get("diff_ci")
+    return table
+
+
+def _teacher_heldout(
+    evaluator: Any,
+    schedules: Sequence[Schedule | Mapping[str, Any]],
+    seeds: Sequence[int],
+    metric: str,
+    baseline_index: int,
+    level: float,
+    resamples: int,
+    bootstrap_seed: int,
+    interval: str,
+) -> dict[str, Any]:
+    """``heldout_scores`` on an evaluator with a teacher: the teacher-distance table, or the
+    FID table with the teacher distance on each row (one sampling pass for both)."""
+    if metric not in HELDOUT_METRICS:
+        raise ValueError(f"held-out metric {metric!r}; allowed: {', '.join(HELDOUT_METRICS)}")
+    if metric == "fid" and evaluator.frechet is None:
+        raise ValueError("held-out scoring needs an evaluator with reference statistics")
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval method {interval!r}; known: {', '.join(INTERVALS)}")
+    results, feats, dists = evaluator.per_sample_teacher_distances(
+        list(schedules), seeds, features=metric == "fid")
+    ids, errors = [r.candidate_id for r in results], [r.error for r in results]
+    ok = [r.status == "ok" for r in results]
+    opts: dict[str, Any] = dict(baseline_index=baseline_index, level=level,
+                                resamples=resamples, bootstrap_seed=bootstrap_seed,
+                                interval=interval, errors=errors)
+    teacher = scores_from_distances([d if k else None for d, k in zip(dists, ok)], ids,
+                                    seeds, **opts)
+    if metric == "teacher_distance":
+        return teacher
+    table = scores_from_features(evaluator.frechet,
+                                 [f if k else None for f, k in zip(feats, ok)], ids, seeds,
+                                 **opts)
+    return add_teacher_distance(table, teacher)

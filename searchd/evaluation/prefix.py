@@ -1,13 +1,14 @@
 """The evaluator's prefix-tree path: a group of candidates sampled through a tree of shared
 prefixes (``searchd.solvers.prefix``) instead of one population-batched pass.
 
-``Evaluator(..., prefix_sharing=True)`` routes every group of candidates (same solver, number
-of steps, ending and model-schedule kind) through ``run_group_tree``. The seeds are cut into
-chunks of ``batch_size`` samples, exactly as when a candidate is scored alone, and each
-chunk is one tree over the group's candidates that have not failed. So every candidate's
-samples, features and metrics are bitwise those of scoring it alone with the same evaluator
-(``evaluate([c], seeds)``), whatever the other candidates are; candidates that share their
-first levels (and steps' models) share the solver work of those steps.
+``Evaluator(..., prefix_sharing=True)`` routes every group of candidates (same solver,
+number of steps, ending, model-schedule and guidance-schedule kind) through
+``run_group_tree``. The seeds are cut into chunks of ``batch_size`` samples, exactly as when
+a candidate is scored alone, and each chunk is one tree over the group's candidates that
+have not failed. So every candidate's samples, features and metrics are bitwise those of
+scoring it alone with the same evaluator (``evaluate([c], seeds)``), whatever the other
+candidates are; candidates that share their first levels (and steps' models and guidance
+weights) share the solver work of those steps.
 
 It pays where candidates share prefixes (level-local mutations, ``searchd.schedules.local``,
 and duplicates); on candidates that share nothing it does the same denoiser work as scoring
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from searchd.models.conditional import row_conditioning
 from searchd.schedule import Schedule
 from searchd.solvers.prefix import PrefixStats, solve_prefix_tree
 
@@ -57,6 +59,9 @@ def run_group_tree(
     mids = None
     if schedules[0].model_ids is not None:
         mids = [torch.tensor(np.asarray(s.model_ids), dtype=torch.int64) for s in schedules]
+    guid = None
+    if schedules[0].guidance is not None:
+        guid = [torch.tensor(np.asarray(s.guidance), dtype=torch.float64) for s in schedules]
     for a in range(0, n, ev.batch_size):
         b = min(a + ev.batch_size, n)
         live = [c for c in range(len(schedules)) if accs[js[c]].error is None]
@@ -69,6 +74,8 @@ def run_group_tree(
                 [sig[c] for c in live],
                 solver=solver,
                 model_ids=None if mids is None else [mids[c] for c in live],
+                guidance=None if guid is None else [guid[c] for c in live],
+                cond=row_conditioning(ev.denoiser, ev._seeds_now[a:b]),
                 stats=stats,
                 strategies=[schedules[c].strategy for c in live],
                 **ev.solver_options,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from searchd.models.base import Denoiser
+from searchd.models.conditional import row_conditioning
 from searchd.noise import make_noise
 from searchd.schedules.baselines import FAMILIES, baseline
 from searchd.solvers import get as get_solver
@@ -127,15 +128,20 @@ class TeacherSettings:
 
 
 def teacher_samples(denoiser: Denoiser, noise: Tensor, settings: TeacherSettings,
-                    batch_size: int | None = None) -> Tensor:
+                    batch_size: int | None = None, seeds: Sequence[int] | None = None
+                    ) -> Tensor:
     """The teacher's samples [B, *shape] from unit noise [B, *shape] (no autograd graph),
-    solved in chunks of ``batch_size`` rows (None: one pass)."""
+    solved in chunks of ``batch_size`` rows (None: one pass). ``seeds`` [B] (the noise's)
+    give a conditional model each row's class or prompt (``row_conditioning``)."""
     sigmas = settings.sigmas(denoiser)
     if noise.shape[0] == 0:
         return noise.clone()
     step = batch_size or noise.shape[0]
+    cond = None if seeds is None else row_conditioning(denoiser, seeds)
     with torch.no_grad():
         parts = [solve(denoiser, noise[a : a + step], sigmas, solver=settings.solver,
+                       cond=None if cond is None else {k: v[a : a + step]
+                                                       for k, v in cond.items()},
                        **dict(settings.options)).detach()
                  for a in range(0, noise.shape[0], step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -187,7 +193,7 @@ class TeacherCache:
         self.misses += 1
         noise = make_noise(key[0], tuple(self.denoiser.shape), device=self.device,
                            dtype=self.dtype)
-        out = teacher_samples(self.denoiser, noise, settings, self.batch_size)
+        out = teacher_samples(self.denoiser, noise, settings, self.batch_size, key[0])
         if self.max_entries is not None:
             while len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))

@@ -59,6 +59,9 @@ def check_global_best(cfg: SearchConfig) -> None:
     if best.get("model_ids") is not None:
         raise ConfigError([f"{key}: got {path!r}; it is a model schedule; allowed: a timestep "
                            "schedule"])
+    if best.get("guidance") is not None:
+        raise ConfigError([f"{key}: got {path!r}; it has guidance weights per step, which the "
+                           "adaptive predictor does not carry; allowed: a timestep schedule"])
     want = cfg.n_steps + 1
     if len(sigmas) != want or (sigmas[-1] == 0.0) != cfg.space.final_zero:
         raise ConfigError([f"{key}: got {path!r}; {len(sigmas)} levels ending in "

@@ -67,7 +67,27 @@ def _check_model(cfg: SearchConfig) -> None:
         spec = cfg.model.spec
         try:
             check_spec(spec.kind, spec.path, spec.options)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # OSError: a path the OS refuses (too long)
+            raise BadInput(str(e)) from None
+        _check_trust(cfg)
+
+
+def _check_trust(cfg: SearchConfig) -> None:
+    """A model whose loading runs code from a file (an EDM pickle, a generic entry point, a
+    diffusers text encoder named by entry point) needs ``model.trust_remote_code``."""
+    from searchd.models.generic import UntrustedCodeError, require_trust
+
+    spec = cfg.model.spec
+    assert spec is not None
+    what = {"edm": f"the EDM pickle {spec.path!r} (unpickling runs the code it names)",
+            "generic": f"the entry point {spec.path!r} (imported and called)"}.get(spec.kind)
+    encoder = spec.options.get("text_encoder")
+    if what is None and spec.kind == "diffusers" and isinstance(encoder, str):
+        what = f"the text encoder entry point {encoder!r} (imported and called)"
+    if what is not None:
+        try:
+            require_trust(f"model kind {spec.kind!r}: {what}", cfg.model.trust_remote_code)
+        except UntrustedCodeError as e:
             raise BadInput(str(e)) from None
 
 

@@ -58,11 +58,15 @@ def load_model(cfg: SearchConfig) -> Any:
     else:
         target: Any = cfg.model.name
         if cfg.model.spec is not None:
+            from searchd.models.generic import UNTRUSTED_KINDS
             from searchd.models.zoo import ModelSpec
 
             spec = cfg.model.spec
+            options = dict(spec.options)
+            if spec.kind in UNTRUSTED_KINDS:  # the loader refuses unless told it is trusted
+                options["trust_remote_code"] = cfg.model.trust_remote_code
             target = ModelSpec(name=model_label(cfg), path=spec.path, kind=spec.kind,
-                               options=dict(spec.options))
+                               options=options)
         den = load(target, device=device, dtype=_dtype(cfg.model.dtype))
     _LOADS += 1
     return den
@@ -158,8 +162,11 @@ class EvaluatorHost:
     def facts(self) -> dict[str, Any]:
         """The model facts a run needs (plain data): sample ``shape``, ``sigma_min``,
         ``sigma_max``, ``sigma_grid`` (or None), ``cost``, ``name``, ``zoo`` members (or
-        None), ``exact_samples`` (whether ``exact:<n>`` references work), and the feature
-        network's ``features`` info (name, mode, dim)."""
+        None), ``exact_samples`` (whether ``exact:<n>`` references work), ``guidance``
+        (whether it takes guidance weights per step), and the feature network's
+        ``features`` info (name, mode, dim)."""
+        from searchd.models.conditional import supports_guidance
+
         d = self.denoiser
         grid = getattr(d, "sigma_grid", None)
         return {
@@ -172,6 +179,7 @@ class EvaluatorHost:
             "name": str(getattr(d, "name", self.cfg.model.name)),
             "zoo": list(getattr(d, "names", [])) if self.cfg.model.zoo is not None else None,
             "exact_samples": hasattr(d, "sample_data"),
+            "guidance": bool(supports_guidance(d)),
             "features": dict(self.features.info),
             "load_s": self.load_s,
         }

@@ -1,10 +1,12 @@
 """The end of a run: the winner and the baselines re-scored on held-out seeds (a job on one
 loaded evaluator), ``best.json``, the plots, and the summary lines.
 
-- ``final_scores``: the job: held-out FID of each schedule with a bootstrap CI and its paired
-  difference against the best baseline, the adaptive predictor's paired score when there is
-  one, and the sample images of the grids. It runs on an evaluator that is already loaded
-  (an actor of the pool, or the in-process one): the model is not loaded again.
+- ``final_jobs``/``join_final``: the held-out phase as jobs on loaded evaluators (the actors
+  of the pool side by side, or the in-process one; the model is not loaded again): each
+  worker samples and bootstraps a group of the schedules (``heldout_job``), one more job
+  draws the sample grids and scores an adaptive run's predictor (``extras_job``); the
+  driver joins them into held-out FIDs with bootstrap CIs and paired differences against
+  the best baseline, bitwise those of one evaluator doing it all (``final_scores``).
 - ``best_json``: the winner, the baselines, the held-out table and how to use the schedule.
   A held-out difference whose interval crosses 0 is marked ``significant: false``.
 - ``summary_lines``: the held-out table as printed at the end of a run; a difference whose
@@ -27,7 +29,7 @@ from searchd.schedule import Schedule
 from searchd.storage import REPORT_DIR, RunDir
 
 
-# The job ----------------------------------------------------------------------------------------
+# The jobs ---------------------------------------------------------------------------------------
 def final_scores(
     evaluator: Any,
     schedules: Sequence[Schedule],
@@ -41,17 +43,32 @@ def final_scores(
 ) -> dict[str, Any]:
     """Held-out FID of each schedule with a bootstrap CI and its paired difference against
     ``schedules[baseline_index]`` (same resampled sample indices for both), and sample images
-    [B, C, H, W] of ``schedules[grid_indices]``, on a loaded evaluator.
+    [B, C, H, W] of ``schedules[grid_indices]``, on one loaded evaluator (the finish stage
+    spreads the same jobs over the pool: ``final_jobs``, ``join_final``).
 
     ``predictor``: ``(predictor_blob, its global schedule)`` of an adaptive run: both are
     scored on the same held-out seeds too (``"adaptive"``: ``predictor_final``'s result, or
     ``{"error": ...}`` if that failed; the other scores are kept either way)."""
-    from searchd.evaluation.heldout import heldout_scores
+    jobs = final_jobs(schedules, seeds, ci_level, grid_seeds, grid_indices, search_seeds,
+                      predictor, workers=1)
+    return join_final([fn(evaluator, *args) for fn, args in jobs], seeds, baseline_index,
+                      ci_level)
 
-    held = heldout_scores(
-        evaluator, list(schedules), list(seeds), baseline_index=baseline_index, level=ci_level,
-        search_seeds=search_seeds,
-    )
+
+def heldout_job(evaluator: Any, schedules: Sequence[Schedule], seeds: Sequence[int]
+                ) -> list[dict[str, Any]]:
+    """One worker's share of the held-out phase: sampling, features and bootstrap of its
+    schedules (``heldout.heldout_part``)."""
+    from searchd.evaluation.heldout import heldout_part
+
+    return heldout_part(evaluator, list(schedules), list(seeds))
+
+
+def extras_job(evaluator: Any, schedules: Sequence[Schedule], seeds: Sequence[int],
+               ci_level: float, grid_seeds: Sequence[int], grid_indices: Sequence[int],
+               predictor: tuple[dict[str, Any], Schedule] | None) -> dict[str, Any]:
+    """The rest of the finish's work on a loaded evaluator: the sample grids' images and an
+    adaptive run's predictor scored against its global schedule."""
     adaptive: dict[str, Any] | None = None
     if predictor is not None:
         from searchd.adaptive.product import predictor_final
@@ -69,13 +86,57 @@ def final_scores(
                 with torch.no_grad():
                     x = evaluator.decode(x)
             images[i] = np.asarray(x.detach().cpu(), np.float32)
-    return {"heldout": held, "images": images, "adaptive": adaptive}
+    return {"images": images, "adaptive": adaptive}
 
 
-def significant(score: Mapping[str, Any]) -> bool | None:
-    """Whether a held-out difference is significant: its interval excludes 0 (None: no
-    difference, e.g. the baseline itself or a failed schedule)."""
-    ci = score.get("diff_ci")
+def final_jobs(
+    schedules: Sequence[Schedule],
+    seeds: Sequence[int],
+    ci_level: float,
+    grid_seeds: Sequence[int],
+    grid_indices: Sequence[int],
+    search_seeds: Sequence[int],
+    predictor: tuple[dict[str, Any], Schedule] | None,
+    workers: int,
+) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The finish's jobs for ``workers`` evaluators side by side: the schedules in
+    ``min(len, workers)`` balanced contiguous groups (``heldout_job`` each), then
+    ``extras_job``. Held-out seeds that meet the search's are refused here, before any
+    work (``ValueError``)."""
+    from searchd.evaluation.heldout import check_disjoint
+
+    seeds = [int(s) for s in seeds]
+    check_disjoint(seeds, search_seeds)
+    k = max(1, min(len(schedules), int(workers)))
+    q, r = divmod(len(schedules), k)
+    jobs: list[tuple[Any, tuple[Any, ...]]] = []
+    start = 0
+    for i in range(k):
+        stop = start + q + (1 if i < r else 0)
+        jobs.append((heldout_job, (list(schedules[start:stop]), seeds)))
+        start = stop
+    jobs.append((extras_job, (list(schedules), seeds, ci_level, list(grid_seeds),
+                              list(grid_indices), predictor)))
+    return jobs
+
+
+def join_final(outputs: Sequence[Any], seeds: Sequence[int], baseline_index: int,
+               ci_level: float) -> dict[str, Any]:
+    """``final_scores``' result from the outputs of ``final_jobs`` (in their order): the
+    held-out table (``heldout.combine_parts``: bitwise that of one evaluator), the images
+    and the adaptive score."""
+    from searchd.evaluation.heldout import combine_parts
+
+    parts = [p for out in outputs[:-1] for p in out]
+    held = combine_parts(parts, seeds, baseline_index=baseline_index, level=ci_level)
+    extras = outputs[-1]
+    return {"heldout": held, "images": extras["images"], "adaptive": extras["adaptive"]}
+
+
+def significant(score: Mapping[str, Any], key: str = "diff_ci") -> bool | None:
+    """Whether a held-out difference is significant: its interval (``score[key]``) excludes
+    0 (None: no difference, e.g. the baseline itself or a failed schedule)."""
+    ci = score.get(key)
     if ci is None:
         return None
     lo, hi = ci
@@ -104,8 +165,12 @@ def best_json(
     held-out table (each difference marked ``significant``) and the baselines."""
     metric = cfg.metric.name
     sig = [float(x) for x in winner.sigmas]
+    held.setdefault("metric", "fid")  # the table's metric (its rows: <metric>, <metric>_ci)
     for i, score in enumerate(held["scores"]):  # the baseline itself: no difference
         score["significant"] = None if i == 1 + best_base else significant(score)
+        if "teacher_distance_diff_ci" in score:  # a FID table's rows carry the teacher's too
+            score["teacher_distance_significant"] = (
+                None if i == 1 + best_base else significant(score, "teacher_distance_diff_ci"))
     out: dict[str, Any] = {
         "run_id": run_id,
         "model": model,
@@ -148,6 +213,17 @@ def best_json(
     }
     if winner.strategy is not None:
         out["strategy"] = list(winner.strategy)  # the solver's variant per step
+    if winner.guidance is not None:
+        # The weights per step, and the network passes they cost (a step at w != 1 makes
+        # the unconditional call too): searchd.sample runs them, export says where they go.
+        from searchd.solvers import network_calls
+
+        out["guidance"] = [float(w) for w in winner.guidance]
+        out["network_calls"] = network_calls(winner.solver, winner.n_steps,
+                                             winner.final_zero, winner.guidance)
+        for b in baselines:
+            if b.guidance is not None:
+                out["baselines"][name_of(b)]["guidance"] = [float(w) for w in b.guidance]
     if zoo is not None:
         out["model_ids"] = [int(m) for m in winner.model_ids]
         out["zoo"] = {
@@ -177,26 +253,40 @@ def name_of(schedule: Schedule) -> str:
 def summary_lines(best: Mapping[str, Any]) -> list[str]:
     """The held-out table of a run's ``best.json``, as printed when the run ends."""
     held = best["heldout"]
-    metric = best["search"]["metric"]
+    metric = held.get("metric", "fid")  # runs written before the key: FID
     level = int(round(100 * held["level"]))
     out = [f"searchd: held-out {metric} on {held['n_samples']} samples (seeds from "
            f"{held['seed_base']}), {level}% bootstrap CIs; differences are paired against "
            f"{best['best_baseline']}:"]
-    for sc in held["scores"]:
-        if sc["status"] != "ok":
-            out.append(f"  {sc['name']:<26} failed: {sc['error']}")
-            continue
-        lo, hi = sc["fid_ci"]
-        line = f"  {sc['name']:<26} {sc['fid']:.4f} [{lo:.4f}, {hi:.4f}]"
-        if sc["diff_ci"] is not None and sc["name"] != best["best_baseline"]:
-            dlo, dhi = sc["diff_ci"]
-            line += f"   diff {sc['diff']:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
-            if not significant(sc):
-                line += " not significant (the interval contains 0)"
-        out.append(line)
+    out.extend(_score_lines(held["scores"], metric, "diff", best["best_baseline"]))
+    if metric != "teacher_distance" and any("teacher_distance" in sc for sc in held["scores"]):
+        out.append("searchd: held-out teacher_distance (the searched metric), same samples and "
+                   "resamples:")
+        out.extend(_score_lines(held["scores"], "teacher_distance", "teacher_distance_diff",
+                                best["best_baseline"]))
     ad = best.get("adaptive")
     if ad is not None:
         out.extend(adaptive_lines(ad))
+    return out
+
+
+def _score_lines(scores: Sequence[Mapping[str, Any]], metric: str, diff: str,
+                 best_baseline: str) -> list[str]:
+    """One line per held-out row: ``row[metric]`` and its interval, and the paired difference
+    ``row[diff]`` (said to be not significant when its interval contains 0)."""
+    out = []
+    for sc in scores:
+        if sc["status"] != "ok":
+            out.append(f"  {sc['name']:<26} failed: {sc['error']}")
+            continue
+        lo, hi = sc[f"{metric}_ci"]
+        line = f"  {sc['name']:<26} {sc[metric]:.4f} [{lo:.4f}, {hi:.4f}]"
+        if sc.get(f"{diff}_ci") is not None and sc["name"] != best_baseline:
+            dlo, dhi = sc[f"{diff}_ci"]
+            line += f"   diff {sc[diff]:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+            if not significant(sc, f"{diff}_ci"):
+                line += " not significant (the interval contains 0)"
+        out.append(line)
     return out
 
 

@@ -56,6 +56,9 @@ def _evolution(
     # Warm start: the computed schedules join the baselines in generation 0 (a schedule
     # that is also a baseline is kept once, as the baseline).
     seeds = [*seeds, *(_anchor(anchors, a) for a in ev.warm_start)]
+    # The pre-screen's step tokens hold levels and models, not guidance weights: on a guided
+    # space it would rank offspring blind to half of what they are, so it stays off there.
+    screen = pr.enabled and not _is_guided(space)
     return EvolutionSearcher(
         space, metric, mode,
         population_num=ev.population_num, select_num=ev.select_num,
@@ -63,9 +66,10 @@ def _evolution(
         max_epochs=ev.generations, seed=search.seed, seeds=seeds,
         mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
         max_candidates=searcher_budget(search),
-        predictor_top_fraction=pr.top_fraction if pr.enabled else None,
+        predictor_top_fraction=pr.top_fraction if screen else None,
         predictor_min_train=pr.min_train,
         predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps),
+        mutation=ev.mutation,
     )
 
 
@@ -151,7 +155,32 @@ def make_searcher(
     name = search.algorithm
     if name not in FACTORIES:
         raise ValueError(f"unknown search algorithm {name!r}; known: {sorted(FACTORIES)}")
+    if _is_guided(space) and anchors:
+        # Anchors are computed on the timesteps alone: as candidates they get the guided
+        # space's nearest weights (w = 1 where the family has it).
+        anchors = {k: space.project(v) for k, v in anchors.items()}  # type: ignore[attr-defined]
     return FACTORIES[name](search, space, baselines, metric, mode, anchors)
+
+
+def _without_strategy(space: Space) -> Space:
+    """The space a solver-schedule space (``StrategySpace``) joins the strategy to (the
+    space itself otherwise)."""
+    if getattr(space, "has_strategy", False):
+        return space.timesteps  # type: ignore[attr-defined]
+    return space
+
+
+def _is_guided(space: Space) -> bool:
+    from searchd.schedules.guidance_spaces import GuidedSpace
+
+    return isinstance(_without_strategy(space), GuidedSpace)
+
+
+def timestep_space(space: Space) -> Space:
+    """The timestep part of a guided or solver-schedule space (the space itself otherwise):
+    what the anchors (GITS, LD3) are computed and fitted on."""
+    space = _without_strategy(space)
+    return space.timesteps if _is_guided(space) else space  # type: ignore[attr-defined]
 
 
 def make_space(
@@ -181,19 +210,73 @@ def make_space(
         return StrategySpace(inner, config.solver.options,  # type: ignore[arg-type]
                              max_order=sc.max_order)
     if sc.kind == "continuous":
-        return ContinuousSpace(
+        times: Space = ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
             sc.endpoints == "free", gap_ratio=sc.gap_ratio,
-            endpoint_range=sc.endpoint_range, solver=config.solver.name,
+            endpoint_range=sc.endpoint_range, solver=config.solver.name, shift=sc.shift,
         )
+        return _guided(config, times)
     if sc.grid is not None:
         grid = GRIDS[sc.grid]()
     if grid is None:
         raise ValueError(
             "space.kind = 'discrete' needs a grid: set space.grid or use a model that has one"
         )
-    return DiscreteSpace(config.steps, grid, sc.final_zero, lo, hi, sc.endpoints == "free",
-                         solver=config.solver.name)
+    return _guided(config, DiscreteSpace(config.steps, grid, sc.final_zero, lo, hi,
+                                         sc.endpoints == "free", solver=config.solver.name))
+
+
+def _guided(config: SearchConfig, times: Any) -> Space:
+    """``times`` joined with the guidance part ``space.guidance`` names (unchanged for kind
+    none): ``searchd.schedules.guidance_spaces``."""
+    from searchd.schedules.guidance_spaces import (
+        ConstantGuidance,
+        GuidedSpace,
+        IntervalGuidance,
+        StepGuidance,
+    )
+
+    g = config.space.guidance
+    if g.kind == "none":
+        return times
+    part: Any
+    if g.kind == "constant":
+        part = ConstantGuidance(float(g.w))  # type: ignore[arg-type]
+    elif g.kind == "interval":
+        part = IntervalGuidance(g.w if g.w is not None else g.w_range, times.sigma_min,
+                                times.sigma_max)
+    else:
+        part = StepGuidance(times.n_steps, g.w_range, g.one_band)
+    return GuidedSpace(times, part)
+
+
+def guided_baselines(config: SearchConfig, space: Any, timesteps: Sequence[Schedule]
+                     ) -> list[Schedule]:
+    """The baselines of a guided space: each baseline's timesteps with constant guidance at
+    each ``space.guidance.baseline_w`` (and the constant space's own w), and the paper's
+    interval (``PAPER_INTERVAL``) on the first; the ones the space's family cannot hold
+    are left out (a constant space holds only its w)."""
+    from searchd.schedules.guidance_spaces import constant_guidance, interval_guidance
+
+    g = config.space.guidance
+    ws = list(dict.fromkeys([*g.baseline_w, *([g.w] if g.kind == "constant" else [])]))
+    out: list[Schedule] = []
+    for k, t in enumerate(timesteps):
+        name = str(t.meta.get("name", t.id))
+        made = [with_meta(constant_guidance(t, w), name=f"{name} w={w:g}") for w in ws]
+        if g.paper_interval and k == 0:
+            made.append(with_meta(interval_guidance(t), name=f"{name} interval"))
+        for s in made:
+            try:
+                out.append(space.check(s))
+            except ValueError:
+                continue
+    if not out:
+        raise ValueError(
+            f"no baseline fits space.guidance (kind {g.kind!r}): give space.guidance.baseline_w "
+            "weights the family holds"
+        )
+    return out
 
 
 def _model_space(config: SearchConfig, lo: float, hi: float,
@@ -215,6 +298,7 @@ def _model_space(config: SearchConfig, lo: float, hi: float,
     times = ContinuousSpace(
         config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho, sc.endpoints == "free",
         gap_ratio=sc.gap_ratio, endpoint_range=sc.endpoint_range, solver=config.solver.name,
+        shift=sc.shift,
     )
     return JointSpace(times, lat, budget, names=names)
 
@@ -250,10 +334,17 @@ def make_baselines(
     baseline is projected onto the grid (nearest free levels in log sigma), and the
     ``discrete`` family uses the space's grid unless it names one. The computed families
     (``gits``, ``ld3``) are taken from ``anchors``. On a model-schedule space the baselines
-    are the single-member schedules that fit the budget.
+    are the single-member schedules that fit the budget; on a solver-schedule space they
+    are the plain solver's (no strategy).
     """
     if config.space.kind in ("models", "joint"):
         return _model_baselines(config, space)
+    if getattr(space, "has_strategy", False):
+        # The plain solver's baselines (no strategy) on the timestep (and guidance) half.
+        return [space.check(b) for b in make_baselines(config, space.timesteps, anchors)]
+    if config.space.guidance.kind != "none":
+        return guided_baselines(config, space,
+                                make_baselines(_unguided(config), space.timesteps, anchors))
     out: list[Schedule] = []
     for b in config.baselines:
         if b.family in ("gits", "ld3"):
@@ -276,6 +367,13 @@ def make_baselines(
             s = with_meta(space.project(s), **meta)
         out.append(space.check(s))
     return out
+
+
+def _unguided(config: SearchConfig) -> SearchConfig:
+    """The configuration with ``space.guidance.kind`` none (the same timestep baselines)."""
+    space = config.space.model_copy(
+        update={"guidance": config.space.guidance.model_copy(update={"kind": "none"})})
+    return config.model_copy(update={"space": space})
 
 
 # Anchors: the jobs that compute them -----------------------------------------------------

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from searchd import faults
 from searchd.evaluation import CandidateResult
 from searchd.loop.scoring import Scorer
 from searchd.schedule import Schedule
@@ -100,7 +101,10 @@ class RaceEntry:
 
 @dataclass
 class RaceOutcome:
-    """What a race did: the entries in search order, the winner, the samples it cost."""
+    """What a race did: the entries in search order, the winner, the denoiser calls of all
+    its re-scorings (``calls``; a resumed race's stored blocks included, so a resumed run
+    reports what an uninterrupted one does), and the re-scorings this call made
+    (``scored``)."""
 
     entries: list[RaceEntry]
     winner: Schedule
@@ -117,7 +121,8 @@ class RaceOutcome:
             "per_block": len(self.blocks[0]) if self.blocks else 0,
             "search_winner": self.search_winner.id, "winner": self.winner.id,
             "changed": self.winner.id != self.search_winner.id,
-            "denoiser_calls": self.calls, "rescored": self.scored, "metric": metric,
+            "denoiser_calls": self.calls,
+            "rescored": len(self.entries) * len(self.blocks), "metric": metric,
             "candidates": [{"id": e.schedule.id, "values": e.values, "pooled": e.pooled}
                            for e in self.entries],
         }
@@ -173,11 +178,10 @@ def race(
         if record is not None and todo:
             record(b, todo, list(fresh))
         got = {r.candidate_id: r for r in fresh}
-        for r in fresh:
-            calls += int(r.nfe) * int(r.n_samples)
         scored_n += len(fresh)
         for e in entries:
             r = got.get(e.schedule.id) or known[(e.schedule.id, b)]
+            calls += int(r.nfe) * int(r.n_samples)  # the race's cost, stored blocks included
             e.results.append(r)
             e.values.append(r.value(metric) if r.status == "ok" else None)
     ranked = sorted(entries, key=lambda e: (math.inf if e.pooled is None else e.pooled,
@@ -297,6 +301,19 @@ class _Wrap:
         return HalvingScorer(scorer, self.metric, self.rungs, self.eta)
 
 
+def skip_reason(search: Any) -> str | None:
+    """Why a run with ``search.racing.top_k > 0`` races nothing (``SearchSection``), or None
+    when it races."""
+    if search.race_k or not search.racing.top_k:
+        return None
+    if search.algorithm not in ("evolution", "random", "bayes"):
+        return (f"search.algorithm {search.algorithm!r} has no search of its own to race "
+                "(evolution, random and bayes race)")
+    k = min(search.racing.top_k, int(search.budget or 0) // 4)
+    return (f"search.budget {search.budget} allows a race of {k} candidate(s) (at most a "
+            "quarter of the budget); a race needs 2")
+
+
 def run_race(loop: Any, scorer: Scorer, *, top_k: int, blocks: Sequence[Sequence[int]],
              run: Any = None, run_id: str = "", known: Mapping[tuple[str, int],
                                                                  CandidateResult] | None = None,
@@ -319,12 +336,16 @@ def run_race(loop: Any, scorer: Scorer, *, top_k: int, blocks: Sequence[Sequence
             row["fidelity"] = b
             rows.append(row)
         run.append_evaluations(rows)
+        faults.hit("during_race")  # SEARCHD_FAULT: block b stored, later blocks not scored
 
     if say is not None:
         say(f"searchd: racing the top {top_k} candidates on {len(blocks)} fresh block(s) of "
             f"{len(blocks[0]) if blocks else 0} search seeds ...")
     outcome = race(loop.scored(), scorer, blocks, metric, top_k, known=known, record=record)
     loop.race = outcome
+    if outcome is None and say is not None:
+        say("searchd: race skipped: fewer than two candidates have a finite value; the "
+            "search's best stands")
     if outcome is not None and say is not None:
         w = next(e for e in outcome.entries if e.schedule.id == outcome.winner.id)
         change = ("kept the search's best" if outcome.winner.id == outcome.search_winner.id

@@ -38,6 +38,9 @@ RUN_FILE = "run.json"
 SAFE_KEYS = ("workers.", "report.", "run_dir", "search.evolution.generations", "search.budget")
 # Keys that extend a finished run when they grow.
 BUDGET_KEYS = ("search.evolution.generations", "search.budget")
+# Trust in the model's code is given by each invocation (--trust-remote-code, or the
+# configuration file passed with --resume), never taken from the run directory's own files.
+TRUST_KEY = "model.trust_remote_code"
 
 
 class BadInput(ValueError):
@@ -149,6 +152,26 @@ def _entries(run: RunDir) -> list[str]:
         raise BadInput(f"run directory {run.uri}: {e}") from None
 
 
+def _with_new_defaults(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The recorded configuration with the keys added to searchd since it was run, at their
+    defaults (so that a key that did not exist then is not a change); as recorded if it
+    does not validate any more."""
+    try:
+        full = validate_config(_undo_derived(dict(recorded))).resolve()
+    except Exception:
+        return dict(recorded)
+    return _merge_missing(dict(recorded), full)
+
+
+def _merge_missing(recorded: dict[str, Any], full: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in full.items():
+        if k not in recorded:
+            recorded[k] = v
+        elif isinstance(v, Mapping) and isinstance(recorded[k], Mapping):
+            recorded[k] = _merge_missing(dict(recorded[k]), v)
+    return recorded
+
+
 def plan_resume(location: str, config: str | None = None, overrides: Iterable[str] = (),
                 force: bool = False) -> RunPlan:
     """Continue the run at ``location`` (see the module docstring for what may change)."""
@@ -162,8 +185,10 @@ def plan_resume(location: str, config: str | None = None, overrides: Iterable[st
             f"--resume {location}: the run was written by an earlier searchd, which "
             "identified schedules differently; it cannot be continued (read it with "
             f"python -m searchd.report {location})")
-    recorded = meta.get("config") or stored
+    recorded = _with_new_defaults(meta.get("config") or stored)
     raw = _undo_derived(dict(stored))
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = {**raw["model"], "trust_remote_code": False}
     overrides = list(overrides)
     if config is not None:
         new = load_config(config, overrides).resolve()
@@ -171,7 +196,7 @@ def plan_resume(location: str, config: str | None = None, overrides: Iterable[st
         new = validate_config(apply_overrides(raw, overrides)).resolve()
     new["run_dir"] = location
     recorded = {**recorded, "run_dir": location}
-    changed = config_diff(recorded, new)
+    changed = [k for k in config_diff(recorded, new) if k != TRUST_KEY]
     unsafe = [k for k in changed if not safe(k)]
     where = "config.yaml or the command line"
     if unsafe:

@@ -10,8 +10,9 @@
    its searcher and its stored results.
 2. **search**: a ``SearchLoop`` with a ``Recorder``, driven by the engine (Ray Tune, or
    in-process); an adaptive run then trains its predictor on an evaluator.
-3. **finish**: the winner and the baselines re-scored on held-out seeds on an evaluator,
-   ``best.json``, the plots and the summary lines.
+3. **finish**: the winner and the baselines re-scored on held-out seeds on the evaluators
+   (a group of schedules each, side by side), ``best.json``, the plots and the summary
+   lines.
 
 The engine is the only thing that knows about Ray (``searchd.distributed.engine``;
 ``searchd.loop.local`` runs everything in this process). Fault injection is the engine's
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from searchd import faults
 from searchd.config import SearchConfig
 from searchd.evaluation import CandidateResult
 from searchd.loop import adaptive as adaptive_run
@@ -41,6 +44,7 @@ from searchd.loop.plan import (
     make_searcher,
     make_space,
     predictor_params,
+    timestep_space,
 )
 from searchd.loop.record import from_row
 from searchd.loop.recorder import Progress, Recorder, format_duration
@@ -203,11 +207,12 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     """The setup stage (see the module docstring)."""
     cfg, run = plan.cfg, plan.run
     say(f"searchd: run {plan.run_id} -> {run.uri}" + (" (resumed)" if plan.resume else ""))
+    _warm_optimizer(cfg)
     meta = json.loads(run.read_text(RUN_FILE)) if plan.resume else {}
     stored_zoo = meta.get("zoo") if cfg.model.zoo is not None else None
     reference = _known_reference(cfg, run)
     factory = EvaluatorFactory(
-        cfg.resolve(), reference,
+        cfg.resolve(), reference, evaluator_options=_evaluator_options(cfg),
         latency_ms=None if stored_zoo is None else list(stored_zoo["latency_ms"]),
     )
     workers = engine.start(factory, cfg.workers)
@@ -225,16 +230,45 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     zoo = stored_zoo if stored_zoo is not None else _zoo(cfg, run, workers, say)
     space = make_space(cfg, facts["sigma_min"], facts["sigma_max"], facts["sigma_grid"],
                        zoo=zoo)
-    results = _anchors(plan, space, workers, say)
+    results = _anchors(plan, timestep_space(space), workers, say)
     from searchd.methods.anchors import anchors_from_results
 
-    anchors = anchors_from_results(results, space)
+    anchors = anchors_from_results(results, timestep_space(space))
     baselines = make_baselines(cfg, space, anchors)
     searcher = make_searcher(cfg.search, space, baselines, cfg.metric.name, cfg.mode, anchors)
     setup = Setup(workers, facts, space, baselines, searcher, results, zoo)
     if plan.resume:
         _restore(run, setup, say)
     return setup
+
+
+def _evaluator_options(cfg: SearchConfig) -> dict[str, Any]:
+    """The evaluators' options a configuration asks for: the prefix tree with the
+    level-local mutation (its mutants share their parent's leading levels; every value is
+    bitwise that of scoring the candidate alone)."""
+    ev = cfg.search.evolution
+    if cfg.search.algorithm == "evolution" and ev.mutation == "level":
+        return {"prefix_sharing": True}
+    return {}
+
+
+def _warm_optimizer(cfg: SearchConfig) -> None:
+    """An evolution with the predictor pre-screen trains it in the driver from the second
+    generation on; torch's first optimizer imports ``torch._dynamo`` (1-2 s on a quiet core,
+    6 s on a busy one), which would stall the search between two generations. Done here in
+    a thread, while Ray and the actors start and the driver only waits."""
+    if cfg.search.algorithm != "evolution" or not cfg.search.predictor.enabled:
+        return
+    import threading
+
+    def warm() -> None:
+        try:
+            p = [torch.zeros(1, requires_grad=True)]
+            torch.optim.Adam(p)
+        except Exception:  # only a warm-up: the real use reports its own errors
+            pass
+
+    threading.Thread(target=warm, name="searchd-warm-optimizer", daemon=True).start()
 
 
 def _known_reference(cfg: SearchConfig, run: RunDir) -> dict[str, Any] | None:
@@ -269,6 +303,11 @@ def check_model(cfg: SearchConfig, facts: dict[str, Any],
     if sc.kind == "discrete" and sc.grid is None and facts["sigma_grid"] is None:
         raise BadInput(f"space.kind: got 'discrete'; the model {facts['name']!r} has no "
                        "sigma grid: set space.grid (a named grid) or use space.kind continuous")
+    if sc.guidance.kind != "none" and not facts.get("guidance", False):
+        raise BadInput(f"space.guidance.kind: got {sc.guidance.kind!r}; the model "
+                       f"{facts['name']!r} takes no guidance weights (it is not class- or "
+                       "text-conditional with an unconditional mode, e.g. gmm-digits-cond, "
+                       "digits-unet-cond-s)")
     n = cfg.metric.exact_reference
     if n is not None and reference is None and not facts.get("exact_samples"):
         raise BadInput(f"metric.reference: got 'exact:{n}'; the model {facts['name']!r} has no "
@@ -291,9 +330,11 @@ def _exact_reference(cfg: SearchConfig, run: RunDir, workers: Any, say: Say
 
     n = cfg.metric.exact_reference
     say(f"searchd: reference statistics from {n} exact samples ...")
+    t0 = time.monotonic()
     ref = workers.exact_reference(n, cfg.samples.reference_seed_base)
     run.write_bytes(REFERENCE_FILE, ReferenceStats.from_dict(ref).to_bytes())
     workers.set_reference(ref)
+    logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
     return ref
 
 
@@ -333,6 +374,7 @@ def _anchors(plan: RunPlan, space: Any, workers: Any, say: Say) -> list[dict[str
         say(f"searchd: computing {' and '.join(names)} on the evaluators ...")
         results = workers.call_each([(compute_anchor, anchor_job(cfg, space, n))
                                      for n in names])
+        faults.hit("during_anchors")  # SEARCHD_FAULT: computed, not stored (faults.py)
         run.write_text(ANCHORS_FILE, json.dumps({"anchors": results}, indent=1) + "\n")
     for r in results:
         sig = ", ".join(f"{x:.4g}" for x in r["schedule"]["sigmas"])
@@ -395,12 +437,18 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
             say(f"searchd: evaluator pool grew to {len(workers.names)} actor(s) on "
                 f"{', '.join(workers.nodes)}")
 
+    logger.info("search starts: %s on %d evaluator(s), %d candidates per batch", algorithm,
+                len(workers.names), loop.batch_size)
     engine.drive(loop, workers, name=f"searchd-{plan.run_id}", between=between)
+    logger.info("search done: %d candidates scored in %d batches", loop.n_scored,
+                loop.n_batches)
     if loop.finished and cfg.search.race_k:
         racing.run_race(loop, workers, top_k=cfg.search.race_k,
                         blocks=racing.race_blocks(s.seed_base, s.per_candidate,
                                                   cfg.search.race_blocks),
                         run=plan.run, run_id=plan.run_id, known=setup.race_known, say=say)
+    elif loop.finished and racing.skip_reason(cfg.search):
+        logger.info("racing skipped: %s", racing.skip_reason(cfg.search))
     return loop
 
 
@@ -483,10 +531,18 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
         "held-out seeds ...")
     predictor = None if setup.predictor is None else (setup.predictor["blob"],
                                                       setup.searcher.schedule)  # type: ignore
-    final = setup.workers.call(
-        fin.final_scores, [winner, *baselines], heldout_seeds, 1 + best_base,
-        cfg.report.ci_level, grid_seeds, [0, 1 + best_base],
-        list(range(s.seed_base, s.seed_base + s.per_candidate)), predictor)
+    # The held-out phase on the evaluators side by side (a group of schedules each), joined
+    # here: bitwise what one evaluator doing it all gives.
+    t0 = time.monotonic()
+    jobs = fin.final_jobs(
+        [winner, *baselines], heldout_seeds, cfg.report.ci_level, grid_seeds,
+        [0, 1 + best_base], list(range(s.seed_base, s.seed_base + s.per_candidate)),
+        predictor, workers=len(setup.workers.names))
+    final = fin.join_final(setup.workers.call_each(jobs), heldout_seeds, 1 + best_base,
+                           cfg.report.ci_level)
+    logger.info("held-out phase: %d schedules on %d evaluator(s) in %.1f s",
+                1 + len(baselines), len(jobs) - 1, time.monotonic() - t0)
+    faults.hit("during_heldout")  # SEARCHD_FAULT: scored, best.json not written (faults.py)
     held = final["heldout"]
     for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
         score["name"] = name

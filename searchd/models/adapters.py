@@ -9,6 +9,9 @@
 - ``kind: edm``: ``path`` an NVlabs pickle; options of ``searchd.models.edm.load_edm``;
 - ``kind: generic``: ``path`` an entry point ``module:function``; options of
   ``searchd.models.generic.load_entry_point`` (``args``, ``parameterization``, ``shape``,...);
+- ``edm`` and ``generic`` run code from their file (unpickling, importing): the spec's
+  ``options`` must hold ``trust_remote_code: True`` (what a configuration's
+  ``model.trust_remote_code`` puts there), else ``UntrustedCodeError``;
 - a ``name`` of ``NEURAL_ZOO`` (no kind): the shipped digits UNets.
 
 Every kind takes ``options.runtime`` (``searchd.models.runtime.Runtime`` fields: autocast,
@@ -31,13 +34,25 @@ from searchd.models.base import Denoiser
 from searchd.models.diffusers import load_diffusers
 from searchd.models.edm import load_edm
 from searchd.models.generic import load_entry_point
-from searchd.models.names import NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import (
+    CONDITIONAL_NEURAL_NAMES,
+    FLOW_ZOO_NAMES,
+    NEURAL_KINDS,
+    NEURAL_ZOO_NAMES,
+)
 from searchd.models.runtime import Runtime
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # The neural digits zoo (scripts/train_digits_unet.py): name -> diffusers model directory.
 NEURAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in NEURAL_ZOO_NAMES}
+# Its rectified-flow members (scripts/train_digits_flow.py): diffusers flow checkpoints whose
+# parameterization comes from their FlowMatchEulerDiscreteScheduler config, as a user's
+# SD3-style checkpoint's does.
+FLOW_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in FLOW_ZOO_NAMES}
+# Class-conditional digits UNets (scripts/train_digits_unet_cond.py): name -> directory.
+CONDITIONAL_ZOO: dict[str, Path] = {name: DATA_DIR / name for name in CONDITIONAL_NEURAL_NAMES}
+_SHIPPED: dict[str, Path] = {**NEURAL_ZOO, **FLOW_ZOO, **CONDITIONAL_ZOO}
 
 # Options of kind "generic" (searchd.models.generic.load_entry_point).
 GENERIC_OPTIONS = (
@@ -116,7 +131,8 @@ def load_generic_spec(
     if path is None:
         raise ValueError(f"model {name!r} of kind 'generic' needs path: 'module:function'")
     rt = _runtime(options, device, dtype)
-    return load_entry_point(path, options, runtime=rt, name=name)
+    trust = bool(options.pop("trust_remote_code", False))
+    return load_entry_point(path, options, runtime=rt, name=name, trust_remote_code=trust)
 
 
 KINDS: dict[str, SpecFactory] = {
@@ -168,19 +184,30 @@ def load_neural_zoo(
     dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> Denoiser:
-    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``).
+    """A shipped digits UNet by name (``digits-unet-s``, ``-m``, ``-l``, ``-cond-s``; the
+    flow members ``digits-flow-s``, ``-m``), loaded by ``load_diffusers`` like any diffusers
+    folder.
 
     Its ``sample_data`` (``DigitsData``) gives the training digits as exact samples, so
-    ``metric.reference: exact:1797`` scores against the dataset's own statistics.
+    ``metric.reference: exact:1797`` scores against the dataset's own statistics; the
+    class-conditional member's (``ClassDigitsData``) gives real digits of each seed's class.
     """
-    if name not in NEURAL_ZOO:
-        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(NEURAL_ZOO)}")
-    path = NEURAL_ZOO[name]
+    if name not in _SHIPPED:
+        raise ValueError(f"unknown neural zoo member {name!r}; known: {sorted(_SHIPPED)}")
+    path = _SHIPPED[name]
     if not (path / "config.json").is_file():
-        raise ValueError(f"{name}: weights missing at {path} (run scripts/train_digits_unet.py)")
+        script = ("train_digits_flow" if name in FLOW_ZOO else
+                  "train_digits_unet_cond" if name in CONDITIONAL_ZOO else "train_digits_unet")
+        raise ValueError(f"{name}: weights missing at {path} (run scripts/{script}.py)")
     rt = _runtime(options, device, dtype)
     den = load_diffusers(path, runtime=rt, name=name, **options)
-    den.sample_data = DigitsData()  # type: ignore[attr-defined]
+    if den.conditional:
+        from searchd.models.conditional import ClassDigitsData
+
+        # Exact samples of the class each seed asks for (seed mod 10): real digits.
+        den.sample_data = ClassDigitsData()  # type: ignore[attr-defined]
+    else:
+        den.sample_data = DigitsData()  # type: ignore[attr-defined]
     return den
 
 
@@ -215,7 +242,7 @@ def check_spec(
         if check_path and not Path(path).is_file():
             raise FileNotFoundError(f"model path {path!r} (kind gmm) is not a file")
     elif kind == "edm":
-        _check_options("edm", load_edm, opts, ("path", "runtime"))
+        _check_options("edm", load_edm, opts, ("path", "runtime", "trust_remote_code"))
         if check_path and "://" not in path and not Path(path).is_file():
             raise FileNotFoundError(
                 f"model path {path!r} (kind edm) is not a file: give the .pkl (see "
@@ -264,11 +291,11 @@ def load_spec(
     """
     name, kind, _, options = _spec_fields(spec)
     if kind is None:
-        if name in NEURAL_ZOO:
+        if name in _SHIPPED:
             return load_neural_zoo(str(name), device, dtype, **options)
         raise ValueError(
             f"unknown model {name!r}: give a kind ({', '.join(KINDS)}) or one of "
-            f"{', '.join(sorted(NEURAL_ZOO))}"
+            f"{', '.join(sorted(_SHIPPED))}"
         )
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")

@@ -151,10 +151,24 @@ class ComposedDenoiser:
         if len(present) == 1:
             return self.members[present[0]](x, sigma, **cond)
         out = torch.empty_like(x)
+        b = x.shape[0]
         for m in present:
             rows = (ids == m).nonzero().squeeze(1)
-            out[rows] = self.members[m](x[rows], sigma[rows], **cond).to(out.dtype)
+            # Per-row keywords (guidance weights, sample indices) follow their rows.
+            kw = {k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.ndim >= 1
+                  and v.shape[0] == b else v for k, v in cond.items()}
+            out[rows] = self.members[m](x[rows], sigma[rows], **kw).to(out.dtype)
         return out
+
+    @property
+    def conditional(self) -> bool:
+        """Every member conditions its rows on ``sample_index``."""
+        return all(bool(getattr(m, "conditional", False)) for m in self.members)
+
+    @property
+    def supports_guidance(self) -> bool:
+        """Every member takes per-row guidance weights."""
+        return all(bool(getattr(m, "supports_guidance", False)) for m in self.members)
 
     def sample_data(self, seeds: Sequence[int], **kw: Any) -> Tensor:
         """Exact data samples of the reference member (the data distribution)."""

@@ -21,7 +21,9 @@ What the loader works out, and from where (each can be overridden by an option):
   (``latents / scaling_factor + shift_factor``); ``decode`` is None for pixel models;
 - conditioning: class labels for class-conditional networks (DiT, ``UNet2DModel`` with
   ``num_class_embeds``); prompts for text-conditioned ones (``UNet2DConditionModel``,
-  ``Transformer2DModel`` with cross-attention), encoded once at load time.
+  ``Transformer2DModel`` with cross-attention, and Stable Diffusion 3's
+  ``SD3Transformer2DModel``, which also takes pooled prompt embeddings), encoded once at
+  load time.
 
 Prompts and labels per sample: row r of a call (or sample ``sample_index[r]`` when the
 caller passes it) uses prompt ``r mod P`` of the P prompts (labels likewise). An evaluator
@@ -61,12 +63,14 @@ SUPPORTED = (
     "UNet2DConditionModel",
     "DiTTransformer2DModel",
     "Transformer2DModel",
+    "SD3Transformer2DModel",
 )
 DENOISER_FOLDERS = ("unet", "transformer")
 SEARCHD_META = "searchd.json"
 # diffusers clamps a zero-SNR final level to this alphas_cumprod (rescale_betas_zero_snr).
 MIN_ALPHA_CUMPROD = 2.0**-24
-TextEncoder = Callable[[list[str]], Tensor]
+# encode(prompts) -> hidden states [P, L, D], or (hidden states, pooled [P, D']) for SD3.
+TextEncoder = Callable[[list[str]], "Tensor | tuple[Tensor, Tensor]"]
 
 
 def _diffusers() -> Any:
@@ -171,12 +175,15 @@ def parameterization_from_scheduler(
     zero-terminal-SNR rescaling as diffusers computes them; the cumulative product in
     float64), and ``prediction_type``
     from the config unless given. ``FlowMatch*`` schedulers: rectified flow with the network
-    fed ``num_train_timesteps * t``.
+    fed ``num_train_timesteps * t`` (the scheduler's ``shift`` and ``use_dynamic_shifting``
+    are kept on the ``Flow``: they say how that scheduler treats given sigmas).
     """
     diffusers = _diffusers()
     cls_name = str(config.get("_class_name", "DDPMScheduler"))
     if "FlowMatch" in cls_name:
-        return Flow(time_scale=float(config.get("num_train_timesteps", 1000)))
+        return Flow(time_scale=float(config.get("num_train_timesteps", 1000)),
+                    shift=float(config.get("shift", 1.0) or 1.0),
+                    dynamic_shifting=bool(config.get("use_dynamic_shifting", False)))
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"unknown scheduler class {cls_name!r} in the scheduler config")
@@ -271,6 +278,29 @@ class CLIPPromptEncoder:
         return hidden.float().clone()
 
 
+class SD3PromptEncoder:
+    """Encode prompts as Stable Diffusion 3 does: its pipeline's ``encode_prompt`` (two CLIP
+    encoders and T5, read from the pipeline folder; needs transformers) ->
+    ``(hidden states [P, L, 4096], pooled [P, 2048])``. The transformer and VAE are not
+    loaded here; the text encoders are dropped once the prompts are encoded."""
+
+    def __init__(self, src: Source, runtime: Runtime):
+        diffusers = _diffusers()
+        self.runtime = runtime.resolve()
+        self.pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
+            src.root, transformer=None, vae=None, torch_dtype=self.runtime.dtype,
+            **({"revision": src.revision} if src.revision else {}),
+        ).to(self.runtime.torch_device)
+
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None,
+                device=self.runtime.torch_device, do_classifier_free_guidance=False,
+            )
+        return hidden.float().clone(), pooled.float().clone()
+
+
 # The loader ----------------------------------------------------------------------------------
 def _sample_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
     size = config.get("sample_size")
@@ -310,9 +340,10 @@ def load_diffusers(
         subfolder: the network's subfolder (default: ``unet``/``transformer``/root).
         prompts: text models: a list of prompts or a prompts file (``read_prompts``).
         negative_prompt: the unconditional prompt of guidance (default: empty).
-        text_encoder: ``encode(list[str]) -> [P, L, D]`` encoder hidden states, or a
-            ``module:function`` entry point returning one; default: the pipeline's CLIP
-            tokenizer and text encoder (needs transformers).
+        text_encoder: ``encode(list[str]) -> [P, L, D]`` encoder hidden states (SD3: a pair
+            ``(hidden [P, L, D], pooled [P, D'])``), or a ``module:function`` entry point
+            returning one; default: the pipeline's CLIP tokenizer and text encoder (SD3: its
+            pipeline's ``encode_prompt``, both CLIPs and T5; needs transformers).
         labels: class-conditional models: the label table (default: every class in turn).
         guidance_scale: classifier-free guidance weight (1: none).
         vae: latent models: a VAE directory (default: the pipeline's ``vae/`` if present).
@@ -381,6 +412,7 @@ def load_diffusers(
         text_encoder=text_encoder,
         labels=labels,
         guided=guidance_scale != 1.0,
+        declared=meta.get("conditioning"),
     )
     decode = None
     if vae is not None:
@@ -423,9 +455,14 @@ def _conditioning(
     text_encoder: TextEncoder | str | None,
     labels: Sequence[int] | None,
     guided: bool,
+    declared: Mapping[str, Any] | None = None,
 ) -> Conditioning | None:
-    """Class labels or prompt embeddings for the network, as its config asks."""
-    text = cls_name == "UNet2DConditionModel" or (
+    """Class labels or prompt embeddings for the network, as its config asks.
+
+    ``declared``: ``searchd.json``'s ``conditioning`` (``num_classes``, ``null_label``), for
+    class-conditional UNets trained with label dropout, whose embedding table holds the
+    classes and one "no class" row (``digits-unet-cond-s``)."""
+    text = cls_name in ("UNet2DConditionModel", "SD3Transformer2DModel") or (
         cls_name == "Transformer2DModel" and config.get("cross_attention_dim")
     )
     if text:
@@ -437,9 +474,14 @@ def _conditioning(
         plist = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
         if isinstance(text_encoder, str):
             text_encoder = import_target(text_encoder)()
-        encode: TextEncoder = text_encoder or CLIPPromptEncoder(src, runtime)
+        default = SD3PromptEncoder if cls_name == "SD3Transformer2DModel" else CLIPPromptEncoder
+        encode: TextEncoder = text_encoder or default(src, runtime)
         cond = encode(plist)
-        uncond = encode([negative_prompt]) if guided else None
+        # The negative prompt is encoded even without constant guidance: a guidance
+        # schedule (per-step weights) needs the unconditional input too.
+        uncond = encode([negative_prompt])
+        if isinstance(cond, tuple):  # (hidden states, pooled): SD3's two inputs
+            return TextEmbeddings(cond[0], uncond[0], pooled=cond[1], uncond_pooled=uncond[1])
         return TextEmbeddings(cond, uncond)
     if prompts is not None:
         raise ValueError(f"{src.location}: prompts given for a model that is not text-conditioned")
@@ -450,6 +492,14 @@ def _conditioning(
         null = n_classes  # DiT's label embedding keeps one extra row for "no class"
     elif cls_name == "UNet2DModel" and config.get("num_class_embeds"):
         n_classes = config["num_class_embeds"]
+        if declared:
+            n_classes = int(declared["num_classes"])
+            null = declared.get("null_label")
+            if null is not None and not n_classes <= int(null) < config["num_class_embeds"]:
+                raise ValueError(
+                    f"{src.location}: searchd.json's null_label {null} is not an extra row "
+                    f"of the {config['num_class_embeds']} class embeddings"
+                )
     if n_classes:
         return ClassLabels(int(n_classes), labels, null_label=null)
     if labels is not None:

@@ -9,6 +9,11 @@ and need NVlabs' ``torch_utils`` and ``dnnlib`` packages importable to load: if 
 not, loading stops with one line saying what to install. The file is only read (and
 unpickled) after that check.
 
+Unpickling runs whatever code the file names, so ``load_edm`` (and a ``kind: edm`` model of a
+configuration) needs ``trust_remote_code=True`` (the command's ``--trust-remote-code``, the
+configuration's ``model.trust_remote_code``); without it the file is not opened
+(``UntrustedCodeError``, one line). ``read_edm_pickle`` is the raw read: it trusts its file.
+
 Class-conditional networks (``label_dim > 0``, e.g. the conditional CIFAR-10 model) get
 one-hot labels; row r (or sample ``sample_index[r]``) uses class ``r mod label_dim`` unless a
 label table is given, so a block of samples covers the classes evenly. The zero vector is
@@ -33,6 +38,7 @@ from searchd.models.generic import (
     NetworkDenoiser,
     call_positional,
     module_shape,
+    require_trust,
 )
 from searchd.models.runtime import Runtime
 
@@ -72,6 +78,8 @@ def nvlabs_code_available() -> bool:
 
 def read_edm_pickle(file: str | Path | BinaryIO, key: str = "ema") -> nn.Module:
     """The network stored in an EDM pickle: ``data[key]`` of a dict, or the object itself.
+    Unpickles ``file`` as it is (it runs the code the file names): call it on trusted files
+    only (``load_edm`` asks for ``trust_remote_code``).
 
     Raises:
         MissingNVlabsCode: the pickle refers to NVlabs' packages and they are not importable.
@@ -101,8 +109,10 @@ def load_edm(
     cost: float = 1.0,
     runtime: Runtime | Mapping[str, Any] | None = None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> NetworkDenoiser:
-    """Load an EDM pickle as a denoiser.
+    """Load an EDM pickle as a denoiser (unpickling runs code: ``trust_remote_code=True``
+    is required, else ``UntrustedCodeError`` before the file is opened).
 
     Args:
         path: the ``.pkl`` file (local; download the published ones first).
@@ -115,8 +125,11 @@ def load_edm(
         cost: relative cost of one call per sample (doubled with guidance).
         runtime: a ``Runtime`` or its options.
         name: for messages (default: the file name without extension).
+        trust_remote_code: the caller trusts the file (its unpickling runs code).
     """
     path = Path(path)
+    require_trust(f"the EDM pickle {str(path)!r} (unpickling runs the code it names)",
+                  trust_remote_code)
     if not path.is_file():
         raise ValueError(f"EDM pickle {path} does not exist (download it first)")
     net = read_edm_pickle(path, key)

@@ -301,9 +301,28 @@ class Flow(Parameterization):
     """Rectified flow / flow matching with ``x_t = (1 - t) x0 + t n`` and velocity
     ``v = n - x0``: ``sigma = t / (1 - t)``. The network is fed ``time_scale * t`` (SD3-style
     models: 1000). ``data_at_one=True`` is the opposite convention (facebookresearch
-    flow_matching: ``x_t = t x1 + (1 - t) x0`` with data at t = 1, velocity ``x1 - x0``)."""
+    flow_matching: ``x_t = t x1 + (1 - t) x0`` with data at t = 1, velocity ``x1 - x0``).
+
+    ``Flow.sigma_to_t`` / ``Flow.t_to_sigma`` convert between searchd's noise levels and the
+    flow time of diffusers' ``FlowMatch*`` schedulers and of SD3/Flux pipelines (their
+    ``sigmas=``: noise at t = 1, whatever convention the network itself uses). Whether a
+    loaded model is a flow model: ``flow_parameterization(denoiser)`` (module level).
+    """
 
     kind = "flow"
+
+    @staticmethod
+    def sigma_to_t(sigma: Any) -> Any:
+        """Flow time ``t = sigma / (1 + sigma)`` (in [0, 1)) of EDM noise levels ``sigma``
+        (a float, NumPy array or tensor of any shape; the result has its type and shape).
+        A final 0 stays 0."""
+        return sigma / (1 + sigma)
+
+    @staticmethod
+    def t_to_sigma(t: Any) -> Any:
+        """EDM noise level ``sigma = t / (1 - t)`` of flow times ``t`` in [0, 1) (any shape;
+        t = 1, pure noise, is sigma = inf and has no searchd level)."""
+        return t / (1 - t)
 
     def __init__(
         self,
@@ -311,9 +330,16 @@ class Flow(Parameterization):
         data_at_one: bool = False,
         sigma_min: float = EDM_SIGMA_MIN,
         sigma_max: float = EDM_SIGMA_MAX,
+        shift: float = 1.0,
+        dynamic_shifting: bool = False,
     ):
         self.time_scale, self.data_at_one = float(time_scale), bool(data_at_one)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        # What the checkpoint's FlowMatch scheduler does to the sigmas= it is given (its
+        # config's shift, or a shift from the image size with dynamic shifting): the
+        # model itself does not depend on it; handing a schedule to that scheduler does
+        # (searchd.schedules.baselines.scheduler_sigmas).
+        self.shift, self.dynamic_shifting = float(shift), bool(dynamic_shifting)
 
     def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         t = sigma / (1 + sigma)
@@ -331,10 +357,29 @@ class Flow(Parameterization):
             **super().describe(),
             "time_scale": self.time_scale,
             "data_at_one": self.data_at_one,
+            "shift": self.shift,
+            "dynamic_shifting": self.dynamic_shifting,
         }
 
 
 PARAMETERIZATIONS = ("edm", "edm_precond", "vp_eps", "vp_v", "vp_x0", "flow")
+
+
+def flow_parameterization(denoiser: Any) -> Flow | None:
+    """The ``Flow`` parameterization of a loaded rectified-flow model, else None.
+
+    Not None exactly when the denoiser is a network wrapped with ``Flow`` (a diffusers
+    checkpoint with a ``FlowMatch*`` scheduler, such as ``digits-flow-s``, or any model given
+    ``parameterization: flow``), or a model schedule (``ComposedDenoiser``) whose members all
+    are. Use it to tell a flow model apart and to convert its levels:
+    ``flow_parameterization(den).sigma_to_t(sigmas)`` gives the ``sigmas=`` a FlowMatch
+    scheduler or an SD3/Flux pipeline takes (``Flow.sigma_to_t`` is a static method)."""
+    members = getattr(denoiser, "members", None)
+    if members is not None:
+        flows = [flow_parameterization(m) for m in members]
+        return flows[-1] if flows and all(f is not None for f in flows) else None
+    param = getattr(denoiser, "param", None)
+    return param if isinstance(param, Flow) else None
 
 
 def make_time(params: Mapping[str, Any]) -> TimeMap:
@@ -468,10 +513,20 @@ class TextEmbeddings(Conditioning):
         cond: encoder hidden states of the P prompts [P, L, D].
         uncond: encoder hidden states of the negative (empty) prompt [1, L, D] or [P, L, D].
         key: the network keyword (``encoder_hidden_states``).
+        pooled, uncond_pooled: pooled prompt embeddings [P, D'] and of the negative prompt
+            [1, D'] or [P, D'] (SD3's ``pooled_projections``), passed as ``pooled_key``;
+            None for networks that take none.
     """
 
     def __init__(
-        self, cond: Tensor, uncond: Tensor | None = None, key: str = "encoder_hidden_states"
+        self,
+        cond: Tensor,
+        uncond: Tensor | None = None,
+        key: str = "encoder_hidden_states",
+        *,
+        pooled: Tensor | None = None,
+        uncond_pooled: Tensor | None = None,
+        pooled_key: str = "pooled_projections",
     ):
         if cond.ndim != 3:
             raise ValueError(f"prompt embeddings must be [P, L, D]; got {tuple(cond.shape)}")
@@ -479,24 +534,42 @@ class TextEmbeddings(Conditioning):
             raise ValueError(
                 f"negative embeddings {tuple(uncond.shape)} do not match {tuple(cond.shape)}"
             )
+        if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != cond.shape[0]):
+            raise ValueError(f"pooled embeddings must be [P, D] with P = {cond.shape[0]}; got "
+                             f"{tuple(pooled.shape)}")
+        if (uncond is not None and pooled is not None) and (
+            uncond_pooled is None or uncond_pooled.shape[1:] != pooled.shape[1:]
+        ):
+            raise ValueError("a model with pooled embeddings needs the negative prompt's too")
         self.cond, self.uncond, self.key = (
             cond.detach(),
             None if uncond is None else uncond.detach(),
             key,
         )
+        self.pooled = None if pooled is None else pooled.detach()
+        self.uncond_pooled = None if uncond_pooled is None else uncond_pooled.detach()
+        self.pooled_key = pooled_key
         self.n = cond.shape[0]
 
     def kwargs(self, index: Tensor, device: torch.device) -> dict[str, Tensor]:
         self.cond = self.cond.to(device)
-        return {self.key: self.cond[index.to(device) % self.n]}
+        rows = index.to(device) % self.n
+        out = {self.key: self.cond[rows]}
+        if self.pooled is not None:
+            self.pooled = self.pooled.to(device)
+            out[self.pooled_key] = self.pooled[rows]
+        return out
 
     def unconditional(self, batch: int, device: torch.device) -> dict[str, Tensor] | None:
         if self.uncond is None:
             return None
         self.uncond = self.uncond.to(device)
-        if self.uncond.shape[0] == 1:
-            return {self.key: self.uncond.expand(batch, -1, -1)}
-        return {self.key: self.uncond[torch.arange(batch, device=device) % self.uncond.shape[0]]}
+        rows = torch.arange(batch, device=device)
+        out = {self.key: self.uncond[rows % self.uncond.shape[0]]}
+        if self.uncond_pooled is not None:
+            self.uncond_pooled = self.uncond_pooled.to(device)
+            out[self.pooled_key] = self.uncond_pooled[rows % self.uncond_pooled.shape[0]]
+        return out
 
 
 # Calling conventions ---------------------------------------------------------------------
@@ -545,7 +618,10 @@ class NetworkDenoiser:
 
     A call takes ``x`` [B, *shape] and ``sigma`` [B] (or a scalar), optionally
     ``sample_index`` (int64 [B]): the conditioning of row r is entry ``sample_index[r] mod n``
-    of the conditioning table; without it, the row position r. The result has ``x``'s dtype
+    of the conditioning table; without it, the row position r. And optionally ``guidance``
+    (float [B]): the guidance weight of each row, in place of ``guidance_scale`` (a guidance
+    schedule's weights for the step); rows with weight 1 get the conditional output alone
+    and cost one network row, the others two. The result has ``x``'s dtype
     and device; the parameterization runs in float32 (float64 if ``x`` is float64), the
     network in the runtime's precision, in chunks of at most ``batch_size`` rows.
     """
@@ -590,6 +666,19 @@ class NetworkDenoiser:
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+    @property
+    def conditional(self) -> bool:
+        """Rows are conditioned (class labels, prompts), picked by ``sample_index``."""
+        return self.conditioning is not None
+
+    @property
+    def supports_guidance(self) -> bool:
+        """Per-row guidance weights are possible: there is an unconditional input."""
+        return (
+            self.conditioning is not None
+            and self.conditioning.unconditional(1, torch.device("cpu")) is not None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -637,7 +726,12 @@ class NetworkDenoiser:
         return out.to(self.runtime.io_dtype)
 
     def __call__(
-        self, x: Tensor, sigma: Tensor | float, *, sample_index: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        *,
+        sample_index: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
         """Denoise ``x`` [B, *shape] at noise levels ``sigma`` [B] -> ``x0_hat`` [B, *shape]."""
         if tuple(x.shape[1:]) != self.shape:
@@ -654,19 +748,37 @@ class NetworkDenoiser:
         sw = sigma.to(self.device, work)
         grad = torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad)
         x_in, t = self.param.network_inputs(xw, sw)
-        out = self._run(x_in, t, index, grad)
+        weights = None
+        if guidance is not None:
+            if not self.supports_guidance:
+                raise ValueError(
+                    f"{self.name}: guidance weights need conditioning with an unconditional "
+                    "input (a null class, one-hot labels, or negative-prompt embeddings)"
+                )
+            weights = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu()
+            weights = weights.expand(b) if weights.ndim == 0 else weights
+            if weights.shape != (b,):
+                raise ValueError(f"guidance has shape {tuple(weights.shape)}; expected ({b},)")
+        out = self._run(x_in, t, index, grad, weights)
         return self.param.to_x0(xw, sw, out.to(work)).to(dtype=x.dtype, device=x.device)
 
-    def _run(self, x_in: Tensor, t: Tensor, index: Tensor, grad: bool) -> Tensor:
-        """The (guided) network output [B, *shape] for all rows, in chunks."""
+    def _run(
+        self, x_in: Tensor, t: Tensor, index: Tensor, grad: bool, weights: Tensor | None = None
+    ) -> Tensor:
+        """The (guided) network output [B, *shape] for all rows, in chunks; ``weights``
+        (float64 [B]): per-row guidance weights in place of ``guidance_scale``."""
         b = x_in.shape[0]
-        chunk = self.batch_size // (2 if self.guided else 1) or 1
+        guided = self.guided if weights is None else bool((weights != 1).any())
+        chunk = self.batch_size // (2 if guided else 1) or 1
         outs = []
         with self.runtime.context(grad=grad):
             for lo in range(0, b, chunk):
                 sl = slice(lo, min(lo + chunk, b))
                 xs, ts = x_in[sl], t[sl]
                 kw = self._kwargs(index[sl])
+                if weights is not None:
+                    outs.append(self._guided_rows(xs, ts, kw, weights[sl]))
+                    continue
                 if not self.guided:
                     outs.append(self._forward(xs, ts, kw))
                     continue
@@ -678,6 +790,25 @@ class NetworkDenoiser:
                 outs.append(u + self.guidance_scale * (c - u))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out.clone() if not grad and self.runtime.inference_mode else out
+
+    def _guided_rows(
+        self, xs: Tensor, ts: Tensor, kw: dict[str, Tensor], w: Tensor
+    ) -> Tensor:
+        """Per-row guidance on one chunk: every row's conditional output, and an
+        unconditional one only for the rows with w != 1, in one network call."""
+        need = (w != 1).nonzero().squeeze(1)
+        if need.numel() == 0:
+            return self._forward(xs, ts, kw)
+        nd = need.to(xs.device)
+        unc = self.conditioning.unconditional(need.numel(), self.device)  # type: ignore[union-attr]
+        both = {k: torch.cat([kw[k], unc[k]]) for k in kw}  # type: ignore[index]
+        out = self._forward(torch.cat([xs, xs[nd]]), torch.cat([ts, ts[nd]]), both)
+        c, u = out[: xs.shape[0]], out[xs.shape[0] :]
+        wn = w[need].to(out.device, out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
+        guided = c.clone()
+        # Classifier-free guidance on the raw prediction (equal to guidance on x0).
+        guided[nd] = u + wn * (c[nd] - u)
+        return guided
 
     def model_time(self, sigma: Tensor | float) -> Tensor:
         """The time value [B] the network is fed at noise levels sigma (a discrete model's
@@ -697,6 +828,31 @@ class NetworkDenoiser:
 
 
 # Generic entry point ---------------------------------------------------------------------
+# Untrusted code ---------------------------------------------------------------------------
+# Model kinds whose loading runs code from the user's file (a pickle, an entry point).
+UNTRUSTED_KINDS = ("edm", "generic")
+TRUST_FLAG = "--trust-remote-code (or model.trust_remote_code: true in the configuration)"
+
+
+class UntrustedCodeError(ValueError):
+    """A model would run code from a file or module that was not declared trusted."""
+
+
+def require_trust(what: str, trusted: bool) -> None:
+    """Refuse, on one line, to run code from ``what`` unless ``trusted``.
+
+    An EDM pickle is unpickled (``pickle`` calls whatever the file names) and a generic entry
+    point is imported and called: both run arbitrary code with the user's rights. As with
+    transformers' ``trust_remote_code``, that needs an explicit opt-in; ``what`` says what
+    would run (e.g. ``"the EDM pickle x.pkl (unpickling runs the code it names)"``).
+    """
+    if not trusted:
+        raise UntrustedCodeError(
+            f"not loading {what}: it runs code with your rights; if you trust it, pass "
+            f"{TRUST_FLAG}"
+        )
+
+
 def import_target(target: str) -> Callable[..., Any]:
     """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
     module_name, sep, attr = target.rpartition(":")
@@ -729,8 +885,12 @@ def load_entry_point(
     *,
     runtime: Runtime | None = None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> NetworkDenoiser:
     """A denoiser from a user function returning ``(module, parameterization)``.
+
+    Importing and calling ``target`` runs its code: ``trust_remote_code=True`` is required
+    (else ``UntrustedCodeError``, before anything is imported).
 
     ``parameterization`` is a name of ``PARAMETERIZATIONS``, a mapping ``{"kind": ...,
     **params}`` (e.g. ``{"kind": "vp_eps", "grid": "iddpm_cosine", "time_scale": 0.25}``,
@@ -744,6 +904,7 @@ def load_entry_point(
     from the options, the parameterization mapping, or the module's ``img_channels`` and
     ``img_resolution`` attributes (EDM/ADM conventions), in that order.
     """
+    require_trust(f"the entry point {target!r} (imported and called)", trust_remote_code)
     opts = dict(options or {})
     fn = import_target(target)
     result = fn(**dict(opts.pop("args", {}) or {}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,6 +152,18 @@ class GaussianMixtureDenoiser:
         ``x``'s dtype and device. Differentiable by autograd in ``x`` and in ``sigma``.
         Conditioning keywords are not used by this model.
         """
+        return self._call(x, sigma)
+
+    def _call(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        bias: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """The posterior mean with optionally reweighted responsibilities (see ``_mix``):
+        ``bias`` [B, K] added to the log-responsibilities of the conditional part (0 or
+        -inf: the row's class's components), ``weight`` [B] the guidance weight per row."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {self.shape}]")
         sigma = sigma_per_sample(sigma, x)
@@ -159,34 +172,60 @@ class GaussianMixtureDenoiser:
         s2 = sigma.to(self.device, self.dtype).square()
         out = torch.empty_like(xf)
         rows = self._chunk_rows()
+
+        def part(t: Tensor | None, sel: slice | Tensor) -> Tensor | None:
+            return None if t is None else t[sel]
+
         if s2.requires_grad:
             # Differentiable in sigma: every row through its own level (grouping rows by
             # level would route the gradient of a group to one row's sigma).
             for sl in _slices(b, rows):
-                out[sl] = self._denoise_general(xf[sl], s2[sl])
+                out[sl] = self._denoise_general(xf[sl], s2[sl], part(bias, sl), part(weight, sl))
             return out.reshape(x.shape).to(x.device, x.dtype)
         levels, group = torch.unique(s2, return_inverse=True)
         if levels.numel() == 1:
             for sl in _slices(b, rows):
-                out[sl] = self._denoise_shared(xf[sl], levels[0])
+                out[sl] = self._denoise_shared(xf[sl], levels[0], part(bias, sl), part(weight, sl))
         elif levels.numel() * _MIN_GROUP_ROWS <= b:
             # Few distinct levels (per-sample schedules of a few candidates): one group each.
             for j in range(levels.numel()):
                 idx = (group == j).nonzero().squeeze(1)
-                xg = xf[idx]
+                xg, bg, wg = xf[idx], part(bias, idx), part(weight, idx)
                 out[idx] = torch.cat(
-                    [self._denoise_shared(xg[sl], levels[j]) for sl in _slices(idx.numel(), rows)]
+                    [self._denoise_shared(xg[sl], levels[j], part(bg, sl), part(wg, sl))
+                     for sl in _slices(idx.numel(), rows)]
                 )
         else:
             for sl in _slices(b, rows):
-                out[sl] = self._denoise_general(xf[sl], s2[sl])
+                out[sl] = self._denoise_general(xf[sl], s2[sl], part(bias, sl), part(weight, sl))
         return out.reshape(x.shape).to(x.device, x.dtype)
+
+    @staticmethod
+    def _mix(logits: Tensor, bias: Tensor | None, weight: Tensor | None) -> Tensor:
+        """Responsibilities [B, K] from log-responsibilities ``logits`` [B, K].
+
+        Plain: ``softmax(logits)``. With ``bias`` (the conditional part): ``r_c =
+        softmax(logits + bias)``, and with ``weight`` w [B] the guided ``r_u + w (r_c -
+        r_u)``, ``r_u = softmax(logits)`` (exactly ``r_c`` where w = 1). The posterior mean
+        is linear in the responsibilities, so this is classifier-free guidance
+        ``u + w (c - u)`` on the denoiser outputs, exactly.
+        """
+        if bias is None:
+            return torch.softmax(logits, dim=1)
+        cond = torch.softmax(logits + bias, dim=1)
+        if weight is None:
+            return cond
+        uncond = torch.softmax(logits, dim=1)
+        w = weight.to(logits.dtype)[:, None]
+        return torch.where(w == 1, cond, uncond + w * (cond - uncond))
 
     def _chunk_rows(self) -> int:
         elements = _CHUNK_ELEMENTS_CUDA if self.device.type == "cuda" else _CHUNK_ELEMENTS
         return max(1, elements // (self.n_components * self.dim))
 
-    def _denoise_shared(self, x: Tensor, s2: Tensor) -> Tensor:
+    def _denoise_shared(
+        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
+    ) -> Tensor:
         """Rows sharing one noise variance: flat ``x`` [B, D], scalar ``s2`` -> [B, D].
 
         The whitening by (l + s2)^(-1/2) is folded into the projection and back-projection
@@ -201,11 +240,13 @@ class GaussianMixtureDenoiser:
         log_norm = self._log_w + 0.5 * inv.log().sum(-1)  # [K]
         # Whitened coordinates of x - mu_k in the eigenbasis of Sigma_k + s2 I.
         w = torch.addmm(centre, x, proj, beta=-1).view(b, k, d)
-        r = torch.softmax(log_norm - 0.5 * w.square().sum(-1), dim=1)  # [B, K]
+        r = self._mix(log_norm - 0.5 * w.square().sum(-1), bias, weight)  # [B, K]
         # sum_k r_k [mu_k + U_k diag(l / (l + s2)) z_k], with z_k = sqrt(l + s2) w_k.
         return torch.addmm(r @ self._mu, (w * r[:, :, None]).view(b, k * d), back)
 
-    def _denoise_general(self, x: Tensor, s2: Tensor) -> Tensor:
+    def _denoise_general(
+        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
+    ) -> Tensor:
         """Rows with their own noise variances: flat ``x`` [B, D], ``s2`` [B] -> [B, D]."""
         b, k, d = x.shape[0], self.n_components, self.dim
         # Coordinates of x - mu_k in the eigenbasis of Sigma_k.
@@ -215,7 +256,7 @@ class GaussianMixtureDenoiser:
         inv = var.reciprocal()
         # Log-responsibilities: log pi_k + log N(x; mu_k, Sigma_k + s2 I), up to a constant.
         logp = self._log_w - 0.5 * ((z * z * inv).sum(-1) + var.log().sum(-1))  # [B, K]
-        r = torch.softmax(logp, dim=1)
+        r = self._mix(logp, bias, weight)
         # Posterior means mu_k + U_k diag(l / (l + s2)) z_k, weighted by r_k and summed.
         shrunk = z * (self._lam * inv) * r[:, :, None]  # [B, K, D]
         return torch.addmm(r @ self._mu, shrunk.view(b, k * d), self._back)
@@ -268,8 +309,9 @@ class GaussianMixtureDenoiser:
         return second - torch.outer(m, m)
 
     # Files --------------------------------------------------------------------------------
-    def save_npz(self, path: str | Path) -> None:
-        """Write the parameters (float64) and metadata to an ``.npz`` file."""
+    def save_npz(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Write the parameters (float64) and metadata to an ``.npz`` file (with ``extra``
+        arrays: a subclass's own fields)."""
         np.savez(
             path,
             weights=self.weights.numpy(),
@@ -280,7 +322,23 @@ class GaussianMixtureDenoiser:
             sigma_min=np.float64(self.sigma_min),
             sigma_max=np.float64(self.sigma_max),
             name=np.str_(self.name),
+            **extra,
         )
+
+    @staticmethod
+    def read_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and the constructor keywords (shape, cost, range, name) of a file
+        written by ``save_npz``."""
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        kw = {
+            "shape": tuple(int(s) for s in arrays["shape"]),
+            "cost": float(arrays["cost"]),
+            "sigma_min": float(arrays["sigma_min"]),
+            "sigma_max": float(arrays["sigma_max"]),
+            "name": str(arrays["name"]),
+        }
+        return arrays, kw
 
     @classmethod
     def from_npz(
@@ -293,15 +351,8 @@ class GaussianMixtureDenoiser:
     ) -> GaussianMixtureDenoiser:
         """Load a mixture written by ``save_npz``; keyword ``overrides`` replace stored fields
         (e.g. ``sigma_min``, ``name``)."""
-        with np.load(path, allow_pickle=False) as f:
-            kw = {
-                "shape": tuple(int(s) for s in f["shape"]),
-                "cost": float(f["cost"]),
-                "sigma_min": float(f["sigma_min"]),
-                "sigma_max": float(f["sigma_max"]),
-                "name": str(f["name"]),
-            }
-            weights, means, covs = f["weights"], f["means"], f["covs"]
+        arrays, kw = cls.read_npz(path)
+        weights, means, covs = arrays["weights"], arrays["means"], arrays["covs"]
         kw.update(overrides)
         return cls(weights, means, covs, device=device, dtype=dtype, **kw)
 

@@ -7,8 +7,11 @@ Two tables, both open for adapters added later:
 - kinds (``register_kind``): families loaded from a path given in the spec, e.g.
   ``ModelSpec(name="my-mixture", kind="gmm", path="mix.npz")``.
 
-Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``) and
-``digits-unet-{s,m,l}`` (the neural digits zoo, ``searchd.models.adapters``); the kinds
+Registered here: the names ``gmm-digits-k*`` (and the alias ``gmm-digits``),
+``gmm-digits-cond`` (one mixture per digit class, ``searchd.models.conditional``),
+``digits-unet-{s,m,l}`` and ``digits-flow-{s,m}`` (the neural digits zoo, EDM-trained and
+rectified-flow, ``searchd.models.adapters``) and ``digits-unet-cond-s`` (its
+class-conditional member, with an unconditional mode); the kinds
 ``gmm`` (an ``.npz`` mixture), ``diffusers`` (a diffusers pipeline or model directory, or a
 hub id), ``edm`` (an NVlabs EDM pickle) and ``generic`` (an entry point
 ``module:function``). The neural adapters are imported on first use, so importing this
@@ -28,7 +31,12 @@ import torch
 
 from searchd.models.base import Denoiser
 from searchd.models.gmm import GaussianMixtureDenoiser
-from searchd.models.names import NEURAL_KINDS, NEURAL_ZOO_NAMES
+from searchd.models.names import (
+    CONDITIONAL_NEURAL_NAMES,
+    FLOW_ZOO_NAMES,
+    NEURAL_KINDS,
+    NEURAL_ZOO_NAMES,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -189,6 +197,19 @@ def _register_embedded() -> None:
         register(path.stem, _embedded(path))
     if members:
         register_alias("gmm-digits", max(members)[1].stem)
+    cond = DATA_DIR / "gmm-digits-cond.npz"
+    if cond.is_file():
+        register(cond.stem, _embedded_conditional(cond))
+
+
+def _embedded_conditional(path: Path) -> Factory:
+    def factory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        from searchd.models.conditional import ConditionalGaussianMixture
+
+        return ConditionalGaussianMixture.from_npz(path, device=device, dtype=dtype,
+                                                   name=path.stem)
+
+    return factory
 
 
 # Neural adapters (searchd.models.adapters), imported on first use -----------------------------
@@ -214,5 +235,5 @@ register_kind("gmm", _gmm_kind)
 for _kind in NEURAL_KINDS:
     register_kind(_kind, _adapter_kind(_kind))
 _register_embedded()
-for _name in NEURAL_ZOO_NAMES:
+for _name in (*NEURAL_ZOO_NAMES, *FLOW_ZOO_NAMES, *CONDITIONAL_NEURAL_NAMES):
     register(_name, _neural_zoo_member(_name))

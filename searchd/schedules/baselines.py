@@ -165,7 +165,207 @@ CURVES: dict[str, Callable[..., np.ndarray]] = {
     "time_quadratic": _time_quadratic,
 }
 
-FAMILIES: tuple[str, ...] = (*CURVES, "discrete", "ays")
+
+# Flow-time families: what users of rectified-flow models run ---------------------------------
+# A rectified-flow model x_t = (1 - t) x0 + t n is the EDM model x = x_t / (1 - t) at
+# sigma = t / (1 - t) (searchd.models.generic.Flow), so its users' schedules, set in t, are
+# schedules in sigma like any other. Each family below is uniform in a base time s in [0, 1],
+# or at beta-distribution quantiles of it, mapped to t by SD3's time shift
+# t = shift s / (1 + (shift - 1) s) (Flux: shift = e^mu). The base range runs from the s of
+# sigma_max down to the s of sigma_min (diffusers' ``set_timesteps``, with a final 0 after it)
+# or, with ``to_zero``, down to s = 0, the final 0 being the grid's own last point (Flux's
+# pipeline, ComfyUI's schedulers): then the lowest positive level is the grid's last point
+# before 0, not sigma_min.
+def flow_t(sigma: np.ndarray | float) -> np.ndarray:
+    """Flow time t = sigma / (1 + sigma) of EDM noise levels (t in [0, 1), noise at t = 1)."""
+    s = np.asarray(sigma, dtype=np.float64)
+    return s / (1.0 + s)
+
+
+def flow_sigma(t: np.ndarray | float) -> np.ndarray:
+    """EDM noise level sigma = t / (1 - t) of flow times t in [0, 1) (t = 1 is sigma = inf)."""
+    tt = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return tt / (1.0 - tt)
+
+
+def shift_t(s: np.ndarray | float, shift: float) -> np.ndarray:
+    """SD3's time shift ``shift s / (1 + (shift - 1) s)`` (diffusers' ``shift``); Flux's
+    exponential dynamic shift with mu is this with ``shift = exp(mu)``."""
+    s = np.asarray(s, dtype=np.float64)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def unshift_t(t: np.ndarray | float, shift: float) -> np.ndarray:
+    """Inverse of ``shift_t``: the base time s of a shifted time t."""
+    t = np.asarray(t, dtype=np.float64)
+    return t / (shift - (shift - 1.0) * t)
+
+
+def scheduler_sigmas(
+    sigmas: np.ndarray,
+    shift: float = 1.0,
+    mu: float | None = None,
+    time_shift_type: str = "exponential",
+) -> np.ndarray:
+    """The ``sigmas=`` to give a diffusers ``FlowMatchEulerDiscreteScheduler`` (or an SD3 /
+    Flux pipeline, which passes them on) so that it samples at searchd's noise levels
+    ``sigmas`` [N+1] ending in 0.
+
+    Such a scheduler shifts the ``sigmas`` it is given like its own grid: by its config's
+    ``shift`` (SD3: 3), or with ``use_dynamic_shifting`` by ``mu`` (Flux: the pipeline
+    computes mu from the image size; ``flux_mu``): shift e^mu for ``time_shift_type``
+    "exponential", mu for "linear". So the values to pass are the schedule's flow times
+    ``t = sigma / (1 + sigma)`` un-shifted by that shift; the final 0 is left out (the
+    scheduler appends it). Not for schedulers configured with ``shift_terminal`` or
+    ``use_karras/exponential/beta_sigmas``, which remap given sigmas further.
+    """
+    levels = np.asarray(sigmas, dtype=np.float64)
+    if levels.ndim != 1 or levels.size < 2 or levels[-1] != 0.0:
+        raise ValueError("sigmas must be a schedule [N+1] ending in 0 (a flow scheduler "
+                         "appends its final 0 itself)")
+    if mu is None:
+        eff = float(shift)
+    elif time_shift_type == "exponential":
+        eff = float(np.exp(mu))
+    elif time_shift_type == "linear":
+        eff = float(mu)
+    else:
+        raise ValueError(f"time_shift_type = {time_shift_type!r}; allowed: exponential, linear")
+    if not eff > 0:
+        raise ValueError(f"the scheduler's shift must be > 0; got {eff!r}")
+    return unshift_t(flow_t(levels[:-1]), eff)
+
+
+def flux_mu(
+    image_seq_len: float,
+    base_seq_len: float = 256,
+    max_seq_len: float = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's resolution-dependent shift exponent: linear in the number of image tokens from
+    (base_seq_len, base_shift) to (max_seq_len, max_shift), as diffusers' Flux and SD3
+    pipelines compute it (``calculate_shift``) from the scheduler config's values."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(base_shift + slope * (image_seq_len - base_seq_len))
+
+
+def flux_image_seq_len(
+    height: int, width: int, vae_scale_factor: int = 8, patch_size: int = 2
+) -> int:
+    """Image tokens of a Flux-style latent transformer at a pixel size: the VAE's latents
+    (``vae_scale_factor`` smaller) cut into ``patch_size``-square patches."""
+    f = vae_scale_factor * patch_size
+    return (int(height) // f) * (int(width) // f)
+
+
+def flow_times(
+    n_points: int,
+    t_min: float,
+    t_max: float,
+    *,
+    shift: float = 1.0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    to_zero: bool = False,
+) -> np.ndarray:
+    """Decreasing flow times [n_points]: a base grid in s, shifted.
+
+    The base runs from ``s_max = unshift(t_max)`` down to ``s_lo``: ``unshift(t_min)`` (the
+    grid's last point, at t_min) or, with ``to_zero``, 0 (a grid of n_points + 1 points whose
+    last, t = 0, is left out: the caller appends the final 0). The base points are uniform, or
+    with ``alpha``/``beta`` at the quantiles ``ppf(1 - u)`` of a Beta(alpha, beta)
+    distribution (the "beta" schedule of Lee et al. 2024, as ComfyUI and diffusers'
+    ``use_beta_sigmas`` place it). Accepts t_max = 1 (what diffusers starts from).
+    """
+    s_max = float(unshift_t(t_max, shift))
+    if to_zero:
+        s_lo, u = 0.0, np.arange(n_points, dtype=np.float64) / n_points
+    else:
+        s_lo = float(unshift_t(t_min, shift))
+        u = np.linspace(0.0, 1.0, n_points) if n_points > 1 else np.zeros(1)
+    if alpha is None and beta is None:
+        q = 1.0 - u
+    else:
+        from scipy.stats import beta as beta_dist  # lazy: the config imports this module
+
+        q = beta_dist.ppf(1.0 - u, 0.6 if alpha is None else alpha, 0.6 if beta is None else beta)
+    return shift_t(s_lo + q * (s_max - s_lo), shift)
+
+
+def _flow_params(name: str, params: dict) -> dict:
+    """``flow_times`` keywords of a flow family from its parameters (popped)."""
+    def num(key: str, default: float) -> float:
+        v = params.pop(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"family {name!r}: {key} = {v!r}; it must be a finite number")
+        return float(v)
+
+    to_zero = params.pop("to_zero", FLOW_TO_ZERO[name])
+    if not isinstance(to_zero, (bool, np.bool_)):
+        raise ValueError(f"family {name!r}: to_zero = {to_zero!r}; it must be true or false")
+    kw: dict = {"to_zero": bool(to_zero)}
+    if name == "flow_shift":
+        kw["shift"] = num("shift", 3.0)
+    elif name == "flow_flux":
+        if "mu" in params:
+            mu = num("mu", 0.0)
+            if any(k in params for k in FLUX_KEYS):
+                raise ValueError(f"family 'flow_flux': give mu or {FLUX_KEYS[0]}, not both")
+        else:
+            mu = flux_mu(num("image_seq_len", 256), num("base_seq_len", 256),
+                         num("max_seq_len", 4096), num("base_shift", 0.5),
+                         num("max_shift", 1.15))
+        kw["shift"] = float(np.exp(mu))
+    elif name == "flow_beta":
+        kw.update(alpha=num("alpha", 0.6), beta=num("beta", 0.6), shift=num("shift", 1.0))
+        if not (kw["alpha"] > 0 and kw["beta"] > 0):
+            raise ValueError(f"family 'flow_beta': alpha and beta must be > 0; got {kw}")
+    if not kw.get("shift", 1.0) > 0:
+        raise ValueError(f"family {name!r}: shift = {kw['shift']!r}; it must be > 0")
+    if params:
+        raise ValueError(f"unknown parameters {sorted(params)} for family {name!r}; "
+                         f"allowed: {', '.join(FLOW_FAMILY_PARAMS[name])}")
+    return kw
+
+
+def _flow(name: str, n_points: int, smin: float, smax: float, final_zero: bool,
+          params: dict) -> np.ndarray:
+    """Positive levels [n_points] (sigma) of a flow family."""
+    kw = _flow_params(name, dict(params))
+    if kw["to_zero"] and not final_zero:
+        raise ValueError(f"family {name!r} with to_zero=True needs final_zero=True (its grid "
+                         "ends in 0)")
+    t = flow_times(n_points, float(flow_t(smin)), float(flow_t(smax)), **kw)
+    pts = flow_sigma(t)
+    if not kw["to_zero"] and n_points > 1:
+        pts[-1] = smin  # exact endpoints
+    pts[0] = smax
+    if pts[-1] < smin * (1 - 1e-12):
+        raise ValueError(f"family {name!r}: its lowest level {pts[-1]!r} is below sigma_min = "
+                         f"{smin!r} (too many steps for to_zero)")
+    return pts
+
+
+# Parameters of the flow families (besides n_steps, sigma_min, sigma_max, final_zero), and
+# whether each runs its base grid to 0 by default (what its users run).
+FLUX_KEYS = ("image_seq_len", "base_seq_len", "max_seq_len", "base_shift", "max_shift")
+FLOW_FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
+    "flow_uniform": ("to_zero",),
+    "flow_shift": ("shift", "to_zero"),
+    "flow_flux": ("mu", *FLUX_KEYS, "to_zero"),
+    "flow_beta": ("alpha", "beta", "shift", "to_zero"),
+}
+FLOW_TO_ZERO: dict[str, bool] = {
+    "flow_uniform": False,  # diffusers' set_timesteps
+    "flow_shift": False,  # diffusers' SD3 pipeline
+    "flow_flux": True,  # diffusers' Flux pipeline: sigmas = linspace(1, 1/N, N)
+    "flow_beta": True,  # ComfyUI's "beta" scheduler
+}
+FLOW_FAMILIES: tuple[str, ...] = tuple(FLOW_FAMILY_PARAMS)
+
+FAMILIES: tuple[str, ...] = (*CURVES, "discrete", "ays", *FLOW_FAMILIES)
 
 
 def _discrete(n_points: int, smin: float, smax: float, grid: str | np.ndarray) -> np.ndarray:
@@ -198,6 +398,11 @@ def baseline(
     Families: polynomial (``rho``, default 7, EDM), logsnr (uniform in log-SNR), time_uniform
     and time_quadratic (VP time, linear beta), discrete (``grid``: "ddpm_linear",
     "iddpm_cosine" or an array of sigmas), ays (``model``: sd15, sdxl, svd; its own range).
+    Flow-time families (``flow_times``): flow_uniform (uniform in t = sigma / (1 + sigma)),
+    flow_shift (SD3: ``shift``, default 3), flow_flux (Flux: ``mu``, or ``image_seq_len`` and
+    the scheduler's ``base_seq_len``, ``max_seq_len``, ``base_shift``, ``max_shift``),
+    flow_beta (``alpha``, ``beta``, default 0.6, and ``shift``, default 1); each takes
+    ``to_zero`` (the base grid runs to t = 0 instead of sigma_min; needs final_zero).
     """
     if name not in FAMILIES:
         raise ValueError(f"unknown schedule family {name!r}; known families: {list(FAMILIES)}")
@@ -217,7 +422,10 @@ def baseline(
             levels = levels.copy()
             levels[-1] = 0.0
         return levels.astype(np.float64)
-    if name == "discrete":
+    if name in FLOW_FAMILIES:
+        pts = _flow(name, n_points, float(sigma_min), float(sigma_max), final_zero, params)
+        params = {}
+    elif name == "discrete":
         grid = params.pop("grid", "ddpm_linear")
         pts = _discrete(n_points, sigma_min, sigma_max, grid)
     else:
@@ -245,6 +453,8 @@ def family_params(name: str) -> tuple[str, ...]:
         return ("grid",)
     if name == "ays":
         return ("model",)
+    if name in FLOW_FAMILY_PARAMS:
+        return FLOW_FAMILY_PARAMS[name]
     import inspect
 
     return tuple(list(inspect.signature(CURVES[name]).parameters)[3:])

@@ -106,9 +106,15 @@ class _ModelPart:
             )
         self.n_steps = int(n_steps)
 
-    def latency(self, model_ids: Sequence[int] | np.ndarray) -> float:
+    def latency(self, model_ids: Sequence[int] | np.ndarray,
+                guidance: Sequence[float] | np.ndarray | None = None) -> float:
+        """ms per sample: calls x member latency per step; a step with a guidance weight
+        != 1 makes every call twice (conditional and unconditional)."""
         ids = np.asarray(model_ids, dtype=np.int64)
-        return float(np.sum(self.calls * self.latency_ms[ids]))
+        calls = self.calls
+        if guidance is not None:
+            calls = calls * np.where(np.asarray(guidance, dtype=np.float64) != 1.0, 2, 1)
+        return float(np.sum(calls * self.latency_ms[ids]))
 
     def repair(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         return repair_models(ids, self.calls, self.latency_ms, self.budget_ms)
@@ -143,7 +149,7 @@ class _ModelPart:
         if schedule.model_ids is None:
             raise ValueError(f"schedule {schedule.id} has no model_ids; this is a model space")
         schedule.check_models(self.n_models)
-        cost = self.latency(schedule.model_ids)
+        cost = self.latency(schedule.model_ids, schedule.guidance)
         if cost > self.budget_ms * (1 + _BUDGET_RTOL):
             raise ValueError(
                 f"schedule {schedule.id} costs {cost:.6g} ms per sample; the budget is "
@@ -172,8 +178,8 @@ class _ModelSchedules:
         return self.models.budget_ms
 
     def latency(self, schedule: Schedule) -> float:
-        """ms per sample of ``schedule``'s model schedule."""
-        return self.models.latency(schedule.model_ids)
+        """ms per sample of ``schedule``'s model schedule (guided steps count twice)."""
+        return self.models.latency(schedule.model_ids, schedule.guidance)
 
 
 class ModelSpace(_ModelSchedules, _VectorSpace):

@@ -11,7 +11,8 @@ Two spaces are defined here:
   positive gaps in a warped coordinate (log sigma, or sigma^(1/rho)). Every point of the
   cube is valid, so random and Bayesian searchers need no rejection; ``u = 0.5`` everywhere
   is the schedule uniform in the warped coordinate (the logsnr baseline for ``warp="logsnr"``,
-  EDM's polynomial schedule for ``warp="rho"``).
+  EDM's polynomial schedule for ``warp="rho"``, SD3's shifted flow-time schedule, the
+  ``flow_shift`` baseline, for ``warp="flow"``).
 - ``DiscreteSpace``: a sorted subset of a model's sigma grid (O2TDM, GITS). Mutation and
   crossover keep the subset sorted and unique.
 
@@ -21,6 +22,7 @@ follow too. Numerical code only: no Ray, no Tune.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -29,9 +31,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from searchd.schedule import Schedule, validate_sigmas
+from searchd.schedules.baselines import flow_sigma, flow_t, shift_t, unshift_t
 
-Warp = Literal["logsnr", "rho"]
-WARPS: tuple[str, ...] = ("logsnr", "rho")
+Warp = Literal["logsnr", "rho", "flow"]
+WARPS: tuple[str, ...] = ("logsnr", "rho", "flow")
 
 # Relative tolerance used to decide that a level lies on the model's range or grid.
 _RTOL = 1e-9
@@ -51,8 +54,7 @@ def reflect_unit(v: np.ndarray) -> np.ndarray:
 def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
     """The same candidate (same id) with ``meta`` merged into its provenance."""
     merged = {**dict(schedule.meta), **meta}
-    return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, merged,
-                    schedule.strategy)
+    return dataclasses.replace(schedule, meta=merged)
 
 
 @runtime_checkable
@@ -181,8 +183,11 @@ class _VectorSpace:
 class ContinuousSpace(_VectorSpace):
     """Strictly decreasing schedules through positive gaps in a warped coordinate.
 
-    The warped coordinate is ``w = log(sigma)`` (``warp="logsnr"``) or ``w = sigma^(1/rho)``
-    (``warp="rho"``). A schedule has L positive levels (L = n_steps with a final 0, else
+    The warped coordinate is ``w = log(sigma)`` (``warp="logsnr"``), ``w = sigma^(1/rho)``
+    (``warp="rho"``) or, for rectified-flow models, the base time of SD3's shift
+    (``warp="flow"``): ``w = s`` with ``t = sigma / (1 + sigma) = shift s / (1 + (shift - 1)
+    s)``, so that the centre of the space is what flow users run (``shift`` 1: uniform in
+    t; 3: SD3's default). A schedule has L positive levels (L = n_steps with a final 0, else
     n_steps + 1), hence L - 1 gaps in w. Parameters (all in [0, 1]):
 
     - ``u[i]`` for i < L - 2: the i-th gap (from the top) is ``exp(kappa (u[i] - 1/2))`` times
@@ -210,6 +215,7 @@ class ContinuousSpace(_VectorSpace):
         gap_ratio: float = 30.0,
         endpoint_range: float = 0.3,
         solver: str = "dpmpp_2m",
+        shift: float = 1.0,
     ) -> None:
         if not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
             raise ValueError(f"n_steps = {n_steps!r}; it must be an integer >= 1")
@@ -222,6 +228,8 @@ class ContinuousSpace(_VectorSpace):
             raise ValueError(f"warp = {warp!r}; allowed: {list(WARPS)}")
         if not rho > 0:
             raise ValueError(f"rho = {rho!r}; it must be > 0")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift = {shift!r}; it must be a finite number > 0")
         if not gap_ratio > 1:
             raise ValueError(f"gap_ratio = {gap_ratio!r}; it must be > 1")
         if not 0 < endpoint_range < 0.5:
@@ -232,6 +240,7 @@ class ContinuousSpace(_VectorSpace):
         self.final_zero = bool(final_zero)
         self.warp = warp
         self.rho = float(rho)
+        self.shift = float(shift)
         self.free_endpoints = bool(free_endpoints)
         self.gap_ratio = float(gap_ratio)
         self.endpoint_range = float(endpoint_range)
@@ -250,11 +259,15 @@ class ContinuousSpace(_VectorSpace):
     def _w(self, sigma: np.ndarray) -> np.ndarray:
         if self.warp == "logsnr":
             return np.log(sigma)
+        if self.warp == "flow":
+            return unshift_t(flow_t(sigma), self.shift)
         return np.power(sigma, 1.0 / self.rho)
 
     def _w_inv(self, w: np.ndarray) -> np.ndarray:
         if self.warp == "logsnr":
             return np.exp(w)
+        if self.warp == "flow":
+            return flow_sigma(shift_t(w, self.shift))
         return np.power(w, self.rho)
 
     # Shape --------------------------------------------------------------------------------
@@ -276,6 +289,7 @@ class ContinuousSpace(_VectorSpace):
             "final_zero": self.final_zero,
             "warp": self.warp,
             "rho": self.rho,
+            **({"shift": self.shift} if self.warp == "flow" else {}),
             "free_endpoints": self.free_endpoints,
             "gap_ratio": self.gap_ratio,
             "endpoint_range": self.endpoint_range,

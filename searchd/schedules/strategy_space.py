@@ -1,11 +1,12 @@
 """The solver-schedule space: timesteps and the solver's per-step strategy as one candidate.
 
-``StrategySpace`` joins a timestep space (``ContinuousSpace`` or ``DiscreteSpace``) with one
-choice per step among the variants the solver computes at the same NFE
-(``searchd.solvers.strategy``): the multistep order of every step, and for UniPC whether
-the UniC corrector follows it. Parameters (all in [0, 1]): the timestep space's, then one
-per step for the order (cell ``floor(u * K)`` of the family's K orders), then, for UniPC,
-one per step for the corrector (on for u >= 1/2). Every point of the cube decodes; the
+``StrategySpace`` joins a timestep space (``ContinuousSpace`` or ``DiscreteSpace``, or a
+``GuidedSpace`` over one: timesteps and guidance weights) with one choice per step among
+the variants the solver computes at the same NFE (``searchd.solvers.strategy``): the
+multistep order of every step, and for UniPC whether the UniC corrector follows it.
+Parameters (all in [0, 1]): the timestep space's (with a guided one, its weights' too), then
+one per step for the order (cell ``floor(u * K)`` of the family's K orders), then, for
+UniPC, one per step for the corrector (on for u >= 1/2). Every point of the cube decodes; the
 decoded schedule holds its strategy in canonical form (an order beyond the history at hand
 is that history's), so points that sample the same share one id.
 
@@ -19,12 +20,14 @@ search it as they search any space. Numerical code only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from searchd.schedule import Schedule
+from searchd.schedules.guidance_spaces import GuidedSpace
 from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace, _VectorSpace, with_meta
 from searchd.solvers.strategy import default_strategy, family, parse_code
 
@@ -33,19 +36,21 @@ class StrategySpace(_VectorSpace):
     """Timesteps and a per-step solver strategy, searched together.
 
     Args:
-        timesteps: a ``ContinuousSpace`` or ``DiscreteSpace``; its shape and solver are
-            this space's. The solver must have per-step variants (``FAMILIES``).
+        timesteps: a ``ContinuousSpace`` or ``DiscreteSpace``, or a ``GuidedSpace`` over
+            one (its guidance weights are searched too, as that space searches them); its
+            shape and solver are this space's. The solver must have per-step variants
+            (``FAMILIES``).
         options: the solver's options as the run gives them (they set the plain solver's
             own choices, where a schedule without a strategy sits in this space).
         max_order: highest multistep order offered (default: the family's highest).
     """
 
-    def __init__(self, timesteps: ContinuousSpace | DiscreteSpace,
+    def __init__(self, timesteps: ContinuousSpace | DiscreteSpace | GuidedSpace,
                  options: Mapping[str, Any] | None = None, max_order: int | None = None
                  ) -> None:
-        if not isinstance(timesteps, (ContinuousSpace, DiscreteSpace)):
+        if not isinstance(timesteps, (ContinuousSpace, DiscreteSpace, GuidedSpace)):
             raise ValueError(f"timesteps is a {type(timesteps).__name__}; a strategy space "
-                             "takes a ContinuousSpace or a DiscreteSpace")
+                             "takes a ContinuousSpace, a DiscreteSpace or a GuidedSpace")
         orders, corrector, _ = family(timesteps.solver)
         if max_order is not None:
             if max_order not in orders:
@@ -78,10 +83,13 @@ class StrategySpace(_VectorSpace):
     # Halves -------------------------------------------------------------------------------
     @staticmethod
     def _strip(schedule: Schedule) -> Schedule:
-        return Schedule(schedule.sigmas, schedule.model_ids, schedule.solver, schedule.meta)
+        """The schedule without its strategy (timesteps, models, guidance and meta kept)."""
+        return dataclasses.replace(schedule, strategy=None)
 
     def _join(self, times: Schedule, codes: list[str]) -> Schedule:
-        return Schedule(times.sigmas, None, self.solver, times.meta, tuple(codes))
+        """The timestep half (with its guidance weights, if any) and these codes."""
+        return dataclasses.replace(times, model_ids=None, solver=self.solver,
+                                   strategy=tuple(codes))
 
     def codes_of(self, schedule: Schedule) -> list[str]:
         """The strategy of a schedule of this space (the plain solver's for none)."""
@@ -196,4 +204,8 @@ class StrategySpace(_VectorSpace):
         codes = [c if parse_code(self.solver, c, i)[0] in self.orders
                  else f"{self.orders[-1]}{c[1:]}"
                  for i, c in enumerate(self.codes_of(schedule))]
-        return with_meta(self._join(times, codes), **dict(schedule.meta))
+        # A guided space's projection sets the guidance provenance; the rest is the input's.
+        guided = isinstance(self.timesteps, GuidedSpace)
+        meta = {k: v for k, v in dict(schedule.meta).items()
+                if not (guided and k.startswith("guidance_"))}
+        return with_meta(self._join(times, codes), **meta)

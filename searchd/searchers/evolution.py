@@ -35,6 +35,12 @@ from searchd.searchers.predictor import PredictorConfig, SchedulePredictor, kend
 RETRY_FACTOR = 10
 
 
+# Mutation operators: "space" (the space's own: every parameter may move, with probability
+# m_prob) or "level" (``schedules.local.mutate_level``: one level moves between its
+# neighbours, the others keep their bits, so mutants share their parent's leading levels and
+# the evaluator's prefix tree computes those steps once).
+MUTATIONS = ("space", "level")
+
 class EvolutionSearcher(ScheduleSearcher):
     """O2TDM/AutoDiffusion evolutionary search.
 
@@ -89,8 +95,12 @@ class EvolutionSearcher(ScheduleSearcher):
         predictor_top_fraction: float | None = None,
         predictor_min_train: int = 16,
         predictor_config: PredictorConfig | None = None,
+        mutation: str = "space",
     ) -> None:
         super().__init__(space, metric, mode)
+        if mutation not in MUTATIONS:
+            raise ValueError(f"mutation = {mutation!r}; allowed: {', '.join(MUTATIONS)}")
+        self.mutation = mutation
         if predictor_top_fraction is not None and not 0 < predictor_top_fraction <= 1:
             raise ValueError(
                 f"predictor_top_fraction = {predictor_top_fraction}; it must be in (0, 1]"
@@ -255,6 +265,10 @@ class EvolutionSearcher(ScheduleSearcher):
         if isinstance(scale, tuple):  # mixed scale: log-uniform in [lo, hi]
             lo, hi = scale
             scale = meta["mutation_scale"] = float(lo * (hi / lo) ** self._rng.random())
+        if self.mutation == "level":  # one level moves; the others keep their bits
+            from searchd.schedules.local import mutate_level
+
+            return mutate_level(self.space, p, self._rng, scale), meta
         return self.space.mutate(p, self._rng, self.m_prob, scale), meta
 
     def _child(self, parents: list[Schedule]) -> tuple[Schedule, dict[str, Any]]:
@@ -285,6 +299,7 @@ class EvolutionSearcher(ScheduleSearcher):
                 "max_candidates": self.max_candidates,
                 "predictor_top_fraction": self.predictor_top_fraction,
                 "predictor_min_train": self.predictor_min_train,
+                **({"mutation": self.mutation} if self.mutation != "space" else {}),
             },
         }
 

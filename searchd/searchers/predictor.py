@@ -34,6 +34,10 @@ from torch import nn
 
 from searchd.schedule import Schedule
 
+# A step runs the network on the rows its pairs draw (not on every scored candidate) when
+# the training set holds more than this many times the pairs per step (see ``_train``).
+DRAWN_ROWS_ABOVE = 2
+
 
 @dataclass(frozen=True)
 class PredictorConfig:
@@ -162,14 +166,25 @@ class SchedulePredictor:
         opt = torch.optim.Adam(net.parameters(), lr=self.cfg.lr,
                                weight_decay=self.cfg.weight_decay)
         n = len(y)
+        p = self.cfg.pairs_per_step
         for _ in range(self.cfg.steps):
-            i = torch.randint(n, (self.cfg.pairs_per_step,), generator=torch_gen)
-            j = torch.randint(n, (self.cfg.pairs_per_step,), generator=torch_gen)
+            i = torch.randint(n, (p,), generator=torch_gen)
+            j = torch.randint(n, (p,), generator=torch_gen)
             sign = torch.sign(y[j] - y[i]).to(torch.float32)  # +1: i better than j
             if not bool((sign != 0).any()):
                 continue
-            s = net(ids, times)
-            loss = (nn.functional.softplus(-sign * (s[j] - s[i])) * sign.abs()).sum()
+            if n > DRAWN_ROWS_ABOVE * p:
+                # A large training set (a search with hundreds of workers): the network runs
+                # on the rows this step's pairs draw only, so a step costs the same however
+                # many candidates were scored (the same loss; smaller sets keep the full
+                # pass, bit for bit as before).
+                rows, inv = torch.unique(torch.cat([i, j]), return_inverse=True)
+                sub = net(ids[rows], times[rows])
+                si, sj = sub[inv[:p]], sub[inv[p:]]
+            else:
+                s = net(ids, times)
+                si, sj = s[i], s[j]
+            loss = (nn.functional.softplus(-sign * (sj - si)) * sign.abs()).sum()
             loss = loss / sign.abs().sum()
             opt.zero_grad()
             loss.backward()

@@ -30,6 +30,10 @@ class Trajectory:
     Attributes:
         denoiser: ``D(x [B, *shape], sigma [B]) -> x0_hat [B, *shape]``.
         model_ids: model index per sample and step [B, N] (int64), or None.
+        guidance: classifier-free guidance weight per sample and step [B, N] (float64), or
+            None (the denoiser's own guidance).
+        cond: per-row keyword tensors [B, ...] handed to every denoiser call unchanged
+            (e.g. ``sample_index``, which picks each row's class or prompt).
         final_zero: every row ends in 0 (the last step denoises); else no row does.
         dtype: dtype of the samples (and of the sigma handed to the denoiser).
         n_steps: steps N.
@@ -47,11 +51,15 @@ class Trajectory:
         dtype: torch.dtype,
         n_steps: int | None = None,
         policy: Any = None,
+        guidance: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
         strategy: Any = None,
     ) -> None:
         self.denoiser = denoiser
         self.strategy = strategy
         self.model_ids = model_ids
+        self.guidance = guidance
+        self.cond = dict(cond or {})
         self.final_zero = final_zero
         self.dtype = dtype
         self.policy = policy
@@ -127,19 +135,22 @@ class Trajectory:
     def denoise(self, x: Tensor, step: int, level: int | None = None) -> Tensor:
         """Call the denoiser for step ``step`` at ``sigmas[:, level]`` (default: ``step``).
 
-        Every call of a step passes that step's models (``model_id``), including the extra
-        evaluation of a two-stage step at the next level. With a policy, the first call of a
-        step makes level ``step + 1`` known (the policy's choice, or 0 for a final 0).
+        Every call of a step passes that step's models (``model_id``) and guidance weights
+        (``guidance``, float64 [B]), including the extra evaluation of a two-stage step at
+        the next level, and the per-row ``cond`` keywords. With a policy, the first call of
+        a step makes level ``step + 1`` known (the policy's choice, or 0 for a final 0).
         """
         level = step if level is None else level
         if self.policy is not None and len(self._levels) <= level:
             raise RuntimeError(f"level {level} is not known yet (solver reads ahead)")
         sigma = (self._levels[level] if self.policy is not None else self.sigmas[:, level])
         sigma = sigma.to(self.dtype)
-        if self.model_ids is None:
-            out = self.denoiser(x, sigma)
-        else:
-            out = self.denoiser(x, sigma, model_id=self.model_ids[:, step])
+        kw: dict[str, Tensor] = dict(self.cond)
+        if self.model_ids is not None:
+            kw["model_id"] = self.model_ids[:, step]
+        if self.guidance is not None:
+            kw["guidance"] = self.guidance[:, step]
+        out = self.denoiser(x, sigma, **kw)
         if self.policy is not None and level == step and len(self._levels) == step + 1:
             if self.final_zero and step == self.n_steps - 1:
                 self._append(torch.zeros_like(self._levels[0].detach()).unsqueeze(1))
@@ -249,8 +260,60 @@ def check_model_ids(model_ids: Any, batch: int, n_steps: int, device: torch.devi
     return ids.contiguous()
 
 
-def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any,
-               strategy: Any = None, solver: str | None = None) -> Trajectory:
+def check_guidance(guidance: Any, batch: int, n_steps: int, device: torch.device) -> Tensor:
+    """Validate a guidance schedule [N] or [B, N] of finite weights >= 0; return float64
+    [B, N]."""
+    if isinstance(guidance, Tensor):
+        if guidance.is_complex() or guidance.dtype == torch.bool:
+            raise ValueError(f"guidance must be real numbers; got dtype {guidance.dtype}")
+        g = guidance.detach().to(device=device, dtype=torch.float64)
+    else:
+        try:
+            g = torch.as_tensor(np.asarray(guidance, dtype=np.float64), device=device)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"guidance must be a float array [N] or [B, N]: {e}") from None
+    if g.ndim == 1 and g.shape[0] == n_steps:
+        g = g.unsqueeze(0).repeat(batch, 1)
+    elif not (g.ndim == 2 and tuple(g.shape) == (batch, n_steps)):
+        raise ValueError(
+            f"guidance has shape {tuple(g.shape)}; expected ({n_steps},) or "
+            f"({batch}, {n_steps}), one weight per step"
+        )
+    bad = ~torch.isfinite(g) | (g < 0)
+    if bad.any():
+        r, j = (int(v) for v in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"guidance[{r}, {j}] = {float(g[r, j])!r}; guidance weights must be finite and >= 0"
+        )
+    return g.contiguous()
+
+
+def check_cond(cond: Any, batch: int) -> dict[str, Tensor]:
+    """Validate per-row denoiser keywords: a mapping name -> tensor [B, ...]."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise ValueError(f"cond must be a dict of per-row tensors; got {type(cond).__name__}")
+    for k, v in cond.items():
+        if k in ("model_id", "guidance"):
+            raise ValueError(f"cond may not hold {k!r}: pass model_ids= / guidance= to solve")
+        if not isinstance(v, Tensor) or v.ndim < 1 or v.shape[0] != batch:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"cond[{k!r}] must be a tensor [B = {batch}, ...]; got {shape}")
+    return dict(cond)
+
+
+def trajectory(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Any,
+    model_ids: Any,
+    guidance: Any = None,
+    cond: Any = None,
+    *,
+    strategy: Any = None,
+    solver: str | None = None,
+) -> Trajectory:
     """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy).
 
     ``strategy``: per-step codes of ``solver`` (``searchd.solvers.strategy``), or None."""
@@ -266,15 +329,21 @@ def trajectory(denoiser: Denoiser, noise: Tensor, sigmas: Any, model_ids: Any,
         ids = None
         if model_ids is not None:
             ids = check_model_ids(model_ids, batch, int(n), noise.device)
+        g = None if guidance is None else check_guidance(guidance, batch, int(n), noise.device)
         empty = torch.empty((batch, 0), dtype=torch.float64, device=noise.device)
         traj = Trajectory(denoiser, empty, ids, bool(sigmas.final_zero), noise.dtype,
-                          n_steps=int(n), policy=sigmas)
+                          n_steps=int(n), policy=sigmas, guidance=g,
+                          cond=check_cond(cond, batch))
     else:
         sig, final_zero = check_sigmas(sigmas, batch, noise.device)
         ids = None
         if model_ids is not None:
             ids = check_model_ids(model_ids, batch, sig.shape[1] - 1, noise.device)
-        traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype)
+        g = None
+        if guidance is not None:
+            g = check_guidance(guidance, batch, sig.shape[1] - 1, noise.device)
+        traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype, guidance=g,
+                          cond=check_cond(cond, batch))
     if strategy is not None:
         from searchd.strategy_codes import resolve
 

@@ -1,11 +1,11 @@
 """Prefix sharing: many schedules on common noise, each shared prefix integrated once.
 
 All candidates of a search are scored on the same noise (common random numbers). Two
-schedules that agree on their first ``k + 1`` levels (and on the models, and any other
-per-step input, of their first ``k + 1`` steps) reach the same solver state after step
-``k``'s first denoiser call: the sample, the data predictions and the multistep history
-(``searchd.solvers.stepping``). ``solve_prefix_tree`` arranges the schedules in a tree of
-shared prefixes and runs every node once:
+schedules that agree on their first ``k + 1`` levels (and on the models, the guidance
+weights and any other per-step input of their first ``k + 1`` steps) reach the same solver
+state after step ``k``'s first denoiser call: the sample, the data predictions and the
+multistep history (``searchd.solvers.stepping``). ``solve_prefix_tree`` arranges the
+schedules in a tree of shared prefixes and runs every node once:
 
 - the root's children group the schedules by their first level (the start ``noise *
   sigma_0`` and the first call ``D(x_0, sigma_0)`` are shared);
@@ -72,14 +72,18 @@ class PrefixStats:
 def step_inputs(traj: Trajectory, k: int) -> tuple[np.ndarray, ...]:
     """What step ``k`` of a trajectory hands the solver and the denoiser, apart from the state.
 
-    The level ``sigma_k`` [B] and, when present, the step's models [B]. A new per-step input
-    of ``Trajectory`` (a guidance weight per step, a per-step solver strategy) must be added
-    here, or schedules differing only in it would be taken as one prefix
-    (``tests/test_prefix.py`` checks that the trajectory holds nothing unlisted).
+    The level ``sigma_k`` [B] and, when present, the step's models [B], guidance weights
+    [B] and the solver strategy's code of the step arriving at level k. A new per-step
+    input of ``Trajectory`` must be added here, or schedules differing only in it would be
+    taken as one prefix (``tests/test_prefix.py`` checks that the trajectory holds nothing
+    unlisted). The per-row keywords ``cond`` are not keyed: they are the same for every step
+    and every schedule of a tree (one argument of ``solve_prefix_tree``).
     """
     cols: list[np.ndarray] = [traj.sigmas[:, k].detach().cpu().numpy()]
     if traj.model_ids is not None and k < traj.n_steps:
         cols.append(traj.model_ids[:, k].cpu().numpy())
+    if traj.guidance is not None and k < traj.n_steps:
+        cols.append(traj.guidance[:, k].cpu().numpy())
     if traj.strategy is not None:
         # The per-step strategy of the step that arrives at level k (its order and
         # corrector make the state there); a marker at level 0 (a strategy keeps a longer
@@ -101,6 +105,8 @@ def solve_prefix_tree(
     *,
     solver: str = "dpmpp_2m",
     model_ids: Sequence[Tensor | np.ndarray | None] | None = None,
+    guidance: Sequence[Tensor | np.ndarray | None] | None = None,
+    cond: dict[str, Tensor] | None = None,
     stats: PrefixStats | None = None,
     strategies: Sequence[Sequence[str] | None] | None = None,
     **opts: Any,
@@ -114,6 +120,10 @@ def solve_prefix_tree(
             same ending (all end in 0 or none does).
         solver: a name of ``SOLVERS``; ``**opts`` its options, for every schedule.
         model_ids: None, or per schedule None / [N] / [B, N] (all None or none None).
+        guidance: None, or per schedule None / [N] / [B, N] guidance weights (all None or
+            none None), as ``solve``'s ``guidance``.
+        cond: per-row denoiser keywords {name: [B, ...]} shared by every schedule, as
+            ``solve``'s ``cond``.
         strategies: None, or per schedule None or its per-step strategy codes [N]
             (``searchd.solvers.strategy``); part of the prefix keys.
         stats: if given, the work done is added to it.
@@ -135,12 +145,20 @@ def solve_prefix_tree(
         raise ValueError(f"{len(model_ids)} model schedules for {len(schedules)} schedules")
     if len({m is None for m in model_ids}) > 1:
         raise ValueError("model_ids must be given for every schedule or for none")
+    if guidance is None:
+        guidance = [None] * len(schedules)
+    if len(guidance) != len(schedules):
+        raise ValueError(f"{len(guidance)} guidance schedules for {len(schedules)} schedules")
+    if len({g is None for g in guidance}) > 1:
+        raise ValueError("guidance must be given for every schedule or for none")
     if strategies is None:
         strategies = [None] * len(schedules)
     if len(strategies) != len(schedules):
         raise ValueError(f"{len(strategies)} strategies for {len(schedules)} schedules")
-    trajs = [trajectory(denoiser, noise, s, m, k, solver)
-             for s, m, k in zip(schedules, model_ids, strategies)]
+    trajs = [
+        trajectory(denoiser, noise, s, m, g, cond, strategy=k, solver=solver)
+        for s, m, g, k in zip(schedules, model_ids, guidance, strategies)
+    ]
     n_steps, final_zero = trajs[0].n_steps, trajs[0].final_zero
     for c, t in enumerate(trajs):
         if (t.n_steps, t.final_zero) != (n_steps, final_zero):

@@ -78,6 +78,14 @@ class SolverSpec:
         extra = 1 if (self.evals_per_step == 2 and final_zero) else 0
         return self.evals_per_step * n_steps - extra
 
+    def step_calls(self, n_steps: int, final_zero: bool = True) -> list[int]:
+        """Denoiser calls of each step (their sum is ``nfe``): two-call solvers make one on
+        a last step to 0."""
+        calls = [self.evals_per_step] * n_steps
+        if self.evals_per_step == 2 and final_zero:
+            calls[-1] = 1
+        return calls
+
 
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec

@@ -29,11 +29,12 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
@@ -54,6 +55,39 @@ from searchd.storage.schema import (
 )
 
 logger = logging.getLogger("searchd.storage")
+
+# Object stores: how long an operation is retried while the store cannot be reached.
+RETRY_ENV = "SEARCHD_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 300.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
+# What marks an object-store error as transient (AWS SDK error names as pyarrow reports
+# them, and the curl layer's): the store is down or overloaded, not the request wrong.
+_TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|curlCode|Could not connect|Connection reset|timed out|"
+    r"SLOW_DOWN|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIMEOUT|THROTTLING|"
+    r"HTTP response code: 5\d\d", re.I)
+T = TypeVar("T")
+
+
+def retry_limit() -> float:
+    """Seconds an object-store operation is retried (``$SEARCHD_STORAGE_RETRY_S``, default
+    300); ``ValueError`` (one line) for a value that is not a number >= 0."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{RETRY_ENV} = {text!r}: give the seconds to retry an unreachable "
+                         "object store, a number >= 0")
+    return value
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether an object-store error says the store was unreachable or overloaded."""
+    return bool(_TRANSIENT.search(str(err)))
 
 CONFIG_FILE = "config.yaml"
 BEST_FILE = "best.json"
@@ -202,6 +236,13 @@ def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str]:
     return fs, base, display
 
 
+def _short_cause(err: BaseException) -> str:
+    """The part of an object-store error that says what went wrong (its AWS error name)."""
+    text = one_line(err)
+    m = re.search(r"AWS Error \w+|curlCode: \d+, [^;]+", text)
+    return m.group(0) if m else text[:200]
+
+
 def _check_relpath(relpath: str) -> str:
     """A normalized relative path inside the run directory (no absolute path, no '..')."""
     rel = relpath.replace(os.sep, "/").strip("/")
@@ -249,6 +290,8 @@ class RunDir:
         # Object stores: a PUT is atomic and there is no rename (only copy + delete).
         self.is_object_store = self.filesystem.type_name in OBJECT_STORES
         self._verified: dict[str, pa.Table] = {}
+        self.retry_s = retry_limit()
+        self.retries = 0  # operations retried (object stores), for tests and reports
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
@@ -271,12 +314,47 @@ class RunDir:
         rel = _check_relpath(relpath)
         return f"{self.uri.rstrip('/')}/{rel}" if rel else self.uri
 
+    # Retries (object stores) ---------------------------------------------------------------
+    def _retrying(self, action: str, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``; on an object store, a transient error (the store unreachable or
+        overloaded) is retried with exponential backoff (1 s doubling to 30 s) and a
+        warning per retry, for up to ``retry_s`` seconds; then the error is raised, one line,
+        saying the run can be resumed. Local filesystems and other errors: raised at once."""
+        if not self.is_object_store:
+            return fn()
+        start, delay, attempt = time.monotonic(), _RETRY_FIRST_S, 0
+        while True:
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except (OSError, pa.ArrowException) as e:
+                attempt += 1
+                waited = time.monotonic() - start
+                if not is_transient(e):
+                    raise
+                if waited + delay > self.retry_s:
+                    raise StorageError(
+                        f"cannot {action} {what}: the object store did not answer for "
+                        f"{waited:.0f} s ({attempt} attempt(s); {RETRY_ENV}="
+                        f"{self.retry_s:g}): {_short_cause(e)}; what is stored is kept: "
+                        f"resume with --resume {self.location}") from e
+                self.retries += 1
+                logger.warning("cannot %s %s (%s); retrying in %.0f s (attempt %d, giving up "
+                               "after %.0f s)", action, what, _short_cause(e), delay, attempt,
+                               self.retry_s)
+                time.sleep(delay)
+                delay = min(2 * delay, _RETRY_MAX_S)
+
     # Generic files -----------------------------------------------------------------------------
     def exists(self, relpath: str = "") -> bool:
         """Whether ``relpath`` (a file or a directory) exists."""
         path = self.full_path(relpath)
         try:
-            return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+            return self._retrying("check", self.display(relpath), lambda: (
+                self.filesystem.get_file_info(path).type != pafs.FileType.NotFound))
+        except StorageError:
+            raise
         except (OSError, pa.ArrowException) as e:
             raise StorageError.from_os_error("check", self.display(relpath), e) from e
 
@@ -287,7 +365,10 @@ class RunDir:
     def _list(self, relpath: str) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.full_path(relpath), allow_not_found=True, recursive=False)
         try:
-            return self.filesystem.get_file_info(sel)
+            return self._retrying("list", self.display(relpath),
+                                  lambda: self.filesystem.get_file_info(sel))
+        except StorageError:
+            raise
         except (OSError, pa.ArrowException) as e:
             raise StorageError.from_os_error("list", self.display(relpath), e) from e
 
@@ -331,10 +412,14 @@ class RunDir:
     def read_bytes(self, relpath: str) -> bytes:
         """The content of a file of the run."""
         path = self.full_path(relpath)
-        try:
+
+        def read() -> bytes:
             with self.filesystem.open_input_stream(path) as f:
                 return f.read()
-        except FileNotFoundError:
+
+        try:
+            return self._retrying("read", self.display(relpath), read)
+        except (FileNotFoundError, StorageError):
             raise
         except (OSError, pa.ArrowException) as e:
             if not self.exists(relpath):
@@ -390,6 +475,8 @@ class RunDir:
                 while view:
                     n = os.write(fd, view[:_WRITE_CHUNK])
                     view = view[n:]
+                    # SEARCHD_FAULT=disk_full[:n]: ENOSPC with part of the file written.
+                    faults.write_fails(tmp)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -405,10 +492,16 @@ class RunDir:
     def _write_object(self, rel: str, data: bytes) -> None:
         """One PUT of the final key (atomic on S3 and GCS: the object appears whole or not)."""
         path = self.full_path(rel)
-        try:
+
+        def put() -> None:  # the same key and bytes again: a retry is idempotent
             out = self.filesystem.open_output_stream(path)
             out.write(data)
             out.close()
+
+        try:
+            self._retrying("write", self.display(rel), put)
+        except StorageError:
+            raise
         except (OSError, pa.ArrowException) as e:
             raise StorageError.from_os_error("write", self.display(rel), e) from e
 

@@ -1,0 +1,412 @@
+"""Metrics that score conditioning: class-conditional FID, classifier agreement, an objective.
+
+FID alone rewards a model that ignores its condition (a perfect unconditional sampler has
+the pool's FID). Class-conditional models are scored here on three numbers, each from the
+samples of a candidate whose class labels are a function of the seeds (``seed mod C``,
+``searchd.models.conditional.class_labels``: every candidate gets the same noise and the
+same label per seed, and the classes are balanced):
+
+- ``fid_class``: the mean over classes of the FID of the class's samples against the
+  class's reference statistics (how well each conditional distribution is matched);
+- ``fid``: the FID of all samples (the class-balanced pool) against the class-balanced
+  reference pool;
+- ``accuracy``: the fraction of samples that the classifier (the digits network's 10-way
+  head, standing in for CLIP score) assigns to the requested class.
+
+Statistics are mergeable (``ClassStats``: a ``FeatureStats`` per class and counts of correct
+predictions, float64 sums), like every other statistic of searchd.
+
+**The objective** (``GuidanceObjective``) chosen for searches over guidance: FID subject to a
+floor on accuracy, ``fid_class + penalty * max(0, floor - accuracy)``, the floor being the
+accuracy of a reference schedule (constant guidance at the model's usual scale) measured on
+the same seeds, and the penalty ``penalty_per_point`` times that reference's ``fid_class``
+per percentage point below the floor. Why a constraint and not a weighted sum: the user's
+question is "the best distribution match that follows the condition at least as well as
+what I use today"; a weighted sum needs an exchange rate between FID and accuracy that
+means nothing to a user and changes with the feature space, while the floor is in the
+user's own terms. The penalty (not a hard rejection) keeps the landscape informative for
+TPE and the evolution near the boundary; at the default (one reference-FID per point) a
+schedule one point below the floor needs a FID better than the reference's by 100% to win,
+which is impossible, so feasible schedules always rank first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from searchd.evaluation.evaluate import CandidateResult, Evaluator
+from searchd.evaluation.features import FeatureNetwork
+from searchd.evaluation.frechet import FrechetReference
+from searchd.evaluation.heldout import bootstrap_fid
+from searchd.evaluation.reference import ReferenceStats
+from searchd.evaluation.stats import FeatureStats
+from searchd.models.conditional import class_labels
+from searchd.schedule import Schedule
+
+CONDITIONAL_METRICS = ("fid_class", "fid", "accuracy", "objective", "network_calls")
+
+
+# Reference ----------------------------------------------------------------------------------
+@dataclass
+class ClassReference:
+    """Reference statistics of each class and of the class-balanced pool, in one feature
+    space.
+
+    Attributes:
+        classes: one ``ReferenceStats`` per class, in class order.
+        pool: the class-balanced pool's (equal numbers per class, or as given).
+    """
+
+    classes: list[ReferenceStats]
+    pool: ReferenceStats
+    _frechet: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def from_features(
+        cls, features: Tensor | np.ndarray, labels: Sequence[int] | np.ndarray, n_classes: int,
+        meta: Mapping[str, Any] | None = None,
+    ) -> ClassReference:
+        """From per-sample features [n, d] of labelled reference images (labels [n])."""
+        f = torch.as_tensor(features).to(torch.float64)
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        if y.shape != (f.shape[0],):
+            raise ValueError(f"{y.shape[0]} labels for {f.shape[0]} feature rows")
+        refs = []
+        for c in range(n_classes):
+            fc = f[y == c]
+            if fc.shape[0] < 2:
+                raise ValueError(f"class {c} has {fc.shape[0]} reference samples; need >= 2")
+            refs.append(ReferenceStats.from_stats(FeatureStats.from_features(fc),
+                                                  {**dict(meta or {}), "class": c}))
+        pool = ReferenceStats.from_stats(FeatureStats.from_features(f),
+                                         {**dict(meta or {}), "class": "pool"})
+        return cls(refs, pool)
+
+    def frechet(self, device: str | torch.device = "cpu"
+                ) -> tuple[list[FrechetReference], FrechetReference]:
+        """Fast-path references of each class and of the pool (factored once, cached)."""
+        key = str(device)
+        if key not in self._frechet:
+            self._frechet[key] = ([r.frechet(device) for r in self.classes],
+                                  self.pool.frechet(device))
+        return self._frechet[key]
+
+    def check(self, network: FeatureNetwork) -> None:
+        """Refuse statistics of another feature space (``ReferenceStats.check``)."""
+        self.pool.check(network)
+        for r in self.classes:
+            r.check(network)
+
+    def save(self, path: str | Path) -> Path:
+        """One ``.npz``: ``mu`` [C+1, d], ``sigma`` [C+1, d, d] (classes, then the pool)."""
+        import json
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        refs = [*self.classes, self.pool]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=np.stack([r.mu for r in refs]), sigma=np.stack([r.sigma for r in refs]),
+                     n=np.asarray([-1 if r.n is None else r.n for r in refs], dtype=np.int64),
+                     meta=np.asarray(json.dumps(self.pool.meta, sort_keys=True)))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClassReference:
+        import json
+
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma, n = z["mu"], z["sigma"], z["n"]
+            meta = json.loads(str(z["meta"]))
+        refs = [ReferenceStats(mu[i], sigma[i], int(n[i]) if n[i] >= 0 else None,
+                               {**meta, "class": i}) for i in range(mu.shape[0] - 1)]
+        pool = ReferenceStats(mu[-1], sigma[-1], int(n[-1]) if n[-1] >= 0 else None, meta)
+        return cls(refs, pool)
+
+
+def exact_class_reference(
+    denoiser: Any, network: FeatureNetwork, seeds: Sequence[int] | range, n_classes: int,
+    *, batch_size: int = 2048,
+) -> ClassReference:
+    """Per-class and pooled reference statistics of a conditional model's exact samples
+    (``sample_data``: seed s is a sample of class ``s mod C``; use seeds disjoint from the
+    noise seeds and a multiple of C of them for an exactly balanced pool)."""
+    sample = getattr(denoiser, "sample_data", None)
+    if sample is None:
+        raise ValueError(f"{denoiser!r} has no exact samples (no sample_data)")
+    seeds = [int(s) for s in seeds]
+    feats = []
+    for a in range(0, len(seeds), batch_size):
+        x = sample(seeds[a : a + batch_size]).to(torch.float32)
+        feats.append(network(x.reshape(x.shape[0], *_image_shape(x)).to(network.device)).cpu())
+    meta = {"features": network.info["features"], "mode": network.info["mode"],
+            "dim": network.info["dim"], "source": f"{getattr(denoiser, 'name', 'model')}-exact",
+            "seed_base": seeds[0] if seeds else None, "count": len(seeds)}
+    return ClassReference.from_features(torch.cat(feats), class_labels(seeds, n_classes),
+                                        n_classes, meta)
+
+
+def _image_shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[1:]) if x.ndim == 4 else (1, *x.shape[1:])
+
+
+# Mergeable statistics -----------------------------------------------------------------------
+@dataclass
+class ClassStats:
+    """A candidate's samples per class: features' ``FeatureStats`` and classifier hits.
+
+    Attributes:
+        stats: one ``FeatureStats`` per class.
+        correct: samples of each class the classifier assigned to it, int64 [C].
+    """
+
+    stats: list[FeatureStats]
+    correct: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_classes: int, dim: int) -> ClassStats:
+        return cls([FeatureStats.zeros(dim) for _ in range(n_classes)],
+                   np.zeros(n_classes, dtype=np.int64))
+
+    def add(self, features: Tensor, logits: Tensor, labels: Tensor | np.ndarray) -> ClassStats:
+        """Add samples: features [n, d], classifier logits [n, C], requested labels [n]."""
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        hit = (logits.argmax(1).cpu() == y)
+        for c in range(len(self.stats)):
+            sel = (y == c).nonzero().squeeze(1)
+            if sel.numel():
+                self.stats[c].add(features[sel.to(features.device)])
+                self.correct[c] += int(hit[sel].sum())
+        return self
+
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Add another part's statistics (disjoint samples) in place; returns self."""
+        if len(other.stats) != len(self.stats):
+            raise ValueError(f"cannot merge {len(other.stats)} classes into {len(self.stats)}")
+        self.stats = [s.merge(o) for s, o in zip(self.stats, other.stats)]
+        self.correct = self.correct + other.correct
+        return self
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.asarray([s.n for s in self.stats], dtype=np.int64)
+
+    def metrics(self, reference: ClassReference) -> dict[str, float]:
+        """``fid_class`` (mean per-class FID), ``fid`` (pool), ``accuracy``, and
+        ``fid_class_<c>`` per class."""
+        per_class, pool = reference.frechet()
+        fids = [float(ref(s)) for ref, s in zip(per_class, self.stats)]
+        pooled = FeatureStats.merge_all(self.stats)
+        out = {"fid_class": float(np.mean(fids)), "fid": float(pool(pooled)),
+               "accuracy": float(self.correct.sum() / max(1, self.counts.sum()))}
+        out.update({f"fid_class_{c}": v for c, v in enumerate(fids)})
+        return out
+
+
+def conditional_metrics(features: Tensor, logits: Tensor, labels: Sequence[int] | np.ndarray,
+                        reference: ClassReference) -> dict[str, float]:
+    """The class-conditional metrics of one candidate's samples (see ``ClassStats``)."""
+    st = ClassStats.zeros(reference.n_classes, features.shape[1])
+    return st.add(features, logits, labels).metrics(reference)
+
+
+# Paired bootstrap -----------------------------------------------------------------------------
+def stratified_counts(labels: Sequence[int] | np.ndarray, resamples: int, seed: int = 0
+                      ) -> Tensor:
+    """Bootstrap counts [resamples, n] (float64) drawn within each class: the labels are
+    fixed by the seeds (a design, not a random draw), so each class keeps its size in every
+    resample. Shared by all schedules of a comparison, the resamples are paired."""
+    y = np.asarray(labels, dtype=np.int64)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(resamples, y.size, dtype=torch.float64)
+    for c in np.unique(y):
+        idx = torch.as_tensor(np.flatnonzero(y == c))
+        draw = torch.randint(0, idx.numel(), (resamples, idx.numel()), generator=g)
+        sub = torch.zeros(resamples, idx.numel(), dtype=torch.float64)
+        sub.scatter_add_(1, draw, torch.ones_like(draw, dtype=torch.float64))
+        counts[:, idx] = sub
+    return counts
+
+
+def bootstrap_conditional(features: Tensor, logits: Tensor, labels: Sequence[int] | np.ndarray,
+                          reference: ClassReference, counts: Tensor) -> dict[str, np.ndarray]:
+    """Bootstrap values [resamples] of ``fid_class``, ``fid`` and ``accuracy`` of one
+    candidate, for resample counts from ``stratified_counts`` (same labels)."""
+    y = np.asarray(labels, dtype=np.int64)
+    f = torch.as_tensor(features)
+    per_class, pool = reference.frechet()
+    fids = []
+    for c, ref in enumerate(per_class):
+        idx = torch.as_tensor(np.flatnonzero(y == c))
+        fids.append(bootstrap_fid(f[idx], ref, counts[:, idx]).numpy())
+    hit = (torch.as_tensor(logits).argmax(1).cpu().numpy() == y).astype(np.float64)
+    acc = (counts.numpy() @ hit) / y.size
+    return {"fid_class": np.mean(np.stack(fids), axis=0),
+            "fid": bootstrap_fid(f, pool, counts).numpy(), "accuracy": acc}
+
+
+# The objective ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GuidanceObjective:
+    """``fid_class + penalty * max(0, floor - accuracy)`` (see the module docstring).
+
+    Attributes:
+        floor: the accuracy to keep (that of the reference schedule on the same seeds).
+        reference_fid: the reference schedule's ``fid_class`` (sets the penalty's scale).
+        penalty_per_point: reference-FIDs of penalty per percentage point below the floor.
+        margin: added to the floor (accuracy points as a fraction, e.g. 0.005).
+    """
+
+    floor: float
+    reference_fid: float
+    penalty_per_point: float = 1.0
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k in ("floor", "reference_fid", "penalty_per_point", "margin"):
+            v = getattr(self, k)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"objective {k} = {v!r}; it must be finite and >= 0")
+
+    def __call__(self, metrics: Mapping[str, float]) -> float:
+        short = max(0.0, self.floor + self.margin - float(metrics["accuracy"]))
+        return float(metrics["fid_class"]) + self.penalty_per_point * self.reference_fid * (
+            100.0 * short)
+
+    def describe(self) -> dict[str, Any]:
+        """What the run records about its objective."""
+        return {"kind": "fid_class subject to accuracy >= floor (exact penalty)",
+                "formula": "fid_class + penalty_per_point * reference_fid * 100 * "
+                           "max(0, floor + margin - accuracy)",
+                "floor": self.floor, "reference_fid": self.reference_fid,
+                "penalty_per_point": self.penalty_per_point, "margin": self.margin}
+
+
+# The evaluator ----------------------------------------------------------------------------------
+class ConditionalEvaluator:
+    """Scores schedules of a class-conditional model on the metrics above.
+
+    Args:
+        denoiser: a conditional denoiser (``is_conditional``) or a zoo name.
+        reference: per-class and pool statistics in the classifier's feature space.
+        features: the feature network, which must also give class logits (``digits``).
+        objective: a ``GuidanceObjective``, or None (then ``objective`` = ``fid_class``).
+        solver, solver_options, batch_size: as ``Evaluator``.
+
+    ``evaluate(candidates, seeds)`` returns ``CandidateResult``s whose metrics hold
+    ``fid_class``, ``fid``, ``accuracy``, ``objective``, ``network_calls`` (forward passes
+    per sample, guidance counted: ``searchd.solvers.network_calls``) and the per-class FIDs;
+    a failing candidate fails alone. Samples come from ``Evaluator.generate`` (one solver run
+    per candidate, each row conditioned on its seed's class).
+    """
+
+    def __init__(self, denoiser: Any, reference: ClassReference,
+                 features: FeatureNetwork | str = "digits", *,
+                 objective: GuidanceObjective | None = None, solver: str | None = None,
+                 solver_options: Mapping[str, Any] | None = None, batch_size: int = 4096,
+                 n_classes: int | None = None) -> None:
+        from searchd.models.conditional import is_conditional
+
+        # The plain evaluator (pool FID, population-batched) does the sampling.
+        self.evaluator = Evaluator(denoiser, features, reference.pool, metrics=("fid",),
+                                   solver=solver, solver_options=solver_options,
+                                   batch_size=batch_size)
+        self.denoiser = self.evaluator.denoiser
+        if not is_conditional(self.denoiser):
+            raise ValueError(f"{getattr(self.denoiser, 'name', self.denoiser)!r} is not a "
+                             "conditional model; class-conditional metrics need one")
+        self.features = self.evaluator.features
+        if "logits" not in self.features.outputs:
+            raise ValueError(f"feature network {self.features.name!r} has no class logits")
+        self.n_classes = int(n_classes or getattr(self.denoiser, "n_classes", None)
+                             or self.features.n_classes)
+        if reference.n_classes != self.n_classes:
+            raise ValueError(f"reference has {reference.n_classes} classes; the model "
+                             f"{self.n_classes}")
+        reference.check(self.features)
+        self.reference = reference
+        self.objective = objective
+
+    def with_objective(self, objective: GuidanceObjective | None) -> ConditionalEvaluator:
+        """The same evaluator scoring another objective (everything loaded is shared)."""
+        other = object.__new__(ConditionalEvaluator)
+        other.__dict__.update(self.__dict__)
+        other.objective = objective
+        return other
+
+    def samples(self, schedule: Schedule, seeds: Sequence[int]) -> Tensor:
+        """Samples [n, *shape] of one schedule (row i: seed i's noise and class)."""
+        return self.evaluator.generate(schedule, seeds)
+
+    def outputs(self, schedule: Schedule, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Features [n, d] and classifier logits [n, C] of one schedule's samples (CPU)."""
+        x = self.samples(schedule, seeds)
+        ev = self.evaluator
+        images = ev.decode(x) if ev.decode is not None else x.reshape(x.shape[0],
+                                                                      *ev.image_shape)
+        out = self.features.extract(images.to(self.features.device), ("features", "logits"))
+        feats, logits = out["features"].cpu(), out["logits"].cpu()
+        if not (torch.isfinite(feats).all() and torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(feats).all(1)).nonzero()[0]) if not torch.isfinite(
+                feats).all() else 0
+            raise ValueError(f"non-finite features for sample {bad} (seed {seeds[bad]})")
+        return feats, logits
+
+    def labels(self, seeds: Sequence[int]) -> np.ndarray:
+        """The class asked of each seed, int64 [n]."""
+        return class_labels(seeds, self.n_classes)
+
+    def network_calls(self, schedule: Schedule) -> int:
+        from searchd.solvers import network_calls
+
+        solver = self.evaluator.solver or schedule.solver
+        return network_calls(solver, schedule.n_steps, schedule.final_zero, schedule.guidance,
+                             guided=bool(getattr(self.denoiser, "guided", False)))
+
+    def evaluate(self, candidates: Sequence[Schedule | Mapping[str, Any]],
+                 seeds: Sequence[int]) -> list[CandidateResult]:
+        """Score each candidate on the samples of ``seeds`` (one result each, in order)."""
+        from searchd.solvers import nfe
+
+        seeds = [int(s) for s in seeds]
+        labels = self.labels(seeds)
+        results = []
+        for c in candidates:
+            t0 = time.perf_counter()
+            cid = c.id if isinstance(c, Schedule) else str(dict(c).get("id", "invalid"))
+            try:
+                s = c if isinstance(c, Schedule) else Schedule.from_dict(c)
+                s.check_range(self.denoiser.sigma_min, self.denoiser.sigma_max)
+                solver = self.evaluator.solver or s.solver
+                cost = nfe(solver, s.n_steps, s.final_zero)
+                feats, logits = self.outputs(s, seeds)
+                m = conditional_metrics(feats, logits, labels, self.reference)
+                m["objective"] = self.objective(m) if self.objective else m["fid_class"]
+                m["network_calls"] = float(self.network_calls(s))
+                bad = [k for k, v in m.items() if not math.isfinite(v)]
+                if bad:
+                    raise ValueError(f"non-finite {bad}")
+                wall = time.perf_counter() - t0
+                results.append(CandidateResult(s.id, "ok", m, cost, len(seeds), seeds[0], wall,
+                                               len(seeds) / wall if wall > 0 else math.inf))
+            except Exception as e:  # noqa: BLE001 - a failure stays with its candidate
+                results.append(CandidateResult(cid, "failed", {}, 0, len(seeds), seeds[0],
+                                               time.perf_counter() - t0, 0.0,
+                                               f"{type(e).__name__}: {e}"))
+        return results
+

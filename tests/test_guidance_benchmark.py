@@ -1,0 +1,73 @@
+"""The guidance benchmark (benchmarks/guidance.py), tiny: a guidance search end to end (the
+exact conditional mixture, constant and interval baselines, timesteps-only and joint
+evolution searches on the constrained objective, held-out class metrics with paired
+intervals), so that it cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from searchd.solvers import network_calls
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def guidance_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("guidance_bench",
+                                                  ROOT / "benchmarks" / "guidance.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["guidance_bench"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_guidance_benchmark(tmp_path, guidance_bench):
+    import torch
+
+    torch.set_num_threads(1)
+    assert guidance_bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "guidance.json").read_text())
+    (model,) = res["models"]
+    assert model["model"] == "gmm-digits-cond"
+    (row,) = model["rows"]
+    assert row["nfe"] == 4 and set(row["methods"]) == set(guidance_bench.METHODS)
+    assert row["best_constant"] in ("w1", "w2", "w4")
+    for name, m in row["methods"].items():
+        for k in ("fid_class", "fid", "accuracy"):
+            lo, hi = m[f"{k}_ci"]
+            assert math.isfinite(m[k]) and lo <= m[k] <= hi, (name, k)
+        assert len(m["guidance"]) == 4 and len(m["sigmas"]) == 5
+        # Calls counted from the weights: a step with w != 1 costs two.
+        assert m["network_calls"] == network_calls("dpmpp_2m", 4, True, m["guidance"])
+        assert 0 <= m["accuracy"] <= 1
+    best = row["methods"][row["best_constant"]]
+    assert best["fid_class_diff"] == 0.0 and best["fid_class_diff_ci"] == [0.0, 0.0]
+    assert row["methods"]["w4"]["guidance"] == [4.0] * 4
+    assert row["methods"]["interval"]["network_calls"] < 8  # 1 outside the interval
+    for name in guidance_bench.SEARCHED:
+        m = row["methods"][name]
+        assert 1 <= m["candidates"] <= 12 and m["search_calls"] > 0
+    # The timesteps-only search keeps the best constant's weight.
+    w_best = best["guidance"][0]
+    assert row["methods"]["timesteps"]["guidance"] == [w_best] * 4
+    assert set(row["target"]) == {"improvement_ge_20pct", "ci_excludes_0",
+                                  "accuracy_not_worse", "beats_timesteps_only",
+                                  "guidance_contributes"}
+    # The ablation: the better joint schedule's timesteps at w = 1.
+    joint = row["methods"][row["joint"]]
+    assert row["methods"]["joint_w1"]["sigmas"] == joint["sigmas"]
+    assert row["methods"]["joint_w1"]["guidance"] == [1.0] * 4
+    if row["joint_guided_steps"] == 0:  # no guidance: the ablation is the same schedule
+        assert row["joint_vs_joint_w1"]["diff"] == 0.0
+    assert {"0.5", "0.75", "1.25", "1.5"} <= set(row["sweep"])
+    assert row["objective"]["floor"] == row["search_metrics"][row["best_constant"]]["accuracy"]
+    text = (tmp_path / "guidance.md").read_text()
+    assert "| 4 |" in text and "paper interval" in text and "class FID" in text
