@@ -33,7 +33,7 @@ import torch
 
 from searchd import faults
 from searchd.config import SearchConfig
-from searchd.evaluation import CandidateResult
+from searchd.evaluation import CandidateResult, reference_cache
 from searchd.loop import adaptive as adaptive_run
 from searchd.loop import finish as fin
 from searchd.loop.factory import EvaluatorFactory, model_label, model_loads, zoo_latency
@@ -210,6 +210,9 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     meta = json.loads(run.read_text(RUN_FILE)) if plan.resume else {}
     stored_zoo = meta.get("zoo") if cfg.model.zoo is not None else None
     reference = _known_reference(cfg, run)
+    cached = _cached_reference(cfg) if reference is None else None
+    if cached is not None:
+        reference = cached[0]
     factory = EvaluatorFactory(
         cfg.resolve(), reference, evaluator_options=_evaluator_options(cfg),
         latency_ms=None if stored_zoo is None else list(stored_zoo["latency_ms"]),
@@ -224,6 +227,8 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     if not plan.resume or plan.changed:
         run.write_text(CONFIG_FILE, cfg.to_yaml())
         run.write_text(RUN_FILE, json.dumps({**meta, **record(cfg, plan.run_id)}))
+    if cached is not None:
+        _store_reference(cfg, run, cached, say)
     if reference is None and cfg.metric.exact_reference is not None:
         reference = _exact_reference(cfg, run, workers, say)
     zoo = stored_zoo if stored_zoo is not None else _zoo(cfg, run, workers, say)
@@ -334,7 +339,28 @@ def _exact_reference(cfg: SearchConfig, run: RunDir, workers: Any, say: Say
     run.write_bytes(REFERENCE_FILE, ReferenceStats.from_dict(ref).to_bytes())
     workers.set_reference(ref)
     logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
+    reference_cache.store(cfg, ref)
     return ref
+
+
+def _cached_reference(cfg: SearchConfig) -> tuple[dict[str, Any], Any] | None:
+    """A new run's exact reference from the user's cache (``reference_cache``): the very
+    file an evaluator would compute; handed to the evaluators as they start."""
+    if cfg.metric.exact_reference is None:
+        return None
+    return reference_cache.load(cfg)
+
+
+def _store_reference(cfg: SearchConfig, run: RunDir, cached: tuple[dict[str, Any], Any],
+                     say: Say) -> None:
+    """A cached exact reference stored in the run (``reference.npz``: a resume uses it)."""
+    from searchd.evaluation.reference import ReferenceStats
+
+    t0 = time.monotonic()
+    say(f"searchd: reference statistics from {cfg.metric.exact_reference} exact samples: "
+        f"cached ({cached[1]})")
+    run.write_bytes(REFERENCE_FILE, ReferenceStats.from_dict(cached[0]).to_bytes())
+    logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
 
 
 def _zoo(cfg: SearchConfig, run: RunDir, workers: Any, say: Say) -> dict[str, Any] | None:
