@@ -11,6 +11,10 @@
 - ``drive``: the search loop under Ray Tune (``run_tune``), the pool grown between batches,
   the fault hooks of ``SEARCHD_FAULT`` watched in a thread when set.
 - ``close``: the actors and, if it started one, Ray itself.
+
+Start-up is overlapped where the driver only waits: once Ray is up, Ray Tune (``ray.tune``
+and ``searchd.distributed.tune``, 0.5-1 s of imports) is imported in a thread while the
+actors load and the reference is computed, not after them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from searchd.distributed.pool import ActorStartError, EvaluatorPool
-from searchd.distributed.tune import run_tune
 from searchd.evaluation import CandidateResult
 from searchd.loop.factory import EvaluatorFactory
 from searchd.loop.hooks import FaultHooks
@@ -43,6 +46,27 @@ T = TypeVar("T")
 ADDRESS_TIMEOUT_S = 10.0
 # Ray's loggers quieted while Ray starts: the token-auth banner (a warning on every start).
 RAY_START_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+# What ``drive`` imports (Ray Tune), imported in a thread during the start (``start``).
+TUNE_MODULES = ("searchd.distributed.tune",)
+
+
+def import_in_thread(names: Sequence[str]) -> threading.Thread:
+    """Import ``names`` in a daemon thread (the driver waits on Ray meanwhile); an error is
+    left for the real import to raise."""
+    import importlib
+
+    def run() -> None:
+        try:
+            for name in names:
+                importlib.import_module(name)
+        except Exception:  # only a warm-up: the real import reports its own errors
+            pass
+
+    t = threading.Thread(target=run, name="searchd-import-tune", daemon=True)
+    t.start()
+    return t
 
 
 class RayAddressError(BadInput):
@@ -203,6 +227,7 @@ class RayEngine:
         """Start (or join) Ray and the evaluator pool; the actors load the models once."""
         self.check()
         self._start_ray()
+        self._tune_import = import_in_thread(TUNE_MODULES)
         w = workers_config
         if self.say is not None:
             self.say("searchd: starting evaluator actors ...")
@@ -230,6 +255,8 @@ class RayEngine:
         if hooks is not None and hooks.mid is not None:
             threading.Thread(target=hooks.watch, args=(lambda: not stop.is_set(),),
                              name="searchd-fault-watch", daemon=True).start()
+        from searchd.distributed.tune import run_tune
+
         scratch = tempfile.mkdtemp(prefix="searchd-tune-")
         try:
             outcome = run_tune(loop, workers.client, storage_path=scratch, name=name,
