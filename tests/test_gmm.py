@@ -142,6 +142,26 @@ def test_cache_sized_pieces_change_no_bit(monkeypatch, dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_scratch_buffers_change_no_bit(dtype):
+    """The shared-level path writes its intermediates into one scratch buffer per call (a
+    speed setting): the same values as fresh tensors, piece by piece, and autograd in x
+    still works (it takes the fresh path)."""
+    from searchd.models.gmm import _pieces
+
+    m = load("gmm-digits", dtype=dtype)
+    for n, level in ((700, 0.7), (2000, 0.02), (5, 3.0)):
+        x = m.sample_data(range(n)) + torch.randn(n, 1, 8, 8, dtype=dtype, generator=_gen(n))
+        got = m(x, torch.tensor(level, dtype=dtype))
+        s2 = torch.tensor(level, dtype=dtype).square()
+        flat = x.reshape(n, 64)
+        fresh = torch.cat([m._denoise_shared(flat[sl], s2) for sl in _pieces(n, 512, 256)])
+        assert torch.equal(got.reshape(n, 64), fresh)
+    x = x.clone().requires_grad_(True)
+    m(x, torch.tensor(0.5, dtype=dtype)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_pieces_cover_the_chunks_in_near_equal_parts():
     from searchd.models.gmm import _pieces, _slices
 

@@ -39,8 +39,9 @@ def test_every_input_is_in_the_key():
     base = rc.cache_key(cfg())
     assert base is not None and base == rc.cache_key(cfg())
     changed = [
-        "metric.reference=exact:301", "samples.reference_seed_base=3000000", "model.name=gmm-digits",
-        "model.dtype=float64", "metric.features=pixels", "workers.cpus_per_worker=1",
+        "metric.reference=exact:301", "samples.reference_seed_base=3000000",
+        "model.name=gmm-digits", "model.dtype=float64", "metric.features=pixels",
+        "workers.cpus_per_worker=1",
     ]
     keys = {o: rc.cache_key(cfg(o)) for o in changed}
     assert None not in keys.values()

@@ -212,16 +212,23 @@ class GaussianMixtureDenoiser:
                 out[sl] = self._denoise_general(xf[sl], s2[sl], part(bias, sl), part(weight, sl))
             return out.reshape(x.shape).to(x.device, x.dtype)
         levels, group = torch.unique(s2, return_inverse=True)
+        # Scratch for the [rows, K * D] intermediates of the shared-level path, reused by
+        # every piece of the call (fresh 4 MiB tensors per piece cost page faults and cold
+        # cache lines); not under autograd, which cannot differentiate through out=.
+        work = None
+        if not xf.requires_grad and self.device.type == "cpu":
+            work = xf.new_empty((2, min(b, rows), self.n_components * self.dim))
         if levels.numel() == 1:
             for sl in chunks(b):
-                out[sl] = self._denoise_shared(xf[sl], levels[0], part(bias, sl), part(weight, sl))
+                out[sl] = self._denoise_shared(xf[sl], levels[0], part(bias, sl),
+                                               part(weight, sl), work)
         elif levels.numel() * _MIN_GROUP_ROWS <= b:
             # Few distinct levels (per-sample schedules of a few candidates): one group each.
             for j in range(levels.numel()):
                 idx = (group == j).nonzero().squeeze(1)
                 xg, bg, wg = xf[idx], part(bias, idx), part(weight, idx)
                 out[idx] = torch.cat(
-                    [self._denoise_shared(xg[sl], levels[j], part(bg, sl), part(wg, sl))
+                    [self._denoise_shared(xg[sl], levels[j], part(bg, sl), part(wg, sl), work)
                      for sl in chunks(idx.numel())]
                 )
         else:
@@ -259,13 +266,18 @@ class GaussianMixtureDenoiser:
         return max(1, min(rows, _PIECE_ELEMENTS // (self.n_components * self.dim)))
 
     def _denoise_shared(
-        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
+        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None,
+        work: Tensor | None = None,
     ) -> Tensor:
         """Rows sharing one noise variance: flat ``x`` [B, D], scalar ``s2`` -> [B, D].
 
         The whitening by (l + s2)^(-1/2) is folded into the projection and back-projection
         matrices, so the per-sample work is two matmuls, a squared norm and a softmax.
+        ``work`` [2, >= B, K * D]: scratch for the intermediates (the same operations
+        written into it, so the same values bit for bit), or None (fresh tensors).
         """
+        if work is not None:
+            return self._denoise_shared_into(x, s2, bias, weight, work)
         b, k, d = x.shape[0], self.n_components, self.dim
         inv = (self._lam + s2).reciprocal()  # [K, D]
         root = inv.sqrt()
@@ -278,6 +290,23 @@ class GaussianMixtureDenoiser:
         r = self._mix(log_norm - 0.5 * w.square().sum(-1), bias, weight)  # [B, K]
         # sum_k r_k [mu_k + U_k diag(l / (l + s2)) z_k], with z_k = sqrt(l + s2) w_k.
         return torch.addmm(r @ self._mu, (w * r[:, :, None]).view(b, k * d), back)
+
+    def _denoise_shared_into(
+        self, x: Tensor, s2: Tensor, bias: Tensor | None, weight: Tensor | None, work: Tensor
+    ) -> Tensor:
+        """``_denoise_shared`` with its [B, K * D] intermediates in ``work`` (no autograd)."""
+        b, k, d = x.shape[0], self.n_components, self.dim
+        inv = (self._lam + s2).reciprocal()  # [K, D]
+        root = inv.sqrt()
+        proj = (self._proj.view(d, k, d) * root).view(d, k * d)
+        centre = (self._mu_proj * root).view(k * d)
+        back = self._back * (self._lam * root).view(k * d, 1)
+        log_norm = self._log_w + 0.5 * inv.log().sum(-1)  # [K]
+        w = torch.addmm(centre, x, proj, beta=-1, out=work[0, :b]).view(b, k, d)
+        sq = torch.mul(w, w, out=work[1, :b].view(b, k, d))
+        r = self._mix(log_norm - 0.5 * sq.sum(-1), bias, weight)  # [B, K]
+        shrunk = torch.mul(w, r[:, :, None], out=work[1, :b].view(b, k, d))
+        return torch.addmm(r @ self._mu, shrunk.view(b, k * d), back)
 
     def _denoise_general(
         self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
