@@ -20,12 +20,13 @@ The phases come from the run's own record, so any config works:
   they had (``sum(wall_s) / (workers x span)``, span from the first evaluation to the
   last result).
 
-Beside the phases: the CPU seconds of the command and of the processes it reaped (Ray's
-included: a steadier measure than the wall on a shared machine), the evaluators' seconds per
-candidate, whether the exact reference came from the cache (``SEARCHD_CACHE_DIR`` is this
-script's own scratch directory unless set: a checkout that caches computes it in its first
-run and reads it in the later ones), and how many of the search values equal the first
-run's, candidate by candidate, bit for bit (changes of speed must not change them).
+Beside the phases: the CPU seconds the command reaped (the driver's, and those of Ray's
+processes it waited for; the actors' work is not in it: see ``evaluator_cpu.py``), the
+evaluators' seconds per candidate, whether the exact reference came from the cache
+(``SEARCHD_CACHE_DIR`` is this script's own scratch directory unless set: a checkout that
+caches computes it in its first run and reads it in the later ones), and how many of the
+search values equal the first run's, candidate by candidate, bit for bit (changes of speed
+must not change them).
 
 ``--plain`` adds the plain-loop ratio of the last "after" run: the same candidates, in the
 same chunks the actors got (the rows of each generation and worker, in order), scored by
@@ -302,7 +303,7 @@ def table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
          else "no"),
         ("evaluator seconds per candidate (its share of the actor's calls)",
          lambda r: f"{r['evaluator_s_per_candidate']:.3f} s"),
-        ("CPU seconds of the command and the processes it reaped",
+        ("CPU seconds the command reaped (the driver and Ray's own processes, not the actors)",
          lambda r: "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.0f} s"),
         (f"search values equal to {runs[0][0]}'s (same candidate, bit for bit)",
          lambda r: same_values(r, runs[0][1])),
