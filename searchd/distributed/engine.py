@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from searchd.distributed.pool import ActorStartError, EvaluatorPool
+from searchd.distributed.pool import ActorStartError, EvaluatorPool, EvaluatorsLostError
 from searchd.distributed.tune import run_tune
 from searchd.evaluation import CandidateResult
 from searchd.loop.factory import EvaluatorFactory
@@ -221,7 +221,11 @@ class RayEngine:
     def drive(self, loop: SearchLoop, workers: PoolWorkers, *, name: str,
               between: Callable[[], Any] | None = None) -> bool:
         """Run the loop under Ray Tune (``between`` after each batch is recorded: the pool's
-        growth); True when its searcher finished."""
+        growth); True when its searcher finished.
+
+        Raises ``EvaluatorsLostError`` (one line) when a batch failed because the
+        evaluators were lost: that batch is not recorded, what is stored stays, and a resume
+        scores it."""
         hooks = None
         if FaultHooks.wanted():
             hooks = FaultHooks(counter=workers.calls_started)
@@ -237,6 +241,11 @@ class RayEngine:
         finally:
             stop.set()
             shutil.rmtree(scratch, ignore_errors=True)
+        if outcome.lost is not None:
+            raise EvaluatorsLostError(
+                f"search stopped, the evaluators were lost ({outcome.lost}); the batch in "
+                "flight is not recorded, what is stored is kept: resume with python -m "
+                "searchd.search --resume RUN_DIR")
         return outcome.finished
 
     def close(self) -> None:

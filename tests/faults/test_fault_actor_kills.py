@@ -230,3 +230,57 @@ def test_a_call_refused_by_a_restarting_actor_uses_no_attempt(ray_local) -> None
         assert pool.client().resends == resends + 1  # refused once, sent again
     finally:
         pool.shutdown()
+
+
+# A batch failed by the infrastructure, under Ray Tune ------------------------------------
+class LosingScorer:
+    """Scores ``dist`` = the sum of the sigmas in the trial itself; the batch holding the
+    candidate ``lost_on`` raises ``EvaluatorsLostError``, as the pool does when no actor
+    comes back."""
+
+    def __init__(self, lost_on: str) -> None:
+        self.lost_on = lost_on
+
+    def score(self, schedules: Sequence[Schedule], seeds: Sequence[int]
+              ) -> list[CandidateResult]:
+        from searchd.distributed.pool import EvaluatorsLostError
+
+        if any(s.id == self.lost_on for s in schedules):
+            raise EvaluatorsLostError("no evaluator actor answered for 600 s (evaluator-0: "
+                                      "ActorUnavailableError); 4 of 4 candidates of the batch "
+                                      "not scored")
+        n = len(seeds)
+        return [CandidateResult(s.id, "ok", {"dist": float(np.sum(s.sigmas))}, 5, n,
+                                seeds[0], 0.01, n / 0.01) for s in schedules]
+
+
+class Rows:
+    """A loop observer keeping every recorded result (what the run directory would hold)."""
+
+    def __init__(self) -> None:
+        self.results: list[CandidateResult] = []
+
+    def recorded(self, batch: Any, new: Sequence[int]) -> None:
+        self.results += [batch.results[j] for j in new]
+
+
+def test_a_batch_failed_by_the_infrastructure_is_not_recorded_and_stops_the_search(
+        ray_local, tmp_path) -> None:
+    from searchd.distributed.tune import run_tune
+    from searchd.loop import SearchLoop
+    from searchd.searchers.random_search import RandomSearcher
+
+    space = ContinuousSpace(5, 0.002, 80.0, True, "rho", 7.0, True)
+    twin = RandomSearcher(space, "dist", num_samples=12, seed=3)
+    order = [twin.ask(f"x/{j}").id for j in range(12)]
+    rows = Rows()
+    loop = SearchLoop(RandomSearcher(space, "dist", num_samples=12, seed=3), range(4),
+                      batch_size=4, observers=[rows])
+    outcome = run_tune(loop, LosingScorer(order[4]), storage_path=str(tmp_path), name="lost")
+    # The first batch is recorded; the second failed by the infrastructure is not (no
+    # 'failed' rows), nothing after it was asked, and the search is not finished.
+    assert outcome.lost is not None and "EvaluatorsLostError" in outcome.lost
+    assert [r.candidate_id for r in rows.results] == order[:4]
+    assert all(r.status == "ok" for r in rows.results)
+    assert loop.n_failed == 0 and not loop.finished
+    assert [b.schedules[0].id for b in loop.pending.values()] == [order[4]]
