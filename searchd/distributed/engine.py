@@ -4,7 +4,8 @@
   anything starts, with a timeout: a TCP connection to its host and port. Nothing listening
   is one line, not a hang.
 - ``start``: starts a local Ray (``num_cpus`` = the machine's) or joins the cluster at the
-  address, with Ray's token-auth banner kept off the console; builds the evaluator pool
+  address, with Ray's token-auth banner kept off the console (and, when quiet: no ``say``,
+  Ray's "A worker died ..." messages sent to the log, ``raylog``); builds the evaluator pool
   (``PoolWorkers``: the ``Workers`` protocol on the actors). A local Ray has a fixed size, so
   ``workers.num_workers`` actors that cannot fit are refused at once; on a cluster they are
   demand the autoscaler sees.
@@ -197,6 +198,10 @@ class RayEngine:
         finally:
             for n, level in saved.items():
                 logging.getLogger(n).setLevel(level)
+        if self.say is None:  # quiet: Ray's "A worker died ..." messages go to the log
+            from searchd.distributed import raylog
+
+            raylog.route_to_log()
         logger.info("Ray ready in %.1f s", time.monotonic() - t0)
 
     def start(self, factory: EvaluatorFactory, workers_config: Any) -> PoolWorkers:
@@ -255,6 +260,10 @@ class RayEngine:
                 self.workers.shutdown()
             finally:
                 self.workers = None
+        if self.say is None:
+            from searchd.distributed import raylog
+
+            raylog.restore()
         if self.started_ray:
             import ray
 

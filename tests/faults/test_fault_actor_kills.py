@@ -284,3 +284,66 @@ def test_a_batch_failed_by_the_infrastructure_is_not_recorded_and_stops_the_sear
     assert all(r.status == "ok" for r in rows.results)
     assert loop.n_failed == 0 and not loop.finished
     assert [b.schedules[0].id for b in loop.pending.values()] == [order[4]]
+
+
+# Ray's "A worker died ..." messages under --quiet ---------------------------------------
+class Sleeper:
+    """An actor that answers its pid and sleeps on request (to be killed mid-call)."""
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def sleep(self, s: float) -> None:
+        time.sleep(s)
+
+
+def kill_mid_call(ray: Any, actor: Any) -> None:
+    """SIGKILL the actor's process during a call, once it is back from any restart."""
+    pid = ray.get(actor.ping.remote(), timeout=120)
+    ref = actor.sleep.remote(60)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Exception):  # noqa: B017 - Ray's error for the killed call
+        ray.get(ref, timeout=120)
+
+
+def test_quiet_sends_rays_worker_died_messages_to_the_log(ray_local, capfd, caplog) -> None:
+    """Without ``raylog.route_to_log`` the driver prints Ray's multi-line message on its
+    stdout (the control); with it, the message is one INFO line of ``searchd.ray``."""
+    import logging
+
+    from searchd.distributed import raylog
+
+    def wait_for(check: Any, what: str) -> str:
+        seen = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen += capfd.readouterr().out
+            if check(seen):
+                return seen
+            time.sleep(0.2)
+        raise AssertionError(f"no {what} within 60 s; stdout: {seen[-2000:]}")
+
+    actor = ray_local.remote(max_restarts=-1)(Sleeper).remote()
+    capfd.readouterr()
+    kill_mid_call(ray_local, actor)
+    wait_for(lambda out: "A worker died or was killed" in out, "message on stdout")
+
+    caplog.set_level(logging.INFO, logger="searchd.ray")
+    assert raylog.route_to_log()
+    try:
+        kill_mid_call(ray_local, actor)
+        deadline = time.monotonic() + 60
+        out = ""
+        while time.monotonic() < deadline and not any(
+                "A worker died or was killed" in r.getMessage() for r in caplog.records):
+            out += capfd.readouterr().out
+            time.sleep(0.2)
+        out += capfd.readouterr().out
+    finally:
+        raylog.restore()
+        ray_local.kill(actor, no_restart=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "searchd.ray"]
+    assert any(m.startswith("ray: A worker died or was killed") for m in lines), lines
+    assert all("\n" not in m for m in lines)
+    assert "A worker died" not in out
