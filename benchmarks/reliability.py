@@ -209,11 +209,21 @@ def case_actor_kills(work: Path, kills: int = 3, gap_s: float | None = None
 # Case 2 -------------------------------------------------------------------------------------
 # The quickstart made small, on a loopback cluster of two nodes (1 CPU, 1 logical GPU each):
 # one evaluator actor per GPU, so one on each node (as tests/test_cluster_loopback.py).
-NODE_GENERATIONS = 20
+NODE_GENERATIONS = 100
 NODE_ARGS = [*TINY, "--set", f"search.evolution.generations={NODE_GENERATIONS}",
              "--set", "samples.per_candidate=300", "--set", "workers.num_workers=null",
              "--set", "workers.num_gpus_per_worker=1", "--set", "workers.cpus_per_worker=0.9",
              "--quiet"]
+
+
+def evaluator_on(cluster: Any, node_id: str) -> bool:
+    """Whether an EvaluatorActor is alive on the node ``node_id`` (the state API)."""
+    try:
+        got = cluster._request("GET", "/api/v0/actors?limit=1000&detail=true", timeout=10)
+    except OSError:
+        return False
+    return any(a.get("class_name") == "EvaluatorActor" and a.get("node_id") == node_id
+               and a.get("state") == "ALIVE" for a in got["data"]["result"]["result"])
 
 
 def case_node_lost(work: Path) -> dict[str, Any]:
@@ -244,9 +254,9 @@ def case_node_lost(work: Path) -> dict[str, Any]:
         while n_parts(run) < 2 and c.job(job)["status"] not in ("SUCCEEDED", "FAILED"):
             time.sleep(0.2)
         lost_at = n_parts(run)
+        t_kill = round(time.monotonic() - t1)
         raylet = c.lose_node(c.node_ip(1))
-        marks["raylet SIGKILLed"] = (round(time.monotonic() - t1), f"pid {raylet}",
-                                     f"{lost_at} parts stored")
+        marks["raylet SIGKILLed"] = (t_kill, f"pid {raylet}", f"{lost_at} parts stored")
         marks["node counted dead"] = round(time.monotonic() - t1)
         # Two more generations on the head's actor alone, then a new node.
         while n_parts(run) < lost_at + 3 and c.job(job)["status"] == "RUNNING":
@@ -255,6 +265,12 @@ def case_node_lost(work: Path) -> dict[str, Any]:
         new_ip = c.add_node()
         ids.update({n["node_ip"]: n["node_id"] for n in c.nodes()})
         marks["new node alive"] = (round(time.monotonic() - t1), f"{back_at} parts stored")
+        while c.job(job)["status"] == "RUNNING":
+            if evaluator_on(c, ids[new_ip]):
+                marks["an evaluator actor alive on the new node"] = (
+                    round(time.monotonic() - t1), f"{n_parts(run)} parts stored")
+                break
+            time.sleep(1.0)
         status = c.wait_job(job, timeout_s=1800)
         marks["job ended"] = round(time.monotonic() - t1)
         log = c.job_logs(job)
@@ -274,6 +290,8 @@ def case_node_lost(work: Path) -> dict[str, Any]:
                                                         NODE_GENERATIONS)]))}
     failed = [r["candidate_id"] for r in stored if r["status"] != "ok"]
     head, lost, new = c.node_ip(0), c.node_ip(1), new_ip
+    back = min((g for g, v in where.items() if new in v), default=None)
+    marks["first generation scored on the new node too"] = back
     ok = bool(diff and not diff["lost"] and not diff["duplicated"] and not diff["differ"]
               and not diff["extra"] and diff["best_equal"] and not failed
               and phases["before the loss"] == sorted({head, lost})
