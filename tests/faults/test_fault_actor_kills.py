@@ -347,3 +347,28 @@ def test_quiet_sends_rays_worker_died_messages_to_the_log(ray_local, capfd, capl
     assert any(m.startswith("ray: A worker died or was killed") for m in lines), lines
     assert all("\n" not in m for m in lines)
     assert "A worker died" not in out
+
+
+def test_the_engine_ends_the_search_on_one_line_when_the_evaluators_are_lost(
+        monkeypatch) -> None:
+    """``RayEngine.drive`` turns a Tune outcome with ``lost`` into ``EvaluatorsLostError``
+    (a ``RuntimeError``: the command's one line, exit 1), naming the resume."""
+    from types import SimpleNamespace
+
+    from searchd import cli
+    from searchd.distributed import engine
+    from searchd.distributed.pool import EvaluatorsLostError
+    from searchd.distributed.tune import TuneOutcome
+
+    lost = ("trial errored: searchd.distributed.pool.EvaluatorsLostError: no evaluator actor "
+            "answered for 600 s (evaluator-0: ActorUnavailableError); 6 of 6 candidates of "
+            "the batch not scored")
+    monkeypatch.delenv("SEARCHD_FAULT", raising=False)
+    monkeypatch.setattr(engine, "run_tune", lambda *a, **k: TuneOutcome(
+        False, 1, 1, 1.0, 0.5, 0.5, "scratch", lost=lost))
+    loop = SimpleNamespace(observers=[])
+    with pytest.raises(EvaluatorsLostError) as caught:
+        engine.RayEngine().drive(loop, SimpleNamespace(client=None, grow=list), name="x")
+    assert isinstance(caught.value, RuntimeError)
+    text = cli.one_line(caught.value)
+    assert "6 of 6 candidates" in text and "--resume" in text and "\n" not in str(caught.value)
