@@ -317,6 +317,8 @@ class _Scoring:
         try:
             ray.get(ref)
         except RayActorError as e:
+            self.down.setdefault(actor, time.monotonic())  # also one probed before a solo
+            self.answered[actor] = False
             self.last_error[actor] = type(e).__name__
             self.pause[actor] = min(2 * self.pause.get(actor, 0.05), 1.0)
             self.probe_at[actor] = time.monotonic() + self.pause[actor]
