@@ -366,7 +366,7 @@ def test_the_engine_ends_the_search_on_one_line_when_the_evaluators_are_lost(
     monkeypatch.delenv("SEARCHD_FAULT", raising=False)
     monkeypatch.setattr(engine, "run_tune", lambda *a, **k: TuneOutcome(
         False, 1, 1, 1.0, 0.5, 0.5, "scratch", lost=lost))
-    loop = SimpleNamespace(observers=[])
+    loop = SimpleNamespace(observers=[], scorer_for=lambda scorer: scorer)
     with pytest.raises(EvaluatorsLostError) as caught:
         engine.RayEngine().drive(loop, SimpleNamespace(client=None, grow=list), name="x")
     assert isinstance(caught.value, RuntimeError)
