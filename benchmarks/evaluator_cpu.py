@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             r = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True,
                                           check=True).stdout.splitlines()[-1])
             out[name].append(r)
-            print(f"{name} #{i + 1}: {r['candidates']} candidates, {r['cpu_s']:.2f} CPU s, "
+            print(f"{name} #{i + 1}: {r['candidates']} candidates, {r['cpu_s']:.2f} CPU s "
+                  f"(user {r['user_s']:.2f}, system {r['sys_s']:.2f}), "
                   f"{r['wall_s']:.2f} wall s, {r['differing']} values differing "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     n = out["before"][0]["candidates"]
