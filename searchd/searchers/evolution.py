@@ -211,7 +211,9 @@ class EvolutionSearcher(ScheduleSearcher):
         train = [Schedule.from_dict(h["schedule"]) for h in ranked]
         values = [self.loss(h["value"]) for h in ranked]
         pred = SchedulePredictor(int(getattr(self.space, "n_models", 1)), self.seed,
-                                 self.predictor_config).fit(train, values, round=g)
+                                 self.predictor_config,
+                                 strategies=bool(getattr(self.space, "has_strategy", False))
+                                 ).fit(train, values, round=g)
         scores = pred.score(pool)
         order = sorted(range(len(pool)), key=lambda k: (scores[k], k))
         kept = sorted(order[: self.population_num])
