@@ -193,6 +193,7 @@ def test_config_refusals_are_one_line():
                                     "multiple of the model's 10 classes"),
     (["metric.reference=exact:305"], "metric.reference: got 305"),
     (["metric.options={accuracy_floor: nosuch}"], "accuracy_floor: got 'nosuch'"),
+    (["search.halving.rungs=4"], "samples.per_candidate / search.halving.rungs: got 25"),
 ])
 def test_run_refusals_leave_no_run(tmp_path, overrides, says):
     run = tmp_path / "r"

@@ -588,6 +588,10 @@ def check_class_run(cfg: Any, facts: Mapping[str, Any]) -> str | None:
               ("samples.heldout", cfg.samples.heldout)]
     if cfg.metric.exact_reference is not None:
         counts.append(("metric.reference", cfg.metric.exact_reference))
+    rungs = int(getattr(getattr(cfg.search, "halving", None), "rungs", 1) or 1)
+    if rungs > 1:  # successive halving scores blocks of per_candidate // rungs seeds
+        counts.append(("samples.per_candidate / search.halving.rungs",
+                       cfg.samples.per_candidate // rungs))
     for key, n in counts:
         if n % c:
             return (f"{key}: got {n}; class_fid needs a multiple of the model's {c} classes "
