@@ -84,6 +84,10 @@ def test_what_cannot_be_keyed_is_not_cached(cache):
         assert rc.cache_key(c) is None and rc.cache_path(c) is None
     spec = cfg("model.name=gmm:" + str(REPO / "searchd/models/data/gmm-digits-k8.npz"))
     assert rc.cache_key(spec) is None
+    # class_fid's reference is per class (another file format): never from the plain cache.
+    cond = cfg("model.name=gmm-digits-cond", "samples.per_candidate=200", "metric.name=class_fid")
+    assert rc.cache_key(cond) is None
+    assert rc.cache_key(cfg("model.name=gmm-digits-cond")) is not None
 
 
 def test_off_means_no_cache(monkeypatch):

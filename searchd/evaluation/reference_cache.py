@@ -96,6 +96,8 @@ def cache_inputs(cfg: Any, package: Path = _PACKAGE) -> dict[str, Any] | None:
         return None
     if model.device != "cpu" or cfg.metric.features not in _CACHEABLE_FEATURES:
         return None
+    if cfg.metric.name not in ("fid", "kid"):  # class_fid's per-class reference: not cached
+        return None
     return {
         "format": _FORMAT,
         "model": {"name": model.name, "zoo": model.zoo, "dtype": model.dtype,
