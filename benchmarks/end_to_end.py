@@ -20,6 +20,14 @@ The phases come from the run's own record, so any config works:
   they had (``sum(wall_s) / (workers x span)``, span from the first evaluation to the
   last result).
 
+Beside the phases: the CPU seconds the command reaped (the driver's, and those of Ray's
+processes it waited for; the actors' work is not in it: see ``evaluator_cpu.py``), the
+evaluators' seconds per candidate, whether the exact reference came from the cache
+(``SEARCHD_CACHE_DIR`` is this script's own scratch directory unless set: a checkout that
+caches computes it in its first run and reads it in the later ones), and how many of the
+search values equal the first run's, candidate by candidate, bit for bit (changes of speed
+must not change them).
+
 ``--plain`` adds the plain-loop ratio of the last "after" run: the same candidates, in the
 same chunks the actors got (the rows of each generation and worker, in order), scored by
 ``Evaluator.evaluate`` in as many plain processes as the run had actors (one torch thread
@@ -36,6 +44,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -151,7 +160,18 @@ def phases(run_dir: Path, start: float, end: float) -> dict[str, Any]:
         "compute_fraction": busy / (len(workers) * span),
         "generations": len(by_gen),
         "heldout": heldout_of(run_dir),
+        "evaluator_s_per_candidate": busy / len(rows),
+        "reference_cached": "exact samples: cached" in (run_dir / "log.txt").read_text(),
+        "values": {str(r["candidate_id"]): r["value"] for r in rows},
     }
+
+
+def same_values(run: dict[str, Any], first: dict[str, Any]) -> str:
+    """How many of ``run``'s candidates the first run also scored, and how many of those
+    have the very same value (bit for bit)."""
+    shared = [c for c in run["values"] if c in first["values"]]
+    equal = sum(run["values"][c] == first["values"][c] for c in shared)
+    return f"{equal} / {len(shared)}"
 
 
 def heldout_of(run_dir: Path) -> list[str]:
@@ -174,15 +194,22 @@ def run_side(checkout: Path, config: str, overrides: Sequence[str], run_dir: Pat
     if not cfg.is_absolute() and (checkout / cfg).exists():
         cfg = checkout / cfg
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # A cache of exact references of this script's own (unless one is set): the first run
+    # of a checkout that caches computes it, the later ones read it.
+    env.setdefault("SEARCHD_CACHE_DIR", str(run_dir.parent / "cache"))
     cmd = [sys.executable, "-m", "searchd.search", "--config", str(cfg), "--run-dir",
            str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     end = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    (run_dir.parent / f"{run_dir.name}.cpu.json").write_text(json.dumps(cpu))
     return start, end
 
 
@@ -272,6 +299,14 @@ def table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         ("compute fraction of the search (denoiser + features)",
          lambda r: f"{r['compute_fraction']:.2f}"),
         ("held-out share of the wall", lambda r: f"{r['phases']['held-out'] / r['wall_s']:.0%}"),
+        ("exact reference read from the cache", lambda r: "yes" if r.get("reference_cached")
+         else "no"),
+        ("evaluator seconds per candidate (its share of the actor's calls)",
+         lambda r: f"{r['evaluator_s_per_candidate']:.3f} s"),
+        ("CPU seconds the command reaped (the driver and Ray's own processes, not the actors)",
+         lambda r: "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.0f} s"),
+        (f"search values equal to {runs[0][0]}'s (same candidate, bit for bit)",
+         lambda r: same_values(r, runs[0][1])),
     ]
     for label, fn in extra:
         lines.append(f"| {label} | " + " | ".join(fn(r) for _, r in runs) + " |")
@@ -319,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       flush=True)
                 start, end = run_side(checkout, args.config, args.overrides, rd)
                 (scratch / f"{rd.name}.times.json").write_text(json.dumps([start, end]))
-                runs.append((f"{name} #{i + 1}", phases(rd, start, end)))
+                ph = phases(rd, start, end)
+                ph["cpu_s"] = json.loads((scratch / f"{rd.name}.cpu.json").read_text())
+                runs.append((f"{name} #{i + 1}", ph))
                 print(f"  wall {end - start:.1f} s", flush=True)
                 if args.plain and name == "after" and i == args.repeats - 1:
                     plain = plain_loop(rd)

@@ -99,12 +99,9 @@ SEED_BASE = 0
 HELDOUT_SEED_BASE = 1_000_000
 REFERENCE_SEED_BASE = 2_000_000
 CONSTANT_WS = (1.0, 2.0, 4.0)
-FIXED = ("w1", "w2", "w4", "interval")
 SEARCHED = ("timesteps", "joint_interval", "joint_steps")
-METHODS = (*FIXED, *SEARCHED, "joint_w1")
 SWEEP_WS = (0.5, 0.75, 1.25, 1.5)  # constant w on the searched timesteps (besides w*)
-LABELS = {"w1": "constant w=1", "w2": "constant w=2", "w4": "constant w=4",
-          "interval": "paper interval (w=2, (0.28, 1.61])",
+LABELS = {"interval": "paper interval (w=2, (0.28, 1.61])",
           "timesteps": "searched timesteps, constant w*",
           "joint_interval": "joint: timesteps + interval (w searched)",
           "joint_steps": "joint: timesteps + per-step w",
@@ -130,6 +127,34 @@ class Settings:
     one_band: float = 0.05
     resamples: int = 200
     seed: int = 0
+    # Constant weights on EDM's timesteps (the constant-guidance baselines).
+    constants: tuple[float, ...] = CONSTANT_WS
+    # The accuracy floor of the objective: "best" (the best constant's accuracy, the
+    # constant chosen by class FID), a fixed schedule's name ("w1.5", "interval": its
+    # accuracy on the search seeds), or a number (absolute).
+    floor: str = "best"
+    joints: tuple[str, ...] = ("interval", "steps")
+
+
+def const_name(w: float) -> str:
+    """The name of constant guidance at ``w`` on EDM's timesteps ("w1", "w1.25", ...)."""
+    return f"w{w:g}"
+
+
+def fixed_names(st: Settings) -> tuple[str, ...]:
+    """The non-searched schedules: the constants, then the paper's interval."""
+    return (*(const_name(w) for w in st.constants), "interval")
+
+
+def method_names(row: dict[str, Any]) -> tuple[str, ...]:
+    """The table's schedules of one result row (its constants, as it was run)."""
+    return (*row.get("fixed", ("w1", "w2", "w4", "interval")), *SEARCHED, "joint_w1")
+
+
+def label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    return f"constant w={name[1:]}"
 
 
 def tiny_settings() -> Settings:
@@ -204,15 +229,15 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
                                 **st.space)
         poly = Schedule(baseline("polynomial", n, den.sigma_min, den.sigma_max, True, rho=7),
                         solver=st.solver, meta={"origin": "baseline", "family": "polynomial"})
+        fixed_n = fixed_names(st)
         sched: dict[str, Schedule] = {
-            f"w{int(w)}": constant_guidance(poly, w) for w in CONSTANT_WS}
+            const_name(w): constant_guidance(poly, w) for w in st.constants}
         sched["interval"] = interval_guidance(poly, **PAPER_INTERVAL)
-        fixed = [sched[f] for f in FIXED]
-        search_vals = {f: r.metrics for f, r in zip(FIXED, scorer.evaluate(fixed, search_seeds))}
-        consts = [f for f in FIXED if f != "interval"]
-        best = min(consts, key=lambda f: search_vals[f]["fid_class"])
-        objective = GuidanceObjective(floor=search_vals[best]["accuracy"],
-                                      reference_fid=search_vals[best]["fid_class"])
+        fixed = [sched[f] for f in fixed_n]
+        search_vals = {f: r.metrics for f, r in zip(fixed_n, scorer.evaluate(fixed,
+                                                                             search_seeds))}
+        consts = [f for f in fixed_n if f != "interval"]
+        best, objective = choose_floor(st.floor, consts, search_vals)
         obj_scorer = scorer.with_objective(objective)
         w_star = float(sched[best].guidance[0])
         log(f"  NFE {nfe}: best constant {best} (search fid_class "
@@ -223,8 +248,10 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
                                                                   den.sigma_max)),
             "joint_steps": GuidedSpace(times, StepGuidance(n, st.step_w, st.one_band)),
         }
+        spaces = {k: v for k, v in spaces.items()
+                  if k == "timesteps" or k.removeprefix("joint_") in st.joints}
         cost: dict[str, dict[str, Any]] = {f: {"candidates": 0, "search_calls": 0,
-                                               "wall_s": 0.0} for f in FIXED}
+                                               "wall_s": 0.0} for f in fixed_n}
         for name, space in spaces.items():
             # The joint searches start from the fixed schedules and the timesteps-only
             # winner (projected: its weights w* are in every joint family).
@@ -244,7 +271,7 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
                           "wall_s": time.perf_counter() - t1, "search_objective": out["value"]}
             log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best objective "
                 f"{out['value']:.4f}, {cost[name]['wall_s']:.0f} s")
-        joint = min(("joint_interval", "joint_steps"),
+        joint = min((k for k in ("joint_interval", "joint_steps") if k in spaces),
                     key=lambda k: cost[k]["search_objective"])
         sched["joint_w1"] = constant_guidance(sched[joint], 1.0)
         cost["joint_w1"] = {"candidates": 0, "search_calls": 0, "wall_s": 0.0}
@@ -255,21 +282,52 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
         log(f"  NFE {nfe}: held-out scoring of {len(sched)} schedules in "
             f"{time.perf_counter() - t1:.0f} s")
         rows.append(summarize(model, nfe, sched, cost, held, best, search_vals, objective,
-                              joint))
+                              joint, fixed_n, st.floor))
     return {"model": model, "solver": st.solver, "rows": rows}
+
+
+def choose_floor(floor: str, consts: Sequence[str], search_vals: dict[str, Any]
+                 ) -> tuple[str, GuidanceObjective]:
+    """The best constant and the objective (its accuracy floor) for ``Settings.floor``.
+
+    "best": the constant with the lowest class FID sets the floor (its own accuracy).
+    A fixed schedule's name: its accuracy on the search seeds is the floor, its class FID
+    the penalty's scale, and the best constant is the one with the lowest objective (the
+    constants that meet the floor rank first). A number: an absolute floor, the penalty's
+    scale the class FID of the constant with the best class FID."""
+    if floor == "best":
+        best = min(consts, key=lambda f: search_vals[f]["fid_class"])
+        return best, GuidanceObjective(floor=search_vals[best]["accuracy"],
+                                       reference_fid=search_vals[best]["fid_class"])
+    if floor in search_vals:
+        objective = GuidanceObjective(floor=search_vals[floor]["accuracy"],
+                                      reference_fid=search_vals[floor]["fid_class"])
+    else:
+        try:
+            value = float(floor)
+        except ValueError:
+            raise SystemExit(f"--floor {floor!r}: give best, a number in [0, 1], or one of "
+                             f"{', '.join(search_vals)}") from None
+        scale = min(search_vals[f]["fid_class"] for f in consts)
+        objective = GuidanceObjective(floor=value, reference_fid=scale)
+    return min(consts, key=lambda f: objective(search_vals[f])), objective
 
 
 def summarize(model: str, nfe: int, sched: dict[str, Schedule], cost: dict[str, Any],
               held: dict[str, Any], best: str, search_vals: dict[str, Any],
-              objective: GuidanceObjective, joint: str) -> dict[str, Any]:
+              objective: GuidanceObjective, joint: str, fixed_n: Sequence[str] = (),
+              floor: str = "best") -> dict[str, Any]:
     ref = held[best]
     out: dict[str, Any] = {"model": model, "nfe": nfe, "best_constant": best,
+                           "fixed": list(fixed_n), "floor_from": floor,
                            "objective": objective.describe(),
                            "search_metrics": {f: {k: v for k, v in m.items()
                                                   if not k.startswith("fid_class_")}
                                               for f, m in search_vals.items()},
                            "methods": {}}
-    for name in METHODS:
+    for name in method_names(out):
+        if name not in held:  # a joint search not run (--joint)
+            continue
         h, s = held[name], sched[name]
         m, b = h["metrics"], h["boot"]
         entry = {"sigmas": [float(x) for x in s.sigmas],
@@ -350,8 +408,10 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         f"continuous, {', '.join(f'{k}={v}' for k, v in st.space.items())}; "
         f"interval family w in {list(st.interval_w)}; per-step w in {list(st.step_w)} "
         f"(within {st.one_band} of 1 -> 1). Objective: class FID + penalty below the "
-        "accuracy floor (`GuidanceObjective`: the best constant's search accuracy; one "
-        "reference class-FID per point below).", "",
+        "accuracy floor (`GuidanceObjective`: one reference class-FID per accuracy point "
+        "below; the floor and its source per row below; the best constant is the constant "
+        "with the lowest objective on the search seeds, so one that meets the floor when "
+        "any does).", "",
     ]
     for mres in res["models"]:
         lines += [f"## {mres['model']}", "",
@@ -365,7 +425,7 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
             j = row["methods"][row["joint"]]
             jt, jw = row["joint_vs_timesteps"], row["joint_vs_joint_w1"]
             lines.append(
-                f"| {row['nfe']} | {LABELS[row['best_constant']]} | {_f(b['fid_class'])} | "
+                f"| {row['nfe']} | {label(row['best_constant'])} | {_f(b['fid_class'])} | "
                 f"{row['joint']} | {_f(j['fid_class'])} | {100 * j['improvement']:.1f}% "
                 f"[{100 * j['improvement_ci'][0]:.1f}, {100 * j['improvement_ci'][1]:.1f}] | "
                 f"{_ci_txt(j['accuracy_diff'], j['accuracy_diff_ci'], True)} | "
@@ -376,12 +436,22 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                    + ", ".join(k for k, v in row["target"].items() if not v) + ")") + " |")
         lines.append("")
         for row in mres["rows"]:
+            o = row["objective"]
+            src = row.get("floor_from", "best")
+            src_txt = ("the best constant's (by class FID)" if src == "best" else
+                       f"{label(src)}'s" if src in row["search_metrics"] else "absolute")
+            lines += [f"NFE {row['nfe']}: accuracy floor {o['floor']:.4f} ({src_txt} "
+                      f"accuracy on the search seeds), penalty scale {o['reference_fid']:.4f} "
+                      "class FID per point below.", ""]
+        for row in mres["rows"]:
             lines += [f"### NFE {row['nfe']}", "",
                       "| schedule | class FID [95% CI] | diff [95% CI] | pool FID [95% CI] | "
                       "accuracy [95% CI] | accuracy diff [95% CI] | network calls | "
                       "candidates | guidance per step | sigmas |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-            for name in METHODS:
+            for name in method_names(row):
+                if name not in row["methods"]:
+                    continue
                 m = row["methods"][name]
                 diff = ("-" if name == row["best_constant"]
                         else _ci_txt(m["fid_class_diff"], m["fid_class_diff_ci"], True))
@@ -390,7 +460,7 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                 g = ", ".join(f"{x:.2g}" for x in m["guidance"])
                 sig = ", ".join(f"{x:.3g}" for x in m["sigmas"])
                 lines.append(
-                    f"| {LABELS[name]} | {_ci_txt(m['fid_class'], m['fid_class_ci'])} | {diff} | "
+                    f"| {label(name)} | {_ci_txt(m['fid_class'], m['fid_class_ci'])} | {diff} | "
                     f"{_ci_txt(m['fid'], m['fid_ci'])} | "
                     f"{_ci_txt(m['accuracy'], m['accuracy_ci'])} | {adiff} | "
                     f"{m['network_calls']} | {m['candidates'] or '-'} | [{g}] | [{sig}] |")
@@ -442,6 +512,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None, help="candidates per search")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--constants", nargs="+", type=float, default=None,
+                   help="constant weights on EDM's timesteps (default 1 2 4)")
+    p.add_argument("--floor", default=None,
+                   help="the objective's accuracy floor: best (the best constant's accuracy, "
+                        "default), a fixed schedule's name (w1.5, interval: its accuracy on "
+                        "the search seeds), or a number")
+    p.add_argument("--joint", nargs="+", choices=("interval", "steps"), default=None,
+                   help="which joint searches to run (default both)")
     p.add_argument("--out", default=str(RESULTS), help="directory of guidance.md/.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="compute nothing: merge these guidance.json files (runs of the same "
@@ -449,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     st = tiny_settings() if a.tiny else Settings()
     for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
-                     ("heldout", a.heldout), ("candidates", a.candidates)):
+                     ("heldout", a.heldout), ("candidates", a.candidates),
+                     ("constants", None if a.constants is None else tuple(a.constants)),
+                     ("floor", a.floor), ("joints", None if a.joint is None else tuple(a.joint))):
         if val is not None:
             setattr(st, key, val)
     if a.threads:

@@ -162,6 +162,14 @@ def _heldout(rep: RunView) -> list[str]:
     if metric != "teacher_distance" and any("teacher_distance" in s for s in ho.get("scores", [])):
         out.append("Held-out teacher_distance (the searched metric; same samples and resamples)")
         out.append(_heldout_table(rep, ho["scores"], "teacher_distance", "teacher_distance_diff"))
+    if metric == "fid_class":  # class_fid: the objective, then accuracy and pool FID
+        obj = rep.best.get("search", {}).get("objective") or {}
+        if obj.get("floor") is not None:
+            out.append(f"Searched class_fid = {obj['formula']}; accuracy floor "
+                       f"{obj['floor']:.4f} ({obj['floor_from']})")
+        for col in ("accuracy", "fid"):
+            out.append(f"Held-out {col} (same samples and resamples)")
+            out.append(_heldout_table(rep, ho["scores"], col, f"{col}_diff"))
     out.append(f"best schedule: {rep.best.get('solver')}, sigmas "
                + json.dumps(rep.best.get("sigmas")))
     ad = rep.best.get("adaptive")

@@ -110,4 +110,6 @@ class _SearchModule(types.ModuleType):
 sys.modules[__name__].__class__ = _SearchModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from searchd import cli
+
+    cli.exit_now(main())

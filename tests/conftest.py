@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# No cross-run cache of exact references in tests (searchd.evaluation.reference_cache): every
+# run computes its own, whatever ran before; tests/test_reference_cache.py turns it on.
+os.environ["SEARCHD_CACHE_DIR"] = "off"
 
 
 def _one_torch_thread():

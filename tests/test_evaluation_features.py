@@ -63,6 +63,27 @@ def test_features_do_not_depend_on_the_batch_size():
     torch.testing.assert_close(net(x), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_digits_channels_last_pooling_changes_no_bit():
+    """The network's pooling runs on channels-last copies (a speed setting): features and
+    logits equal, bit for bit, those of the same weights with torch's NCHW ``MaxPool2d``,
+    on the digits and on wide noisy inputs, at the evaluator's block shape."""
+    from searchd.evaluation.digits import ChannelsLastMaxPool2d, load_digits_cnn
+
+    net, _ = load_digits_cnn()
+    plain, _ = load_digits_cnn()
+    pools = [i for i, m in enumerate(plain.conv) if isinstance(m, ChannelsLastMaxPool2d)]
+    assert len(pools) == 2
+    for i in pools:
+        plain.conv[i] = torch.nn.MaxPool2d(2)
+    g = torch.Generator().manual_seed(3)
+    digits = torch.from_numpy(digits_images()[0][:256])
+    with torch.inference_mode():
+        for x in (digits, 3 * torch.randn(256, 1, 8, 8, generator=g), digits[:5]):
+            for a, b in zip(net(x), plain(x)):
+                assert torch.equal(a, b)
+                assert a.is_contiguous()
+
+
 # Inception --------------------------------------------------------------------------------------
 def test_missing_inception_file_says_where_to_put_it(tmp_path):
     where = tmp_path / "nothing"

@@ -115,6 +115,70 @@ def test_per_sample_sigma_equals_calls_one_level_at_a_time():
             np.testing.assert_allclose(got[rows], m(x[rows], level), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cache_sized_pieces_change_no_bit(monkeypatch, dtype):
+    """The CPU pieces (a speed setting) change no bit: every output equals that of the
+    512-row chunks computed whole (pieces as large as the chunks), for the quickstart's
+    model on the shared-level, grouped and per-row paths, at row counts whose last chunk
+    has 1-3 rows (which MKL rounds differently) or just over a piece."""
+    import searchd.models.gmm as gmm
+
+    m = load("gmm-digits", dtype=dtype)  # K = D = 64: 512-row chunks, 256-row pieces
+    assert m._chunk_rows() == 512 and m._piece_rows(512) == 256
+    for n in (700, 513, 515, 511, 509, 257, 1025, 3):
+        x = m.sample_data(range(n)) + 2 * torch.randn(n, 1, 8, 8, dtype=dtype,
+                                                      generator=_gen(n))
+        sigmas = (
+            torch.tensor(0.7, dtype=dtype),
+            torch.tensor([0.02, 1.5], dtype=dtype).repeat(n)[:n][_perm(n)],
+            torch.rand(n, dtype=dtype, generator=_gen(12)) * 5 + 0.002,
+        )
+        now = [m(x, s) for s in sigmas]
+        monkeypatch.setattr(gmm, "_PIECE_ELEMENTS", gmm._CHUNK_ELEMENTS)
+        assert m._piece_rows(512) == 512
+        whole = [m(x, s) for s in sigmas]
+        monkeypatch.undo()
+        for a, b in zip(now, whole):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_scratch_buffers_change_no_bit(dtype):
+    """The shared-level path writes its intermediates into one scratch buffer per call (a
+    speed setting): the same values as fresh tensors, piece by piece, and autograd in x
+    still works (it takes the fresh path)."""
+    from searchd.models.gmm import _pieces
+
+    m = load("gmm-digits", dtype=dtype)
+    for n, level in ((700, 0.7), (2000, 0.02), (5, 3.0)):
+        x = m.sample_data(range(n)) + torch.randn(n, 1, 8, 8, dtype=dtype, generator=_gen(n))
+        got = m(x, torch.tensor(level, dtype=dtype))
+        s2 = torch.tensor(level, dtype=dtype).square()
+        flat = x.reshape(n, 64)
+        fresh = torch.cat([m._denoise_shared(flat[sl], s2) for sl in _pieces(n, 512, 256)])
+        assert torch.equal(got.reshape(n, 64), fresh)
+    x = x.clone().requires_grad_(True)
+    m(x, torch.tensor(0.5, dtype=dtype)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_pieces_cover_the_chunks_in_near_equal_parts():
+    from searchd.models.gmm import _pieces, _slices
+
+    for n in (1, 3, 255, 256, 257, 512, 513, 700, 2000):
+        pieces = _pieces(n, 512, 256)
+        assert [i for p in pieces for i in range(p.start, p.stop)] == list(range(n))
+        sizes = [p.stop - p.start for p in pieces]
+        assert max(sizes) <= 256 + 3
+        # A piece never crosses a chunk; a chunk of <= 256 rows stays whole; larger ones are
+        # cut into pieces of >= 128 rows, all but the last a multiple of 4.
+        for c in _slices(n, 512):
+            inside = [p.stop - p.start for p in pieces if c.start <= p.start < c.stop]
+            assert sum(inside) == c.stop - c.start
+            assert inside == [c.stop - c.start] or min(inside) >= 128
+            assert all(k % 4 == 0 for k in inside[:-1])
+
+
 def test_autograd_in_sigma_and_x_matches_central_differences():
     m = load("gmm-digits-k8", dtype=F64)
     g = _gen(14)

@@ -38,7 +38,7 @@ def test_tiny_guidance_benchmark(tmp_path, guidance_bench):
     (model,) = res["models"]
     assert model["model"] == "gmm-digits-cond"
     (row,) = model["rows"]
-    assert row["nfe"] == 4 and set(row["methods"]) == set(guidance_bench.METHODS)
+    assert row["nfe"] == 4 and set(row["methods"]) == set(guidance_bench.method_names(row))
     assert row["best_constant"] in ("w1", "w2", "w4")
     for name, m in row["methods"].items():
         for k in ("fid_class", "fid", "accuracy"):
@@ -71,3 +71,24 @@ def test_tiny_guidance_benchmark(tmp_path, guidance_bench):
     assert row["objective"]["floor"] == row["search_metrics"][row["best_constant"]]["accuracy"]
     text = (tmp_path / "guidance.md").read_text()
     assert "| 4 |" in text and "paper interval" in text and "class FID" in text
+
+
+def test_floor_from_a_fixed_schedule_picks_the_best_constant_that_meets_it(guidance_bench):
+    """``--floor w1.5``: the floor is w=1.5's accuracy, the penalty's scale its class FID;
+    the best constant is the lowest objective, so a better class FID below the floor loses
+    to one that meets it (hand computation)."""
+    vals = {"w1": {"fid_class": 1.0, "accuracy": 0.990},
+            "w1.25": {"fid_class": 1.2, "accuracy": 0.999},
+            "w1.5": {"fid_class": 1.4, "accuracy": 0.997},
+            "interval": {"fid_class": 6.0, "accuracy": 0.998}}
+    best, obj = guidance_bench.choose_floor("w1.5", ["w1", "w1.25", "w1.5"], vals)
+    assert (obj.floor, obj.reference_fid) == (0.997, 1.4)
+    # w1: 0.7 points below -> 1.0 + 1.4 * 0.7 = 1.98 > 1.2 (w1.25 meets the floor).
+    assert obj(vals["w1"]) == pytest.approx(1.0 + 1.4 * 100 * 0.007)
+    assert best == "w1.25"
+    best, obj = guidance_bench.choose_floor("best", ["w1", "w1.25", "w1.5"], vals)
+    assert best == "w1" and obj.floor == 0.990
+    best, obj = guidance_bench.choose_floor("0.9985", ["w1", "w1.25", "w1.5"], vals)
+    assert best == "w1.25" and obj.floor == 0.9985 and obj.reference_fid == 1.0
+    with pytest.raises(SystemExit, match="--floor 'w9'"):
+        guidance_bench.choose_floor("w9", ["w1"], vals)

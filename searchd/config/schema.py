@@ -34,8 +34,9 @@ Sections (see ``docs/notes-search.md`` for the reasoning):
   ``predictor`` (OMS-DPM's pre-screen of offspring, evolution only).
 - ``baselines``: schedule families with their parameters; ``gits`` and ``ld3`` are computed
   at run start with the ``search.gits`` / ``search.ld3`` settings.
-- ``metric``: ``name`` fid | kid | teacher_distance; ``features`` digits | inception |
-  pixels; ``reference`` (an ``.npz`` path or ``exact:<n>``).
+- ``metric``: ``name`` fid | kid | teacher_distance | class_fid (class-conditional models:
+  mean per-class FID, with an optional accuracy floor in ``options``); ``features`` digits |
+  inception | pixels; ``reference`` (an ``.npz`` path or ``exact:<n>``).
 - ``samples``: per candidate; search, held-out and reference seed bases (disjoint ranges).
 - ``workers``: ``num_workers``, ``num_gpus_per_worker``, ``cpus_per_worker``.
 - ``run_dir``: where the run is written (null: ``runs/<run id>``, chosen when it starts).
@@ -649,10 +650,13 @@ DEFAULT_BASELINES: list[dict[str, Any]] = [
 ]
 
 
+CLASS_FID_OPTIONS = ("accuracy_floor", "floor_margin", "penalty_per_point")
+
+
 class MetricConfig(Section):
     """What a candidate is scored by."""
 
-    name: Literal["fid", "kid", "teacher_distance"] = "fid"
+    name: Literal["fid", "kid", "teacher_distance", "class_fid"] = "fid"
     features: Literal["digits", "inception", "pixels"] = "digits"
     reference: str | None = None  # .npz with mu/sigma, or "exact:<n>" (embedded models)
     options: dict[str, Any] = {}  # metric-specific (e.g. the teacher's solver and steps)
@@ -673,10 +677,41 @@ class MetricConfig(Section):
 
     @model_validator(mode="after")
     def _needs_reference(self) -> MetricConfig:
-        if self.name in ("fid", "kid") and self.reference is None:
+        if self.name in ("fid", "kid", "class_fid") and self.reference is None:
             raise FieldError("reference", None,
                              f"{self.name} needs reference statistics: a path or exact:<n>")
+        self._class_fid()
         return self
+
+    def _class_fid(self) -> None:
+        """class_fid (searchd.evaluation.conditional): the digits classifier, and its
+        objective's options (``accuracy_floor``, ``floor_margin``, ``penalty_per_point``)."""
+        given = [k for k in CLASS_FID_OPTIONS if k in self.options]
+        if self.name != "class_fid":
+            if given:
+                raise FieldError(f"options.{given[0]}", self.options[given[0]],
+                                 "applies to metric.name class_fid only")
+            return
+        if self.features != "digits":
+            raise FieldError("features", self.features, "class_fid needs a classifier of the "
+                             "conditioning classes: the digits network (features: digits)")
+        floor = self.options.get("accuracy_floor")
+        if floor is not None and not (
+                (isinstance(floor, str) and floor.strip())
+                or (isinstance(floor, int | float) and not isinstance(floor, bool)
+                    and 0 <= floor <= 1)):
+            raise FieldError("options.accuracy_floor", floor, "give a number in [0, 1] (an "
+                             "absolute floor) or a baseline's name (its accuracy), or null")
+        for k in ("floor_margin", "penalty_per_point"):
+            v = self.options.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not 0 <= v < float("inf")):
+                raise FieldError(f"options.{k}", v, "must be a finite number >= 0")
+
+    @property
+    def class_objective(self) -> dict[str, Any]:
+        """The objective options of class_fid (``conditional.resolve_objective``)."""
+        return {k: self.options[k] for k in CLASS_FID_OPTIONS if k in self.options}
 
     @property
     def exact_reference(self) -> int | None:

@@ -4,13 +4,18 @@
   anything starts, with a timeout: a TCP connection to its host and port. Nothing listening
   is one line, not a hang.
 - ``start``: starts a local Ray (``num_cpus`` = the machine's) or joins the cluster at the
-  address, with Ray's token-auth banner kept off the console; builds the evaluator pool
+  address, with Ray's token-auth banner kept off the console (and, when quiet: no ``say``,
+  Ray's "A worker died ..." messages sent to the log, ``raylog``); builds the evaluator pool
   (``PoolWorkers``: the ``Workers`` protocol on the actors). A local Ray has a fixed size, so
   ``workers.num_workers`` actors that cannot fit are refused at once; on a cluster they are
   demand the autoscaler sees.
 - ``drive``: the search loop under Ray Tune (``run_tune``), the pool grown between batches,
   the fault hooks of ``SEARCHD_FAULT`` watched in a thread when set.
 - ``close``: the actors and, if it started one, Ray itself.
+
+Start-up is overlapped where the driver only waits: once Ray is up, Ray Tune (``ray.tune``
+and ``searchd.distributed.tune``, 0.5-1 s of imports) is imported in a thread while the
+actors load and the reference is computed, not after them.
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from searchd.distributed.pool import ActorStartError, EvaluatorPool
-from searchd.distributed.tune import run_tune
+from searchd.distributed.pool import ActorStartError, EvaluatorPool, EvaluatorsLostError
 from searchd.evaluation import CandidateResult
 from searchd.loop.factory import EvaluatorFactory
 from searchd.loop.hooks import FaultHooks
@@ -43,6 +47,35 @@ T = TypeVar("T")
 ADDRESS_TIMEOUT_S = 10.0
 # Ray's loggers quieted while Ray starts: the token-auth banner (a warning on every start).
 RAY_START_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+# What ``drive`` imports (Ray Tune), imported in a thread during the start (``start``).
+TUNE_MODULES = ("searchd.distributed.tune",)
+
+
+def import_in_thread(names: Sequence[str]) -> threading.Thread:
+    """Import ``names`` in a daemon thread (the driver waits on Ray meanwhile); an error is
+    left for the real import to raise."""
+    import importlib
+
+    def run() -> None:
+        try:
+            for name in names:
+                importlib.import_module(name)
+        except Exception:  # only a warm-up: the real import reports its own errors
+            pass
+
+    t = threading.Thread(target=run, name="searchd-import-tune", daemon=True)
+    t.start()
+    return t
+
+
+def run_tune(*args: Any, **kwargs: Any) -> Any:
+    """``searchd.distributed.tune.run_tune``, imported on first use: Ray Tune's import is
+    kept off this module's (``import_in_thread`` does it while the actors start)."""
+    from searchd.distributed.tune import run_tune as run
+
+    return run(*args, **kwargs)
 
 
 class RayAddressError(BadInput):
@@ -197,12 +230,17 @@ class RayEngine:
         finally:
             for n, level in saved.items():
                 logging.getLogger(n).setLevel(level)
+        if self.say is None:  # quiet: Ray's "A worker died ..." messages go to the log
+            from searchd.distributed import raylog
+
+            raylog.route_to_log()
         logger.info("Ray ready in %.1f s", time.monotonic() - t0)
 
     def start(self, factory: EvaluatorFactory, workers_config: Any) -> PoolWorkers:
         """Start (or join) Ray and the evaluator pool; the actors load the models once."""
         self.check()
         self._start_ray()
+        self._tune_import = import_in_thread(TUNE_MODULES)
         w = workers_config
         if self.say is not None:
             self.say("searchd: starting evaluator actors ...")
@@ -221,7 +259,11 @@ class RayEngine:
     def drive(self, loop: SearchLoop, workers: PoolWorkers, *, name: str,
               between: Callable[[], Any] | None = None) -> bool:
         """Run the loop under Ray Tune (``between`` after each batch is recorded: the pool's
-        growth); True when its searcher finished."""
+        growth); True when its searcher finished.
+
+        Raises ``EvaluatorsLostError`` (one line) when a batch failed because the
+        evaluators were lost: that batch is not recorded, what is stored stays, and a resume
+        scores it."""
         hooks = None
         if FaultHooks.wanted():
             hooks = FaultHooks(counter=workers.calls_started)
@@ -238,6 +280,11 @@ class RayEngine:
         finally:
             stop.set()
             shutil.rmtree(scratch, ignore_errors=True)
+        if outcome.lost is not None:
+            raise EvaluatorsLostError(
+                f"search stopped, the evaluators were lost ({outcome.lost}); the batch in "
+                "flight is not recorded, what is stored is kept: resume with python -m "
+                "searchd.search --resume RUN_DIR")
         return outcome.finished
 
     def close(self) -> None:
@@ -247,6 +294,10 @@ class RayEngine:
                 self.workers.shutdown()
             finally:
                 self.workers = None
+        if self.say is None:
+            from searchd.distributed import raylog
+
+            raylog.restore()
         if self.started_ray:
             import ray
 

@@ -112,31 +112,60 @@ class ClassReference:
 
     def save(self, path: str | Path) -> Path:
         """One ``.npz``: ``mu`` [C+1, d], ``sigma`` [C+1, d, d] (classes, then the pool)."""
-        import json
         import os
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        refs = [*self.classes, self.pool]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=np.stack([r.mu for r in refs]), sigma=np.stack([r.sigma for r in refs]),
-                     n=np.asarray([-1 if r.n is None else r.n for r in refs], dtype=np.int64),
-                     meta=np.asarray(json.dumps(self.pool.meta, sort_keys=True)))
+        tmp.write_bytes(self.to_bytes())
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ClassReference:
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read())
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file's content (``save``'s format), for a run directory's storage."""
+        import io
         import json
 
-        with np.load(path, allow_pickle=False) as z:
+        refs = [*self.classes, self.pool]
+        buf = io.BytesIO()
+        np.savez(buf, mu=np.stack([r.mu for r in refs]), sigma=np.stack([r.sigma for r in refs]),
+                 n=np.asarray([-1 if r.n is None else r.n for r in refs], dtype=np.int64),
+                 meta=np.asarray(json.dumps(self.pool.meta, sort_keys=True)))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ClassReference:
+        """Inverse of ``to_bytes`` (a file ``save`` wrote)."""
+        import io
+        import json
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if not {"mu", "sigma", "n", "meta"} <= set(z.files) or z["mu"].ndim != 2:
+                raise ValueError("not a class reference (an .npz with mu [C+1, d], sigma "
+                                 "[C+1, d, d], n and meta, as ClassReference.save writes)")
             mu, sigma, n = z["mu"], z["sigma"], z["n"]
             meta = json.loads(str(z["meta"]))
         refs = [ReferenceStats(mu[i], sigma[i], int(n[i]) if n[i] >= 0 else None,
                                {**meta, "class": i}) for i in range(mu.shape[0] - 1)]
         pool = ReferenceStats(mu[-1], sigma[-1], int(n[-1]) if n[-1] >= 0 else None, meta)
         return cls(refs, pool)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (``kind: "class"``; the statistics as ``ReferenceStats.to_dict()``):
+        what a run hands its evaluators, like a plain reference's dict."""
+        return {"kind": "class", "classes": [r.to_dict() for r in self.classes],
+                "pool": self.pool.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClassReference:
+        """Inverse of ``to_dict`` (extra keys, e.g. ``objective``, are ignored)."""
+        return cls([ReferenceStats.from_dict(r) for r in d["classes"]],
+                   ReferenceStats.from_dict(d["pool"]))
 
 
 def exact_class_reference(
@@ -410,3 +439,161 @@ class ConditionalEvaluator:
                                                f"{type(e).__name__}: {e}"))
         return results
 
+
+
+# The run's metric: metric.name class_fid ------------------------------------------------------
+RUN_METRIC = "class_fid"
+OBJECTIVE_FILE = "objective.json"
+
+
+def is_class_reference(reference: Any) -> bool:
+    """Whether a run's reference (plain data) is a ``ClassReference.to_dict()``."""
+    return isinstance(reference, Mapping) and reference.get("kind") == "class"
+
+
+def reference_to_bytes(reference: Mapping[str, Any]) -> bytes:
+    """The run directory's ``reference.npz`` of a plain or class reference (plain data)."""
+    if is_class_reference(reference):
+        return ClassReference.from_dict(reference).to_bytes()
+    return ReferenceStats.from_dict(reference).to_bytes()
+
+
+def check_reference(reference: Mapping[str, Any], features: Any) -> None:
+    """``ReferenceStats.check`` of a plain or class reference (plain data) against a feature
+    network or its info dict (``ValueError``, one line)."""
+    if is_class_reference(reference):
+        ref = ClassReference.from_dict(reference)
+        for r in (*ref.classes, ref.pool):
+            r.check(features)
+    else:
+        ReferenceStats.from_dict(reference).check(features)
+
+
+def objective_from_dict(d: Mapping[str, Any] | None) -> GuidanceObjective | None:
+    """The ``GuidanceObjective`` a run recorded (``objective.json``, ``resolve_objective``),
+    or None when it has no accuracy floor (the value is then ``fid_class``)."""
+    if not d or d.get("floor") is None:
+        return None
+    return GuidanceObjective(floor=float(d["floor"]), reference_fid=float(d["reference_fid"]),
+                             penalty_per_point=float(d["penalty_per_point"]),
+                             margin=float(d.get("margin", 0.0)))
+
+
+def resolve_objective(options: Mapping[str, Any], baselines: Mapping[str, Schedule],
+                      score: Any) -> dict[str, Any]:
+    """What a ``class_fid`` run records about its objective (``objective.json``,
+    best.json's ``search.objective``), with the floor resolved to a number.
+
+    ``options`` is ``metric.options``: ``accuracy_floor`` (None: no floor; a number in
+    [0, 1]: absolute; a baseline's name: that baseline's accuracy on the search seeds),
+    ``floor_margin`` (added to the floor), ``penalty_per_point`` (penalty per accuracy
+    percentage point below the floor, in class-FID units for an absolute floor, in units of
+    the named baseline's class FID for a baseline's floor). ``score(schedule)`` scores one
+    schedule on the search seeds (a ``CandidateResult`` with ``accuracy`` and
+    ``fid_class``).
+
+    Raises:
+        ValueError: a baseline name the run does not have, or the baseline failed.
+    """
+    floor = options.get("accuracy_floor")
+    margin = float(options.get("floor_margin", 0.0))
+    penalty = float(options.get("penalty_per_point", 1.0))
+    if floor is None:
+        return {"metric": RUN_METRIC, "kind": "fid_class (mean over classes of per-class FID), "
+                "no accuracy floor", "formula": "fid_class", "floor": None}
+    if isinstance(floor, str):
+        if floor not in baselines:
+            raise ValueError(f"metric.options.accuracy_floor: got {floor!r}; the run's "
+                             f"baselines are {', '.join(map(repr, baselines))} (or give a "
+                             "number in [0, 1])")
+        r = score(baselines[floor])
+        if not r.ok:
+            raise ValueError(f"metric.options.accuracy_floor: the baseline {floor!r} failed on "
+                             f"the search seeds: {r.error}")
+        value, scale, source = float(r.metrics["accuracy"]), float(r.metrics["fid_class"]), floor
+    else:
+        value, scale, source = float(floor), 1.0, "absolute"
+    obj = GuidanceObjective(floor=value, reference_fid=scale, penalty_per_point=penalty,
+                            margin=margin)
+    return {"metric": RUN_METRIC, **obj.describe(), "floor_from": source}
+
+
+def class_metrics(evaluator: Any, schedule: Schedule, features: Tensor, logits: Tensor,
+                  seeds: Sequence[int]) -> dict[str, float]:
+    """A ``class_fid`` run's metrics of one candidate from its per-sample features [n, d]
+    and classifier logits [n, C] (row i: seed i): ``fid_class``, ``accuracy``, the
+    per-class ``fid_class_<c>``, ``class_fid`` (the searched value: the objective, which
+    is ``fid_class`` without a floor), ``objective_penalty`` (``class_fid - fid_class``)
+    and ``network_calls`` (forward passes per sample, guidance counted). The pool FID is
+    the evaluator's ``fid`` (its reference is the class-balanced pool)."""
+    from searchd.solvers import network_calls
+
+    ref: ClassReference = evaluator.class_reference
+    m = conditional_metrics(features, logits, class_labels(seeds, ref.n_classes), ref)
+    m.pop("fid")  # the evaluator's own fid, on the same samples and reference
+    objective = evaluator.objective
+    m[RUN_METRIC] = objective(m) if objective is not None else m["fid_class"]
+    m["objective_penalty"] = m[RUN_METRIC] - m["fid_class"]
+    solver = evaluator.solver or schedule.solver
+    m["network_calls"] = float(network_calls(
+        solver, schedule.n_steps, schedule.final_zero, schedule.guidance,
+        guided=bool(getattr(evaluator.denoiser, "guided", False))))
+    return m
+
+
+def heldout_class_part(evaluator: Any, schedules: Sequence[Schedule | Mapping[str, Any]],
+                       seeds: Sequence[int], resamples: int, bootstrap_seed: int
+                       ) -> list[dict[str, Any]]:
+    """``heldout.heldout_part`` of a ``class_fid`` run: per schedule, ``fid_class``,
+    ``fid`` (pool) and ``accuracy`` on the held-out seeds, each with its bootstrap values
+    (``boot``, ``fid_boot``, ``accuracy_boot``) from ``stratified_counts`` (a function of
+    the seeds' labels, ``resamples`` and ``bootstrap_seed`` only, so every part, on any
+    worker, shares the resamples and ``heldout.combine_parts`` pairs them)."""
+    seeds = [int(s) for s in seeds]
+    ref: ClassReference = evaluator.class_reference
+    labels = class_labels(seeds, ref.n_classes)
+    counts = stratified_counts(labels, resamples, bootstrap_seed)
+    results, feats, logits = evaluator.per_sample_class_outputs(list(schedules), seeds)
+    parts = []
+    for r, f, lg in zip(results, feats, logits):
+        part: dict[str, Any] = {"candidate_id": r.candidate_id, "metric": "fid_class",
+                                "status": "ok" if r.ok else "failed", "error": r.error}
+        if r.ok:
+            m = conditional_metrics(f, lg, labels, ref)
+            boot = bootstrap_conditional(f, lg, labels, ref, counts)
+            part.update(fid_class=m["fid_class"], boot=boot["fid_class"], fid=m["fid"],
+                        fid_boot=boot["fid"], accuracy=m["accuracy"],
+                        accuracy_boot=boot["accuracy"])
+        parts.append(part)
+    return parts
+
+
+def check_class_run(cfg: Any, facts: Mapping[str, Any]) -> str | None:
+    """Why a run's configuration cannot use ``class_fid`` on this model (one line), or None:
+    the model must be class-conditional with as many classes as the classifier has, and
+    the search, held-out and exact-reference sample counts multiples of the class count
+    (every class equally often)."""
+    name = facts.get("name")
+    if not facts.get("conditional") or not facts.get("n_classes"):
+        return (f"metric.name: got 'class_fid'; the model {name!r} is not class-conditional "
+                "(class_fid scores each sample against the class its seed asks for: e.g. "
+                "gmm-digits-cond, digits-unet-cond-s)")
+    c = int(facts["n_classes"])
+    k = facts.get("classifier_classes")
+    if k is None or int(k) != c:
+        return (f"metric.name: got 'class_fid'; the model {name!r} has {c} classes, the "
+                f"classifier of features {facts['features'].get('features')!r} has "
+                f"{k or 'none'}")
+    counts = [("samples.per_candidate", cfg.samples.per_candidate),
+              ("samples.heldout", cfg.samples.heldout)]
+    if cfg.metric.exact_reference is not None:
+        counts.append(("metric.reference", cfg.metric.exact_reference))
+    rungs = int(getattr(getattr(cfg.search, "halving", None), "rungs", 1) or 1)
+    if rungs > 1:  # successive halving scores blocks of per_candidate // rungs seeds
+        counts.append(("samples.per_candidate / search.halving.rungs",
+                       cfg.samples.per_candidate // rungs))
+    for key, n in counts:
+        if n % c:
+            return (f"{key}: got {n}; class_fid needs a multiple of the model's {c} classes "
+                    "(each class equally often)")
+    return None

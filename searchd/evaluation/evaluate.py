@@ -57,7 +57,7 @@ from searchd.noise import make_noise
 from searchd.schedule import Schedule
 from searchd.solvers.prefix import PrefixStats
 
-METRICS = ("fid", "kid", "is", "sfid", "teacher_distance")
+METRICS = ("fid", "kid", "is", "sfid", "teacher_distance", "class_fid")
 _NEEDS_REFERENCE = frozenset({"fid", "kid", "sfid"})
 # Cached noise / teacher sample sets (one per distinct seed list).
 _CACHE_ENTRIES = 4
@@ -256,6 +256,12 @@ class Evaluator:
             (``searchd.evaluation.prefix``): candidates agreeing on their first levels share
             those steps' solver work, and every result is bitwise that of scoring the
             candidate alone; ``prefix_stats`` sums the work done and saved.
+        class_reference: per-class and pool statistics (``conditional.ClassReference``) for
+            the metric ``class_fid`` of a class-conditional model: its pool is the
+            reference (``fid`` is the pool FID), and every candidate also gets the
+            class-conditional metrics (``conditional.class_metrics``).
+        objective: the ``conditional.GuidanceObjective`` that ``class_fid`` is (None: the
+            mean per-class FID).
     """
 
     def __init__(
@@ -277,6 +283,8 @@ class Evaluator:
         is_splits: int = 10,
         keep_stats: bool = True,
         prefix_sharing: bool = False,
+        class_reference: Any = None,
+        objective: Any = None,
     ) -> None:
         from searchd.solvers import get as solver_spec
 
@@ -324,6 +332,17 @@ class Evaluator:
         self.keep_stats = keep_stats
         self.is_splits = is_splits
 
+        # class_fid: the class-conditional metrics on the digits classifier's logits.
+        self.class_reference = class_reference
+        self.objective = objective
+        if ("class_fid" in self.metrics) != (class_reference is not None):
+            raise ValueError("the metric class_fid and class reference statistics go together")
+        if class_reference is not None:
+            if "logits" not in features.outputs:
+                raise ValueError(f"class_fid needs a classifier; {features.name!r} has no "
+                                 "logits (use the digits features)")
+            class_reference.check(features)
+            reference = class_reference.pool if reference is None else reference
         # Reference: loaded, checked against the feature space, factored once.
         if isinstance(reference, str | Path):
             reference = ReferenceStats.load(reference)
@@ -380,8 +399,10 @@ class Evaluator:
         self._kept_outputs: list[str] = []
         if "kid" in self.metrics:
             self._kept_outputs.append("features")
-        if "is" in self.metrics:
+        if "is" in self.metrics or "class_fid" in self.metrics:
             self._kept_outputs.append("logits")
+        if "class_fid" in self.metrics and "features" not in self._kept_outputs:
+            self._kept_outputs.append("features")
         self._outputs = tuple(dict.fromkeys(self._stat_outputs + self._kept_outputs))
         self._noise_cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self._teacher_cache_key: tuple[int, ...] | None = None
@@ -479,6 +500,17 @@ class Evaluator:
         results, feats = self._score(candidates, seeds, keep=features, teacher_out=dists)
         return results, feats, dists
 
+    def per_sample_class_outputs(
+        self, candidates: Sequence[Schedule | Mapping[str, Any]], seeds: Sequence[int]
+    ) -> tuple[list[CandidateResult], list[Tensor | None], list[Tensor | None]]:
+        """Results, per-sample features [n, d] and classifier logits [n, C] (CPU; None when
+        failed) of a ``class_fid`` evaluator, from one sampling pass."""
+        if self.class_reference is None:
+            raise ValueError("per-sample class outputs need the metric class_fid")
+        logits: list[Tensor | None] = []
+        results, feats = self._score(candidates, seeds, keep=True, logits_out=logits)
+        return results, feats, logits
+
     def _score(
         self,
         candidates: Sequence[Schedule | Mapping[str, Any]],
@@ -487,6 +519,7 @@ class Evaluator:
         keep: bool,
         stats_only: bool = False,
         teacher_out: list[Tensor | None] | None = None,
+        logits_out: list[Tensor | None] | None = None,
     ) -> tuple[list[CandidateResult], list[Tensor | None]]:
         """Score the candidates: results, and per-sample features when ``keep``. Given a list
         ``teacher_out``, each candidate's per-sample teacher distances [n] (None when failed)
@@ -555,6 +588,8 @@ class Evaluator:
                     kept.append(None)
                     if teacher_out is not None:
                         teacher_out.append(None)
+                    if logits_out is not None:
+                        logits_out.append(None)
                     continue
                 s, _, cost = p
                 r, feats = self._finish(s, cost, accs[j], walls[j], n, seed_base, stats_only)
@@ -562,6 +597,8 @@ class Evaluator:
                 kept.append(feats if keep else None)
                 if teacher_out is not None:
                     teacher_out.append(accs[j].teacher_dist.clone() if r.ok else None)
+                if logits_out is not None:
+                    logits_out.append(torch.cat(accs[j].kept["logits"]) if r.ok else None)
             return results, kept
         finally:
             if extra_kept:
@@ -725,6 +762,11 @@ class Evaluator:
                     metrics["is"], metrics["is_std"] = mean, std
                 if "teacher_distance" in self.metrics:
                     metrics["teacher_distance"] = float(acc.teacher_dist.mean())
+                if "class_fid" in self.metrics:
+                    from searchd.evaluation.conditional import class_metrics
+
+                    metrics.update(class_metrics(self, s, torch.cat(acc.kept["features"]),
+                                                 torch.cat(acc.kept["logits"]), self._seeds_now))
         except (ValueError, RuntimeError) as e:
             return self._failed(s.id, cost, n, seed_base, f"metric error: {e}", wall), None
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]

@@ -265,6 +265,11 @@ def heldout_scores(
     if not 0 <= baseline_index < len(schedules):
         raise ValueError(f"baseline_index {baseline_index} is out of range")
     metric = heldout_metric(evaluator) if metric is None else metric
+    if metric == "fid_class":
+        return combine_parts(heldout_part(evaluator, schedules, seeds, resamples=resamples,
+                                          bootstrap_seed=bootstrap_seed),
+                             seeds, baseline_index=baseline_index, level=level,
+                             resamples=resamples, interval=interval)
     if metric == "teacher_distance" or getattr(evaluator, "teacher", None) is not None:
         return _teacher_heldout(evaluator, schedules, seeds, metric, baseline_index, level,
                                 resamples, bootstrap_seed, interval)
@@ -359,6 +364,10 @@ def heldout_part(
     per-sample distances; ``teacher_boot``: ``bootstrap_mean`` on the same counts), from the
     same sampling pass, as ``heldout_scores`` does."""
     metric = heldout_metric(evaluator)
+    if metric == "fid_class":  # class_fid: stratified by class (conditional.py)
+        from searchd.evaluation.conditional import heldout_class_part
+
+        return heldout_class_part(evaluator, schedules, seeds, resamples, bootstrap_seed)
     seeds = [int(s) for s in seeds]
     n = len(seeds)
     counts = bootstrap_counts(n, resamples, bootstrap_seed)
@@ -415,6 +424,10 @@ def combine_parts(
 
     if parts[0].get("metric", "fid") == "teacher_distance":
         return table("teacher_distance", "teacher_distance", "teacher_boot")
+    if parts[0].get("metric") == "fid_class":  # class_fid: pool FID and accuracy beside it
+        out = table("fid_class", "fid_class", "boot")
+        add_columns(out, table("fid", "fid", "fid_boot"), "fid")
+        return add_columns(out, table("accuracy", "accuracy", "accuracy_boot"), "accuracy")
     fid = table("fid", "fid", "boot")
     if any("teacher_boot" in p for p in parts):  # an evaluator with a teacher made the parts
         add_teacher_distance(fid, table("teacher_distance", "teacher_distance", "teacher_boot"))
@@ -433,8 +446,12 @@ HELDOUT_METRICS = ("fid", "teacher_distance")
 
 
 def heldout_metric(evaluator: Any) -> str:
-    """The metric of an evaluator's held-out table: "fid" when it has reference statistics,
-    else "teacher_distance" when it has a teacher (``ValueError`` when it has neither)."""
+    """The metric of an evaluator's held-out table: "fid_class" for the metric class_fid
+    (its rows also carry the pool ``fid`` and the ``accuracy``), "fid" when it has
+    reference statistics, else "teacher_distance" when it has a teacher (``ValueError``
+    when it has neither)."""
+    if getattr(evaluator, "class_reference", None) is not None:
+        return "fid_class"
     if getattr(evaluator, "frechet", None) is not None:
         return "fid"
     if getattr(evaluator, "teacher", None) is not None:
@@ -547,6 +564,18 @@ def add_teacher_distance(table: dict[str, Any], teacher: Mapping[str, Any]) -> d
         row["teacher_distance_ci"] = t.get("teacher_distance_ci")
         row["teacher_distance_diff"] = t.get("diff")
         row["teacher_distance_diff_ci"] = t.get("diff_ci")
+    return table
+
+
+def add_columns(table: dict[str, Any], other: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Each row of ``table`` given the value of another table of the same schedules, seeds
+    and resamples (``other``, whose metric is ``name``): ``<name>``, ``<name>_ci``,
+    ``<name>_diff`` and ``<name>_diff_ci`` (paired, against the same baseline)."""
+    for row, t in zip(table["scores"], other["scores"]):
+        row[name] = t.get(name)
+        row[f"{name}_ci"] = t.get(f"{name}_ci")
+        row[f"{name}_diff"] = t.get("diff")
+        row[f"{name}_diff_ci"] = t.get("diff_ci")
     return table
 
 

@@ -180,6 +180,10 @@ class EvaluatorHost:
             "zoo": list(getattr(d, "names", [])) if self.cfg.model.zoo is not None else None,
             "exact_samples": hasattr(d, "sample_data"),
             "guidance": bool(supports_guidance(d)),
+            "conditional": bool(getattr(d, "conditional", False)),
+            "n_classes": getattr(d, "n_classes", None) or getattr(self.features, "n_classes",
+                                                                  None),
+            "classifier_classes": getattr(self.features, "n_classes", None),
             "features": dict(self.features.info),
             "load_s": self.load_s,
         }
@@ -196,6 +200,12 @@ class EvaluatorHost:
                 f"embedded gmm-digits and digits-unet zoos); {model_label(self.cfg)!r} has "
                 "none: give a reference .npz"
             )
+        if self.cfg.metric.name == "class_fid":  # per class and the class-balanced pool
+            from searchd.evaluation.conditional import exact_class_reference
+
+            return exact_class_reference(self.denoiser, self.features,
+                                         range(seed_base, seed_base + n),
+                                         int(self.facts()["n_classes"])).to_dict()
         ref = exact_reference(self.denoiser, self.features, range(seed_base, seed_base + n))
         return ref.to_dict()
 
@@ -206,10 +216,15 @@ class EvaluatorHost:
 
         cfg = self.cfg
         ref = None
-        if reference is not None:
+        kwargs: dict[str, Any] = dict(self.factory.evaluator_options)
+        if cfg.metric.name == "class_fid":  # per-class statistics, and the run's objective
+            from searchd.evaluation.conditional import ClassReference, objective_from_dict
+
+            kwargs["class_reference"] = ClassReference.from_dict(reference)  # type: ignore
+            kwargs["objective"] = objective_from_dict(reference.get("objective"))  # type: ignore
+        elif reference is not None:
             ref = ReferenceStats.from_dict(reference)
             ref.check(self.features)
-        kwargs: dict[str, Any] = dict(self.factory.evaluator_options)
         if cfg.metric.options.get("teacher"):
             kwargs["teacher"] = cfg.metric.options["teacher"]
         evaluator = Evaluator(

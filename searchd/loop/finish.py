@@ -171,6 +171,10 @@ def best_json(
         if "teacher_distance_diff_ci" in score:  # a FID table's rows carry the teacher's too
             score["teacher_distance_significant"] = (
                 None if i == 1 + best_base else significant(score, "teacher_distance_diff_ci"))
+        for col in ("fid", "accuracy"):  # class_fid: the pool FID and accuracy columns
+            if f"{col}_diff_ci" in score:
+                score[f"{col}_significant"] = (
+                    None if i == 1 + best_base else significant(score, f"{col}_diff_ci"))
     out: dict[str, Any] = {
         "run_id": run_id,
         "model": model,
@@ -264,6 +268,16 @@ def summary_lines(best: Mapping[str, Any]) -> list[str]:
                    "resamples:")
         out.extend(_score_lines(held["scores"], "teacher_distance", "teacher_distance_diff",
                                 best["best_baseline"]))
+    if metric == "fid_class":  # class_fid: the accuracy floor and the other columns
+        obj = best["search"].get("objective") or {}
+        if obj.get("floor") is not None:
+            out.append(f"searchd: searched {obj['metric']} = {obj['formula']}, accuracy floor "
+                       f"{obj['floor']:.4f} ({obj['floor_from']})")
+        for col, what in (("accuracy", "classifier accuracy on the requested class"),
+                          ("fid", "FID of the class-balanced pool")):
+            out.append(f"searchd: held-out {col} ({what}), same samples and resamples:")
+            out.extend(_score_lines(held["scores"], col, f"{col}_diff",
+                                    best["best_baseline"]))
     ad = best.get("adaptive")
     if ad is not None:
         out.extend(adaptive_lines(ad))

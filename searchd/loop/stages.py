@@ -33,7 +33,7 @@ import torch
 
 from searchd import faults
 from searchd.config import SearchConfig
-from searchd.evaluation import CandidateResult
+from searchd.evaluation import CandidateResult, reference_cache
 from searchd.loop import adaptive as adaptive_run
 from searchd.loop import finish as fin
 from searchd.loop.factory import EvaluatorFactory, model_label, model_loads, zoo_latency
@@ -57,6 +57,7 @@ logger = logging.getLogger("searchd")
 
 ANCHORS_FILE = "anchors.json"
 REFERENCE_FILE = "reference.npz"
+OBJECTIVE_FILE = "objective.json"  # class_fid: the objective with its floor resolved
 
 
 class Engine(Protocol):
@@ -192,7 +193,7 @@ def _remove_new_run(run: RunDir) -> None:
     if it is then empty and local."""
     import os
 
-    for name in (LOG_FILE, CONFIG_FILE, RUN_FILE, REFERENCE_FILE, ANCHORS_FILE):
+    for name in (LOG_FILE, CONFIG_FILE, RUN_FILE, REFERENCE_FILE, ANCHORS_FILE, OBJECTIVE_FILE):
         run.delete(name)
     path = run.local_path()
     if path is not None:
@@ -211,6 +212,9 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     meta = json.loads(run.read_text(RUN_FILE)) if plan.resume else {}
     stored_zoo = meta.get("zoo") if cfg.model.zoo is not None else None
     reference = _known_reference(cfg, run)
+    cached = _cached_reference(cfg) if reference is None else None
+    if cached is not None:
+        reference = cached[0]
     factory = EvaluatorFactory(
         cfg.resolve(), reference, evaluator_options=_evaluator_options(cfg),
         latency_ms=None if stored_zoo is None else list(stored_zoo["latency_ms"]),
@@ -225,6 +229,8 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
     if not plan.resume or plan.changed:
         run.write_text(CONFIG_FILE, cfg.to_yaml())
         run.write_text(RUN_FILE, json.dumps({**meta, **record(cfg, plan.run_id)}))
+    if cached is not None:
+        _store_reference(cfg, run, cached, say)
     if reference is None and cfg.metric.exact_reference is not None:
         reference = _exact_reference(cfg, run, workers, say)
     zoo = stored_zoo if stored_zoo is not None else _zoo(cfg, run, workers, say)
@@ -235,6 +241,8 @@ def prepare(plan: RunPlan, engine: Engine, say: Say) -> Setup:
 
     anchors = anchors_from_results(results, timestep_space(space))
     baselines = make_baselines(cfg, space, anchors)
+    if cfg.metric.name == "class_fid" and reference is not None:
+        _class_objective(cfg, run, workers, baselines, reference, say)
     searcher = make_searcher(cfg.search, space, baselines, cfg.metric.name, cfg.mode, anchors)
     setup = Setup(workers, facts, space, baselines, searcher, results, zoo)
     if plan.resume:
@@ -276,6 +284,21 @@ def _known_reference(cfg: SearchConfig, run: RunDir) -> dict[str, Any] | None:
     resumed run's ``reference.npz`` (so a resume uses the very same reference)."""
     from searchd.evaluation.reference import ReferenceStats
 
+    if cfg.metric.name == "class_fid":  # per-class statistics, and a resumed run's objective
+        from searchd.evaluation.conditional import ClassReference
+
+        if run.exists(REFERENCE_FILE):
+            ref = ClassReference.from_bytes(run.read_bytes(REFERENCE_FILE)).to_dict()
+        elif cfg.metric.exact_reference is None:
+            try:
+                ref = ClassReference.load(cfg.metric.reference).to_dict()  # type: ignore[arg-type]
+            except ValueError as e:
+                raise BadInput(f"metric.reference: {e}") from None
+        else:
+            return None
+        if run.exists(OBJECTIVE_FILE):
+            ref["objective"] = json.loads(run.read_text(OBJECTIVE_FILE))
+        return ref
     if cfg.metric.exact_reference is not None:
         if run.exists(REFERENCE_FILE):
             return ReferenceStats.from_bytes(run.read_bytes(REFERENCE_FILE)).to_dict()
@@ -308,16 +331,22 @@ def check_model(cfg: SearchConfig, facts: dict[str, Any],
                        f"{facts['name']!r} takes no guidance weights (it is not class- or "
                        "text-conditional with an unconditional mode, e.g. gmm-digits-cond, "
                        "digits-unet-cond-s)")
+    if cfg.metric.name == "class_fid":
+        from searchd.evaluation.conditional import check_class_run
+
+        why = check_class_run(cfg, facts)
+        if why is not None:
+            raise BadInput(why)
     n = cfg.metric.exact_reference
     if n is not None and reference is None and not facts.get("exact_samples"):
         raise BadInput(f"metric.reference: got 'exact:{n}'; the model {facts['name']!r} has no "
                        "exact samples (the embedded gmm-digits and digits-unet zoos do): give "
                        "a reference .npz")
     if reference is not None:
-        from searchd.evaluation.reference import ReferenceStats
+        from searchd.evaluation.conditional import check_reference
 
         try:
-            ReferenceStats.from_dict(reference).check(facts["features"])
+            check_reference(reference, facts["features"])
         except ValueError as e:
             raise BadInput(f"metric.reference: {e}") from None
 
@@ -326,16 +355,63 @@ def _exact_reference(cfg: SearchConfig, run: RunDir, workers: Any, say: Say
                      ) -> dict[str, Any]:
     """Exact reference statistics, on one evaluator's loaded model; stored in the run and
     handed to every evaluator."""
-    from searchd.evaluation.reference import ReferenceStats
+    from searchd.evaluation.conditional import reference_to_bytes
 
     n = cfg.metric.exact_reference
     say(f"searchd: reference statistics from {n} exact samples ...")
     t0 = time.monotonic()
     ref = workers.exact_reference(n, cfg.samples.reference_seed_base)
-    run.write_bytes(REFERENCE_FILE, ReferenceStats.from_dict(ref).to_bytes())
+    run.write_bytes(REFERENCE_FILE, reference_to_bytes(ref))
     workers.set_reference(ref)
     logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
+    reference_cache.store(cfg, ref)
     return ref
+
+
+def _cached_reference(cfg: SearchConfig) -> tuple[dict[str, Any], Any] | None:
+    """A new run's exact reference from the user's cache (``reference_cache``): the very
+    file an evaluator would compute; handed to the evaluators as they start."""
+    if cfg.metric.exact_reference is None:
+        return None
+    return reference_cache.load(cfg)
+
+
+def _store_reference(cfg: SearchConfig, run: RunDir, cached: tuple[dict[str, Any], Any],
+                     say: Say) -> None:
+    """A cached exact reference stored in the run (``reference.npz``: a resume uses it)."""
+    from searchd.evaluation.conditional import reference_to_bytes
+
+    t0 = time.monotonic()
+    say(f"searchd: reference statistics from {cfg.metric.exact_reference} exact samples: "
+        f"cached ({cached[1]})")
+    run.write_bytes(REFERENCE_FILE, reference_to_bytes(cached[0]))
+    logger.info("reference statistics ready in %.1f s", time.monotonic() - t0)
+
+
+def _class_objective(cfg: SearchConfig, run: RunDir, workers: Any, baselines: list[Schedule],
+                     reference: dict[str, Any], say: Say) -> None:
+    """class_fid: the objective with its accuracy floor resolved (a named baseline scored
+    once on the search seeds), written to ``objective.json`` and handed to every evaluator
+    with the reference; a resumed run keeps the one it recorded."""
+    from searchd.evaluation.conditional import resolve_objective
+
+    if "objective" in reference:
+        return
+    s = cfg.samples
+    seeds = list(range(s.seed_base, s.seed_base + s.per_candidate))
+    try:
+        obj = resolve_objective(cfg.metric.class_objective,
+                                {fin.name_of(b): b for b in baselines},
+                                lambda b: workers.score([b], seeds)[0])
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    run.write_text(OBJECTIVE_FILE, json.dumps(obj, indent=2) + "\n")
+    reference["objective"] = obj
+    if obj["floor"] is not None:
+        workers.set_reference(reference)
+        src = obj["floor_from"]
+        src = "absolute" if src == "absolute" else f"{src}'s accuracy on the search seeds"
+        say(f"searchd: class_fid = {obj['formula']}; floor {obj['floor']:.4f} ({src})")
 
 
 def _zoo(cfg: SearchConfig, run: RunDir, workers: Any, say: Say) -> dict[str, Any] | None:
@@ -553,6 +629,8 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
         anchor_results=setup.anchor_results, zoo=setup.zoo, space=setup.space,
         sigma_grid=setup.facts.get("sigma_grid"),
     )
+    if run.exists(OBJECTIVE_FILE):  # class_fid: the objective and its parameters
+        out["search"]["objective"] = json.loads(run.read_text(OBJECTIVE_FILE))
     if cfg.search.algorithm == "adaptive":
         out["adaptive"] = _adaptive_json(cfg, setup, final.get("adaptive"))
     if loop.race is not None:

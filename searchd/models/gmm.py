@@ -30,6 +30,16 @@ from searchd.models.base import sigma_per_sample
 # one pass); on CUDA they only bound memory.
 _CHUNK_ELEMENTS = 1 << 21
 _CHUNK_ELEMENTS_CUDA = 1 << 26
+# On the CPU each chunk is computed in near-equal pieces of at most this many elements: for
+# K = D = 64, pieces of <= 256 rows (4 MiB per intermediate) run about twice as fast as the
+# 512-row chunks on a 2-core EPYC whose 32 MiB L3 two actors share. The chunks, not the
+# pieces, fix the bits: a matrix product's row does not depend on how many rows come with
+# it once there are 4 or more (MKL rounds 1-3 rows differently), and a chunk of more than
+# 256 rows is cut into pieces of at least 128, while a smaller chunk (a 1-3 row remainder
+# included) stays whole; in float64 MKL also rounds a row by its place in blocks of 4, which
+# the pieces keep (``_pieces``); so every output is bitwise that of the chunks computed whole
+# (tests/test_gmm.py).
+_PIECE_ELEMENTS = 1 << 20
 # Rows sharing one noise level are denoised together when the groups average at least this
 # many rows; otherwise every row is handled with its own level.
 _MIN_GROUP_ROWS = 64
@@ -38,6 +48,21 @@ _MIN_GROUP_ROWS = 64
 def _slices(n: int, rows: int) -> list[slice]:
     """Consecutive slices of at most ``rows`` covering ``range(n)``."""
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _pieces(n: int, rows: int, piece_rows: int) -> list[slice]:
+    """The slices of ``_slices(n, rows)``, each cut into near-equal consecutive pieces of
+    about ``piece_rows`` (a slice of at most ``piece_rows`` stays whole). Every piece but a
+    slice's last has a multiple of 4 rows and the last keeps the slice's remainder, so each
+    row sits at the same position modulo 4 and in the same 1-3 row tail as in its slice:
+    MKL's float64 product rounds rows by their position in blocks of 4."""
+    out = []
+    for sl in _slices(n, rows):
+        m = sl.stop - sl.start
+        parts = -(-m // piece_rows)
+        bounds = [sl.start + 4 * ((m // 4) * j // parts) for j in range(parts)] + [sl.stop]
+        out.extend(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+    return out
 
 
 class GaussianMixtureDenoiser:
@@ -172,6 +197,10 @@ class GaussianMixtureDenoiser:
         s2 = sigma.to(self.device, self.dtype).square()
         out = torch.empty_like(xf)
         rows = self._chunk_rows()
+        piece = self._piece_rows(rows)
+
+        def chunks(n: int) -> list[slice]:
+            return _pieces(n, rows, piece)
 
         def part(t: Tensor | None, sel: slice | Tensor) -> Tensor | None:
             return None if t is None else t[sel]
@@ -179,24 +208,31 @@ class GaussianMixtureDenoiser:
         if s2.requires_grad:
             # Differentiable in sigma: every row through its own level (grouping rows by
             # level would route the gradient of a group to one row's sigma).
-            for sl in _slices(b, rows):
+            for sl in chunks(b):
                 out[sl] = self._denoise_general(xf[sl], s2[sl], part(bias, sl), part(weight, sl))
             return out.reshape(x.shape).to(x.device, x.dtype)
         levels, group = torch.unique(s2, return_inverse=True)
+        # Scratch for the [rows, K * D] intermediates of the shared-level path, reused by
+        # every piece of the call (fresh 4 MiB tensors per piece cost page faults and cold
+        # cache lines); not under autograd, which cannot differentiate through out=.
+        work = None
+        if not xf.requires_grad and self.device.type == "cpu":
+            work = xf.new_empty((2, min(b, rows), self.n_components * self.dim))
         if levels.numel() == 1:
-            for sl in _slices(b, rows):
-                out[sl] = self._denoise_shared(xf[sl], levels[0], part(bias, sl), part(weight, sl))
+            for sl in chunks(b):
+                out[sl] = self._denoise_shared(xf[sl], levels[0], part(bias, sl),
+                                               part(weight, sl), work)
         elif levels.numel() * _MIN_GROUP_ROWS <= b:
             # Few distinct levels (per-sample schedules of a few candidates): one group each.
             for j in range(levels.numel()):
                 idx = (group == j).nonzero().squeeze(1)
                 xg, bg, wg = xf[idx], part(bias, idx), part(weight, idx)
                 out[idx] = torch.cat(
-                    [self._denoise_shared(xg[sl], levels[j], part(bg, sl), part(wg, sl))
-                     for sl in _slices(idx.numel(), rows)]
+                    [self._denoise_shared(xg[sl], levels[j], part(bg, sl), part(wg, sl), work)
+                     for sl in chunks(idx.numel())]
                 )
         else:
-            for sl in _slices(b, rows):
+            for sl in chunks(b):
                 out[sl] = self._denoise_general(xf[sl], s2[sl], part(bias, sl), part(weight, sl))
         return out.reshape(x.shape).to(x.device, x.dtype)
 
@@ -223,14 +259,25 @@ class GaussianMixtureDenoiser:
         elements = _CHUNK_ELEMENTS_CUDA if self.device.type == "cuda" else _CHUNK_ELEMENTS
         return max(1, elements // (self.n_components * self.dim))
 
+    def _piece_rows(self, rows: int) -> int:
+        """Rows per piece of a chunk of ``rows`` (``_PIECE_ELEMENTS``; CUDA: whole chunks)."""
+        if self.device.type == "cuda":
+            return rows
+        return max(1, min(rows, _PIECE_ELEMENTS // (self.n_components * self.dim)))
+
     def _denoise_shared(
-        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
+        self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None,
+        work: Tensor | None = None,
     ) -> Tensor:
         """Rows sharing one noise variance: flat ``x`` [B, D], scalar ``s2`` -> [B, D].
 
         The whitening by (l + s2)^(-1/2) is folded into the projection and back-projection
         matrices, so the per-sample work is two matmuls, a squared norm and a softmax.
+        ``work`` [2, >= B, K * D]: scratch for the intermediates (the same operations
+        written into it, so the same values bit for bit), or None (fresh tensors).
         """
+        if work is not None:
+            return self._denoise_shared_into(x, s2, bias, weight, work)
         b, k, d = x.shape[0], self.n_components, self.dim
         inv = (self._lam + s2).reciprocal()  # [K, D]
         root = inv.sqrt()
@@ -243,6 +290,23 @@ class GaussianMixtureDenoiser:
         r = self._mix(log_norm - 0.5 * w.square().sum(-1), bias, weight)  # [B, K]
         # sum_k r_k [mu_k + U_k diag(l / (l + s2)) z_k], with z_k = sqrt(l + s2) w_k.
         return torch.addmm(r @ self._mu, (w * r[:, :, None]).view(b, k * d), back)
+
+    def _denoise_shared_into(
+        self, x: Tensor, s2: Tensor, bias: Tensor | None, weight: Tensor | None, work: Tensor
+    ) -> Tensor:
+        """``_denoise_shared`` with its [B, K * D] intermediates in ``work`` (no autograd)."""
+        b, k, d = x.shape[0], self.n_components, self.dim
+        inv = (self._lam + s2).reciprocal()  # [K, D]
+        root = inv.sqrt()
+        proj = (self._proj.view(d, k, d) * root).view(d, k * d)
+        centre = (self._mu_proj * root).view(k * d)
+        back = self._back * (self._lam * root).view(k * d, 1)
+        log_norm = self._log_w + 0.5 * inv.log().sum(-1)  # [K]
+        w = torch.addmm(centre, x, proj, beta=-1, out=work[0, :b]).view(b, k, d)
+        sq = torch.mul(w, w, out=work[1, :b].view(b, k, d))
+        r = self._mix(log_norm - 0.5 * sq.sum(-1), bias, weight)  # [B, K]
+        shrunk = torch.mul(w, r[:, :, None], out=work[1, :b].view(b, k, d))
+        return torch.addmm(r @ self._mu, shrunk.view(b, k * d), back)
 
     def _denoise_general(
         self, x: Tensor, s2: Tensor, bias: Tensor | None = None, weight: Tensor | None = None
