@@ -66,6 +66,20 @@ class SlowMeanEvaluator:
         return out
 
 
+class PacedMeanEvaluator(SlowMeanEvaluator):
+    """1 s more per candidate: a call of 10 candidates lasts long enough for three kills,
+    each after the previous victim's restart (without it, the survivor scored the re-sent
+    candidates before the victim was back, and the call ended after one kill)."""
+
+    def evaluate(self, candidates: Sequence[Schedule], seeds: Sequence[int]
+                 ) -> list[CandidateResult]:
+        out = []
+        for c in candidates:
+            time.sleep(1.0)
+            out.extend(super().evaluate([c], seeds))
+        return out
+
+
 class SlowRestartEvaluator(SlowMeanEvaluator):
     """Takes 3 s more to load after a restart (a model that loads slowly)."""
 
@@ -135,9 +149,9 @@ def busy_pid(ray: Any, pool: Any, not_in: set[int]) -> int | None:
 def test_kills_within_one_call_leave_every_candidate_scored_once(ray_local) -> None:
     """Three SIGKILLs of busy actors within one call (each waits for the previous victim's
     restart): every candidate gets one result, equal to the evaluator's without kills."""
-    cands = candidates(6, seed=11)
+    cands = candidates(10, seed=11)
     want = SlowMeanEvaluator().evaluate(cands, SEEDS)
-    pool = pool_of(2)
+    pool = pool_of(2, PacedMeanEvaluator)
     try:
         thread, out = score_in_thread(pool, cands)
         killed: list[int] = []
