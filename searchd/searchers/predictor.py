@@ -16,8 +16,9 @@ candidate scored so far with a pairwise ranking loss (RankNet: for a pair with v
 scale. ``fit(..., init=weights)`` warm-starts instead: it continues from an earlier fit's
 weights (``weights()``, plain data) for ``warm_steps`` steps on the new, larger training set
 (the evolution's refit at a generation boundary: a fifth of the steps, on the driver's
-critical path between generations). Failed candidates (no finite value) are left out. ``rank_screen`` keeps the predicted
-top fraction of a pool of offspring. Numerical code only (torch); no Ray.
+critical path between generations). Failed candidates (no finite value) are left out.
+``rank_screen`` keeps the predicted top fraction of a pool of offspring. Numerical code
+only (torch); no Ray.
 """
 
 from __future__ import annotations
