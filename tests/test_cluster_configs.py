@@ -428,13 +428,31 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
-def test_dockerfile_pins_agree_with_pyproject() -> None:
+def test_dockerfile_installs_the_lock_whose_pins_agree_with_pyproject() -> None:
     text = DOCKERFILE.read_text()
+    instructions = dockerfile_instructions()
+    runs = [a for w, a in instructions if w == "RUN"]
+    assert any("pip install --require-hashes -r requirements.lock" in a for a in runs), runs
+    # searchd itself adds no dependency the lock did not pin.
+    assert any(re.search(r"pip install --no-deps \.(\s|$)", a) for a in runs), runs
+    locked = {m.group(1).lower(): m.group(2) for m in re.finditer(
+        r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", (ROOT / "requirements.lock").read_text(), re.M)}
     for name in ("torch", "torchvision", "ray", "clean-fid"):
-        version = pins()[name]
-        found = re.findall(rf"(?<![\w-]){re.escape(name)}(?:\[[^\]]*\])?==([\w.]+)", text)
-        assert found == [version], (name, found)
+        assert locked[name] == pins()[name], (name, locked[name], pins()[name])
     assert "torch.version.cuda == '13.0'" in text  # the build fails on another CUDA
+
+
+def test_the_modules_the_image_and_the_clusters_import_exist() -> None:
+    """The image's build check and the clusters' setup commands import searchd modules by name:
+    a module that was moved makes every node's setup fail, so each must still be found."""
+    import importlib.util
+
+    texts = [DOCKERFILE.read_text()] + [f.read_text() for f in sorted(CLUSTERS.glob("*.yaml"))]
+    named = {m for text in texts for stmt in re.findall(r"\bimport ((?:searchd[\w.]*,?\s*)+)", text)
+             for m in re.findall(r"searchd[\w.]*", stmt)}
+    assert "searchd.search" in named, named
+    for module in sorted(named):
+        assert importlib.util.find_spec(module) is not None, module
 
 
 def test_dockerfile_runs_as_a_numeric_non_root_user_on_a_tagged_base() -> None:
@@ -476,7 +494,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> No
     for src in copied:
         assert (ROOT / src).exists(), src
         assert not dockerignored(src, patterns), src
-    for kept in ["searchd/search/driver.py", "searchd/models/data/x.npz",
+    for kept in ["searchd/search.py", "searchd/models/data/x.npz",
                  "searchd/evaluation/data/digits-cnn.pt", "configs/quickstart.yaml"]:
         assert not dockerignored(kept, patterns), kept
     for left_out in ["runs/r1/best.json", ".git/HEAD", "tests/test_x.py",

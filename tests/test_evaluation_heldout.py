@@ -148,3 +148,23 @@ def test_weighted_grams_equal_the_direct_products(monkeypatch, outer_elements, m
     for b in range(5):
         want = g.numpy().T @ np.diag(counts[b].numpy()) @ g.numpy()
         np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_paired_table_takes_read_only_bootstrap_values_without_sharing_them():
+    """Bootstrap values that crossed Ray's object store are read-only NumPy views: the table
+    copies them (no torch warning about non-writable arrays) and gives the same numbers."""
+    import warnings
+
+    from searchd.evaluation.heldout import paired_table
+
+    rng = np.random.default_rng(0)
+    boots = [rng.normal(1.0, 0.1, 200), rng.normal(1.5, 0.1, 200)]
+    frozen = [b.copy() for b in boots]
+    for b in frozen:
+        b.setflags(write=False)
+    kw = dict(ids=["a", "b"], seeds=range(100), metric="fid", resamples=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = paired_table([1.0, 1.5], frozen, **kw)
+    assert got == paired_table([1.0, 1.5], boots, **kw)
+    assert got["scores"][1]["diff"] == pytest.approx(0.5)

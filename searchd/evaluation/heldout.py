@@ -51,6 +51,15 @@ _PACKED_ELEMENTS = 1 << 25
 _OUTER_ELEMENTS = 1 << 22
 
 
+def _float64(values: Tensor | np.ndarray | Sequence[float]) -> Tensor:
+    """``values`` as a float64 tensor of its own. Bootstrap values that crossed Ray's object
+    store arrive as read-only NumPy views, which ``torch.as_tensor`` would share (and warn
+    about); a copy is a few KiB."""
+    if isinstance(values, Tensor):
+        return values.to(torch.float64)
+    return torch.from_numpy(np.array(values, dtype=np.float64))
+
+
 def bootstrap_counts(n: int, resamples: int, seed: int = 0) -> Tensor:
     """Multinomial counts [resamples, n] (float64): how often each sample index is drawn
     when n indices are drawn with replacement, per resample (seeded)."""
@@ -509,11 +518,11 @@ def paired_table(
             scores.append(HeldoutScore(cid, "failed", None, None, None, None, n, seeds[0], err,
                                        metric))
             continue
-        b = torch.as_tensor(b, dtype=torch.float64)
+        b = _float64(b)
         diff = diff_ci = None
         if base_point is not None and base_boot is not None:
             diff = p - base_point
-            diff_ci = bootstrap_interval(b - torch.as_tensor(base_boot, dtype=torch.float64),
+            diff_ci = bootstrap_interval(b - _float64(base_boot),
                                          diff, level, interval)
         ci = bootstrap_interval(b, p, level, interval)
         scores.append(HeldoutScore(cid, "ok", p, ci, diff, diff_ci, n, seeds[0], None, metric))
