@@ -348,7 +348,7 @@ def case_long(work: Path, candidates: int) -> dict[str, Any]:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, int | None, int]] = []
     while p.poll() is None:
-        # The listed parts (a compaction's leftovers, if any, are not listed).
+        # Part files on disk (during a compaction: the new part and those it merged).
         parts = sum(1 for f in (run / "evaluations").glob("part-*.parquet")) \
             if (run / "evaluations").is_dir() else 0
         samples.append((time.monotonic() - t0, rss_kib(p.pid), parts))
