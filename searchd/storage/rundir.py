@@ -121,6 +121,8 @@ PART_RE = re.compile(r"^part-(?P<seq>\d{6,})-(?P<uid>[0-9a-f]{8})-n(?P<rows>\d+)
 # each read, checked and listed again at every append).
 COMPACT_ABOVE = 32
 STATE_RE = re.compile(r"^state-(?P<gen>\d+)\.json$")
+# Searcher states kept (the newest, and two to fall back on if it cannot be read).
+KEEP_STATES = 3
 TMP_MARK = ".tmp-"
 
 # pyarrow filesystem type names of object stores (atomic PUT, no rename).
@@ -748,17 +750,30 @@ class RunDir:
         )
 
     # Searcher state ----------------------------------------------------------------------------
-    def save_searcher_state(self, generation: int, state: Mapping[str, Any]) -> str:
-        """Save a searcher's plain-data state after ``generation``; returns the relative path."""
+    def save_searcher_state(self, generation: int, state: Mapping[str, Any],
+                            keep: int | None = KEEP_STATES) -> str:
+        """Save a searcher's plain-data state after ``generation``; returns the relative path.
+
+        Then only the ``keep`` newest states are kept (None: all): each holds the whole
+        history, so keeping every one grew the run by O(batches^2) (234 MiB of states for
+        3.3 MiB of Parquet at 20,000 candidates in batches of 500). The older ones kept
+        are the fallback when the newest cannot be read (``latest_searcher_state``)."""
         if int(generation) < 0:
             raise ValueError(f"generation must be >= 0, got {generation}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep = {keep}; it must be >= 1 (or None: keep all)")
         doc = {
             "schema_version": STATE_VERSION,
             "generation": int(generation),
             "time": datetime.now(timezone.utc).isoformat(),
             "state": state,
         }
-        return self.write_json(f"{SEARCHER_DIR}/state-{int(generation):06d}.json", doc)
+        rel = self.write_json(f"{SEARCHER_DIR}/state-{int(generation):06d}.json", doc)
+        if keep is not None:
+            gens = self.searcher_state_generations()
+            for g in gens[: max(0, len(gens) - keep)]:
+                self.delete(f"{SEARCHER_DIR}/state-{g:06d}.json")
+        return rel
 
     def searcher_state_generations(self) -> list[int]:
         """Generations that have a saved searcher state, ascending."""
