@@ -768,7 +768,10 @@ class RunDir:
             "time": datetime.now(timezone.utc).isoformat(),
             "state": state,
         }
-        rel = self.write_json(f"{SEARCHER_DIR}/state-{int(generation):06d}.json", doc)
+        # Compact JSON: a third of the CPU of an indented dump and 40% fewer bytes (a state
+        # holds the whole history: 12 MiB indented at 20,000 candidates).
+        rel = self.write_json(f"{SEARCHER_DIR}/state-{int(generation):06d}.json", doc,
+                              indent=None)
         if keep is not None:
             gens = self.searcher_state_generations()
             for g in gens[: max(0, len(gens) - keep)]:
