@@ -40,11 +40,7 @@ import prefix_sharing  # noqa: E402  (its quickstart case)
 import quality  # noqa: E402  (the in-process search loop)
 
 from searchd.evaluation import Evaluator  # noqa: E402
-from searchd.evaluation.heldout import (  # noqa: E402
-    bootstrap_counts,
-    bootstrap_fid,
-    bootstrap_interval,
-)
+from searchd.evaluation.heldout import bootstrap_interval  # noqa: E402
 from searchd.schedule import Schedule  # noqa: E402
 from searchd.searchers import predictor as pm  # noqa: E402
 from searchd.searchers.evolution import EvolutionSearcher  # noqa: E402
@@ -104,16 +100,11 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             log(f"  {arm} seed {s}: {out['candidates']} candidates, best search FID "
                 f"{out['value']:.4f}, fits {sum(timer.seconds):.2f} s CPU, {wall:.0f} s")
     winners = [r["best"] for arm in ARMS for r in runs[arm]]
-    results, feats = ev.per_sample_features(winners, held)
-    counts = bootstrap_counts(len(held), args.resamples, 0)
-    boots, points = [], []
-    for r, f in zip(results, feats):
-        if not r.ok:
-            raise RuntimeError(f"held-out scoring failed: {r.error}")
-        f64 = f.to(torch.float64)
-        points.append(float(ev.frechet.distance(f64.mean(0).numpy(),
-                                                np.cov(f64.numpy(), rowvar=False))))
-        boots.append(bootstrap_fid(f, ev.frechet, counts).numpy())
+    # quality.heldout: FID and bootstrap FIDs per schedule, the same resampled indices.
+    scored = quality.heldout(ev, {str(i): w for i, w in enumerate(winners)}, held,
+                             argparse.Namespace(resamples=args.resamples))
+    points = [scored[str(i)]["fid"] for i in range(len(winners))]
+    boots = [scored[str(i)]["boot"] for i in range(len(winners))]
     k = len(args.searcher_seeds)
     pairs = []
     for i in range(k):
