@@ -79,6 +79,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED_BASE = 0
 HELDOUT_SEED_BASE = 1_000_000
 REFERENCE_SEED_BASE = 2_000_000
+FLOOR_SEED_BASE = 3_000_000
 # Sets of non-searched schedules (``--baselines``): name -> (family, params) of
 # searchd.schedules.baselines. "edm" (the default): the benchmark's three; "flow": what users
 # of rectified-flow models run (uniform t, SD3's shift 3, Flux's dynamic shift, the beta
@@ -132,6 +133,14 @@ class Settings:
     resamples: int = 200
     seed: int = 0
     space: dict[str, Any] = field(default_factory=dict)  # ContinuousSpace keywords
+    # Issue 19: searcher seeds (a target is met with all of them), the searches run per
+    # seed (VARIANTS: today's evolution, with racing, in the solver-schedule space), the
+    # race's size, and whether bayes/random run (at searcher seed 0 only).
+    searcher_seeds: list[int] = field(default_factory=lambda: [0])
+    variants: list[str] = field(default_factory=lambda: ["evolution"])
+    racing: dict[str, int] = field(default_factory=lambda: {"top_k": 8, "blocks": 1})
+    halving: dict[str, int] = field(default_factory=lambda: {"rungs": 2, "eta": 2})
+    others: bool = True  # bayes and random (where ``searches`` names them)
     baselines: str = "edm"  # a key of BASELINE_SETS
     searches: list[str] = field(default_factory=lambda: list(SEARCHES))  # which to run
 
@@ -142,7 +151,7 @@ class Settings:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """Every schedule of a row, in table order."""
+        """Every schedule of a row, in table order (the variants of issue 19 follow)."""
         return (*self.fixed, "gits", "ld3", *[s for s in SEARCHES if s in self.searches])
 
 
@@ -185,15 +194,18 @@ def tiny_settings() -> Settings:
     s.ld3_train = 8
     s.evolution = dict(s.evolution, population_num=5, select_num=2, mutation_num=3,
                        crossover_num=2)
-    s.budget_factor = 10.0
+    s.budget_factor = 12.0  # room for a race of 2 after the evolution's seeds
     s.bayes_startup = 2
     s.resamples = 50
+    s.searcher_seeds = [0, 1]
+    s.variants = ["evolution", "race", "strategy"]
+    s.racing = {"top_k": 2, "blocks": 1}
     return s
 
 
 # Searching in-process -------------------------------------------------------------------------
 def run_searcher(searcher: ScheduleSearcher, evaluator: Evaluator, seeds: Sequence[int],
-                 batch: int) -> dict[str, Any]:
+                 batch: int, wrap: Any = None) -> dict[str, Any]:
     """Run a searcher in the in-process search loop (``searchd.loop.SearchLoop``): up to
     ``batch`` candidates per batch (a whole generation for the evolution, which then waits
     for results), each batch scored in one call of the evaluator, until it is FINISHED."""
@@ -210,13 +222,91 @@ def run_searcher(searcher: ScheduleSearcher, evaluator: Evaluator, seeds: Sequen
 
     tally = Tally()
     tally.scored = []
-    loop = SearchLoop(searcher, seeds, batch_size=batch, observers=[tally])
+    loop = SearchLoop(searcher, seeds, batch_size=batch, observers=[tally], wrap_scorer=wrap)
     loop.run(EvaluatorScorer(evaluator))
     best = searcher.best
     if best is None:
         raise RuntimeError(f"{searcher.algorithm}: no candidate was scored")
     return {"schedule": best["schedule"], "value": best["value"], "candidates": len(tally.scored),
             "calls": tally.calls, "scored": tally.scored}
+
+
+# The variants of issue 19 ------------------------------------------------------------------
+# evolution: today's warm-started evolution (its best on the search seeds wins);
+# race: the same with racing (the top k re-scored on a fresh block of search seeds, the
+#   winner chosen on the pooled blocks; the race paid from the evolution's budget);
+# halving: successive halving on samples per candidate within each generation;
+# strategy: the evolution in the solver-schedule space (timesteps and per-step strategy);
+# strategy-race: both.
+VARIANTS = ("evolution", "race", "halving", "strategy", "strategy-race")
+VARIANT_LABELS = {"evolution": "evolution (today)", "race": "evolution + racing",
+                  "halving": "evolution + halving", "strategy": "evolution, solver schedules",
+                  "strategy-race": "evolution, solver schedules + racing"}
+
+
+def run_variant(variant: str, st: Settings, space: ContinuousSpace, ev: Evaluator,
+                search_seeds: Sequence[int], seeds: Sequence[Schedule], n_evo: int,
+                searcher_seed: int, nfe: int) -> dict[str, Any]:
+    """One search of a variant (VARIANTS) within the evolution's budget of ``n_evo``
+    candidates (GITS's and LD3's cost already taken out): its winner, search value, calls."""
+    from searchd.loop import racing
+    from searchd.schedules.strategy_space import StrategySpace
+    from searchd.searchers.evolution import EvolutionSearcher
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    raced = variant.endswith("race")
+    blocks = int(st.racing["blocks"])
+    # The race is paid from the budget; it never leaves the evolution fewer candidates than
+    # its seeds and two more (a budget too small for a race of 2 runs none).
+    k = min(int(st.racing["top_k"]), (n_evo - len(seeds) - 2) // blocks) if raced else 0
+    raced = raced and k >= 2
+    n = n_evo - (k * blocks if raced else 0)
+    wrap = None
+    if variant == "halving":
+        rungs, eta = int(st.halving["rungs"]), int(st.halving["eta"])
+        n = int(n / racing.halving_cost(rungs, eta))
+        wrap = racing.halving_wrapper("fid", rungs, eta)
+    sp: Any = StrategySpace(space) if variant.startswith("strategy") else space
+    searcher = EvolutionSearcher(sp, "fid", "min", max_epochs=10_000, seed=searcher_seed,
+                                 seeds=list(seeds), max_candidates=max(n, len(seeds) + 2),
+                                 **st.evolution)
+    out = run_searcher(searcher, ev, search_seeds, st.evolution.get("population_num", 32),
+                       wrap)
+    if raced:
+        from searchd.loop import EvaluatorScorer
+
+        blk = racing.race_blocks(SEED_BASE, st.per_candidate, blocks)
+        racing.check_disjoint(blk, {"held-out": range(HELDOUT_SEED_BASE,
+                                                      HELDOUT_SEED_BASE + st.heldout)})
+        res = racing.race(out["scored"], EvaluatorScorer(ev), blk, "fid", k)
+        if res is not None:
+            win = next(e for e in res.entries if e.schedule.id == res.winner.id)
+            out.update(schedule=res.winner, value=win.pooled, calls=out["calls"] + res.calls,
+                       race={"changed": res.winner.id != res.search_winner.id,
+                             "rescored": res.scored, "calls": res.calls,
+                             "search_winner": res.search_winner.id})
+    return out
+
+
+def exact_floor(ev: Evaluator, n: int, st: Settings) -> dict[str, Any] | None:
+    """The FID of ``n`` exact samples of the model (seeds 3,000,000 ..) against the
+    reference, with bootstrap resamples: what a perfect sampler scores at that count."""
+    den = ev.denoiser
+    sample = getattr(den, "sample_data", None)
+    if sample is None:
+        return None
+    seeds = list(range(FLOOR_SEED_BASE, FLOOR_SEED_BASE + n))
+    parts = []
+    with torch.no_grad():
+        for a in range(0, n, 1000):
+            x = sample(seeds[a:a + 1000])
+            parts.append(ev.features(x.reshape(x.shape[0], *ev.image_shape)).to(torch.float64))
+    f = torch.cat(parts)
+    point = float(ev.frechet.distance(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False)))
+    boot = bootstrap_fid(f.to(torch.float32), ev.frechet,
+                         bootstrap_counts(n, st.resamples, 0)).cpu().numpy()
+    return {"fid": point, "boot": boot, "n": n}
 
 
 # One model --------------------------------------------------------------------------------------
@@ -304,43 +394,61 @@ def bench_model(model: str, st: Settings, log: Any, done: Sequence[dict[str, Any
         base_vals = {f: res.metrics["fid"] for f, res in
                      zip(fixed, ev.evaluate(bases, search_seeds))}
         best_fixed = min(fixed, key=lambda f: base_vals[f])
-        from searchd.searchers.bayes import BayesSearcher
-        from searchd.searchers.evolution import EvolutionSearcher
-        from searchd.searchers.random_search import RandomSearcher
-
         n_evo = evolution_candidates(st, g["calls"], r["denoiser_calls"], nfe)
         n_free = int(budget // per_cand)
         warm = [with_meta(sched["gits"], origin="gits"), with_meta(sched["ld3"], origin="ld3")]
-        searches = {
-            "evolution": (EvolutionSearcher(
-                space, "fid", "min", max_epochs=10_000, seed=st.seed, seeds=bases + warm,
-                max_candidates=max(n_evo, len(bases) + 2), **st.evolution),
-                st.evolution.get("population_num", 32), cost["gits"]["calls"]
-                + cost["ld3"]["calls"], cost["gits"]["wall_s"] + cost["ld3"]["wall_s"]),
-            "bayes": (BayesSearcher(space, "fid", "min", num_samples=n_free, seed=st.seed,
-                                    seeds=bases, n_startup_trials=st.bayes_startup),
-                      st.batch, 0, 0.0),
-            "random": (RandomSearcher(space, "fid", "min", num_samples=n_free, seed=st.seed,
-                                      seeds=bases), st.batch, 0, 0.0),
-        }
-        for name, (searcher, batch, extra_calls, extra_wall) in searches.items():
-            if name not in st.searches:
-                continue
-            t1 = time.perf_counter()
-            out = run_searcher(searcher, ev, search_seeds, batch)
-            sched[name] = out["schedule"]
-            own = time.perf_counter() - t1
-            cost[name] = {"calls": out["calls"] + extra_calls, "wall_s": own + extra_wall,
-                          "search_wall_s": own,
-                          "candidates": out["candidates"], "search_fid": out["value"]}
-            log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best search FID "
-                f"{out['value']:.4f}, {cost[name]['calls']} calls, "
-                f"{cost[name]['wall_s']:.0f} s")
+        anchor_calls = cost["gits"]["calls"] + cost["ld3"]["calls"]
+        anchor_wall = cost["gits"]["wall_s"] + cost["ld3"]["wall_s"]
+        from searchd.solvers.strategy import FAMILIES
+
+        variants = [v for v in st.variants
+                    if not (v.startswith("strategy") and st.solver not in FAMILIES)]
+        if variants != list(st.variants):
+            log(f"  NFE {nfe}: {st.solver} has no per-step strategy: variants "
+                f"{', '.join(v for v in st.variants if v not in variants)} not run")
+        for seed in st.searcher_seeds if "evolution" in st.searches else ():
+            for variant in variants:
+                t1 = time.perf_counter()
+                out = run_variant(variant, st, space, ev, search_seeds, bases + warm,
+                                  n_evo, seed, nfe)
+                own = time.perf_counter() - t1
+                key = f"{variant}@{seed}"
+                sched[key] = out["schedule"]
+                cost[key] = {"calls": out["calls"] + anchor_calls,
+                             "wall_s": own + anchor_wall, "search_wall_s": own,
+                             "candidates": out["candidates"], "search_fid": out["value"],
+                             **({"race": out["race"]} if "race" in out else {})}
+                log(f"  NFE {nfe}: {key}: {out['candidates']} candidates, best search FID "
+                    f"{out['value']:.4f}, {cost[key]['calls']} calls, {own:.0f} s")
+        first = f"evolution@{st.searcher_seeds[0]}"
+        if first in sched:
+            sched["evolution"], cost["evolution"] = sched[first], cost[first]
+        if st.others:
+            from searchd.searchers.bayes import BayesSearcher
+            from searchd.searchers.random_search import RandomSearcher
+
+            for name, searcher in (
+                ("bayes", BayesSearcher(space, "fid", "min", num_samples=n_free, seed=st.seed,
+                                        seeds=bases, n_startup_trials=st.bayes_startup)),
+                ("random", RandomSearcher(space, "fid", "min", num_samples=n_free,
+                                          seed=st.seed, seeds=bases)),
+            ):
+                if name not in st.searches:
+                    continue
+                t1 = time.perf_counter()
+                out = run_searcher(searcher, ev, search_seeds, st.batch)
+                sched[name] = out["schedule"]
+                own = time.perf_counter() - t1
+                cost[name] = {"calls": out["calls"], "wall_s": own, "search_wall_s": own,
+                              "candidates": out["candidates"], "search_fid": out["value"]}
+                log(f"  NFE {nfe}: {name}: {out['candidates']} candidates, best search FID "
+                    f"{out['value']:.4f}, {cost[name]['calls']} calls, {own:.0f} s")
         t1 = time.perf_counter()
         held = heldout(ev, sched, held_seeds, st)
         log(f"  NFE {nfe}: held-out scoring of {len(sched)} schedules in "
             f"{time.perf_counter() - t1:.0f} s")
-        row = summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals)
+        row = summarize(model, nfe, n, sched, cost, held, best_fixed, base_vals,
+                        case.get("floor"), st)
         row["evolution_settings"] = dict(st.evolution)
         row["settings"] = {"baselines": st.baselines, "space": plain(st.space)}
         rows.append(row)
@@ -365,6 +473,7 @@ def open_case(model: str, solver: str, nfes: Sequence[int], st: Settings) -> dic
                                **st.space)
 
     return {"st": st, "ev": ev, "space_for": space_for, "evaluator_s": evaluator_s,
+            "floor": exact_floor(ev, st.heldout, st),
             "search_seeds": list(range(SEED_BASE, SEED_BASE + st.per_candidate)),
             "held_seeds": list(range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + st.heldout)),
             "gits": gits_all(ev, st, space_for(steps_for_nfe(solver, min(nfes))))}
@@ -403,48 +512,154 @@ def _ci(boot: np.ndarray, point: float) -> list[float]:
 
 def summarize(model: str, nfe: int, n_steps: int, sched: dict[str, Schedule],
               cost: dict[str, dict[str, Any]], held: dict[str, dict[str, Any]],
-              best_fixed: str, base_vals: dict[str, float]) -> dict[str, Any]:
+              best_fixed: str, base_vals: dict[str, float],
+              floor: dict[str, Any] | None = None, st: Settings | None = None
+              ) -> dict[str, Any]:
     ref = held[best_fixed]
     out: dict[str, Any] = {"model": model, "nfe": nfe, "n_steps": n_steps,
                            "best_fixed": best_fixed, "fixed_search_fid": base_vals,
-                           "methods": {}}
-    for m in sched:
-        h = held[m]
+                           "methods": {}, "variants": {}}
+    if floor is not None:
+        out["floor"] = {"fid": floor["fid"], "fid_ci": _ci(floor["boot"], floor["fid"]),
+                        "n": floor["n"]}
+
+    def entry(name: str) -> dict[str, Any]:
+        h = held[name]
         diff = h["fid"] - ref["fid"]
-        out["methods"][m] = {
-            "sigmas": [float(x) for x in sched[m].sigmas],
-            "fid": h["fid"], "fid_ci": _ci(h["boot"], h["fid"]),
-            "diff": diff, "diff_ci": _ci(h["boot"] - ref["boot"], diff),
-            **cost[m],
-        }
-    evo = held["evolution"]
-    for other in ("gits", "ld3"):
-        o = held[other]
-        rel = 1.0 - evo["fid"] / o["fid"]  # relative improvement of evolution over it
-        rel_boot = 1.0 - evo["boot"] / o["boot"]
-        out[f"evolution_vs_{other}"] = {"improvement": rel, "ci": _ci(rel_boot, rel)}
-    # ... and over the best non-searched schedule (chosen on the search seeds).
-    fx = held[best_fixed]
-    out["evolution_vs_fixed"] = {"improvement": 1.0 - evo["fid"] / fx["fid"],
-                                 "ci": _ci(1.0 - evo["boot"] / fx["boot"],
-                                           1.0 - evo["fid"] / fx["fid"])}
-    out["evolution_cost_over_gits"] = cost["evolution"]["calls"] / cost["gits"]["calls"]
-    out["target_met"] = bool(
-        out["evolution_vs_gits"]["improvement"] >= 0.15
-        and out["evolution_vs_ld3"]["improvement"] >= 0.15
-        and out["evolution_cost_over_gits"] <= 10.0 + 1e-9
-    )
-    # The flow models' target (issue 20): >= 25% over the best flow baseline and >= 15% over
-    # the better of GITS and LD3, every interval excluding 0.
-    out["flow_target_met"] = bool(
-        out["target_met"] and out["evolution_vs_fixed"]["improvement"] >= 0.25
-        and all(out[k]["ci"][0] > 0 for k in ("evolution_vs_gits", "evolution_vs_ld3",
-                                               "evolution_vs_fixed"))
-    )
+        e = {"sigmas": [float(x) for x in sched[name].sigmas],
+             "fid": h["fid"], "fid_ci": _ci(h["boot"], h["fid"]),
+             "diff": diff, "diff_ci": _ci(h["boot"] - ref["boot"], diff), **cost[name]}
+        if sched[name].strategy is not None:
+            e["strategy"] = list(sched[name].strategy)
+        if floor is not None:
+            ex = h["fid"] - floor["fid"]
+            e["excess"], e["excess_ci"] = ex, _ci(h["boot"] - floor["boot"], ex)
+        return e
+
+    for m in sched:
+        if "@" not in m:
+            out["methods"][m] = entry(m)
+    gits, ld3 = held["gits"], held["ld3"]
+    for key in [k for k in sched if "@" in k]:
+        variant, seed = key.split("@")
+        e = entry(key)
+        h = held[key]
+        for name, o in (("gits", gits), ("ld3", ld3)):
+            rel = 1.0 - h["fid"] / o["fid"]
+            e[f"vs_{name}"] = {"improvement": rel, "ci": _ci(1.0 - h["boot"] / o["boot"], rel)}
+        d = h["fid"] - ld3["fid"]  # paired: the same held-out samples
+        e["minus_ld3"] = {"diff": d, "ci": _ci(h["boot"] - ld3["boot"], d)}
+        e["cost_over_gits"] = cost[key]["calls"] / cost["gits"]["calls"]
+        e["met"] = bool(all(e[f"vs_{o}"]["improvement"] >= 0.15 and e[f"vs_{o}"]["ci"][0] > 0
+                            for o in ("gits", "ld3"))
+                        and e["cost_over_gits"] <= 10.0 + 1e-9)
+        out["variants"].setdefault(variant, {})[seed] = e
+    if "evolution" in held:
+        evo = held["evolution"]
+        for other in ("gits", "ld3"):
+            o = held[other]
+            rel = 1.0 - evo["fid"] / o["fid"]  # relative improvement of evolution over it
+            rel_boot = 1.0 - evo["boot"] / o["boot"]
+            out[f"evolution_vs_{other}"] = {"improvement": rel, "ci": _ci(rel_boot, rel)}
+        # ... and over the best non-searched schedule (chosen on the search seeds).
+        fx = held[best_fixed]
+        out["evolution_vs_fixed"] = {"improvement": 1.0 - evo["fid"] / fx["fid"],
+                                     "ci": _ci(1.0 - evo["boot"] / fx["boot"],
+                                               1.0 - evo["fid"] / fx["fid"])}
+        out["evolution_cost_over_gits"] = cost["evolution"]["calls"] / cost["gits"]["calls"]
+        out["target_met"] = bool(
+            out["evolution_vs_gits"]["improvement"] >= 0.15
+            and out["evolution_vs_ld3"]["improvement"] >= 0.15
+            and out["evolution_cost_over_gits"] <= 10.0 + 1e-9
+        )
+        # The flow models' target (issue 20): >= 25% over the best flow baseline and >= 15%
+        # over the better of GITS and LD3, every interval excluding 0.
+        out["flow_target_met"] = bool(
+            out["target_met"] and out["evolution_vs_fixed"]["improvement"] >= 0.25
+            and all(out[k]["ci"][0] > 0 for k in ("evolution_vs_gits", "evolution_vs_ld3",
+                                                   "evolution_vs_fixed"))
+        )
     return out
 
 
 # Report -------------------------------------------------------------------------------------------
+def _pct(d: dict[str, Any]) -> str:
+    return f"{100 * d['improvement']:.1f}% [{100 * d['ci'][0]:.1f}, {100 * d['ci'][1]:.1f}]"
+
+
+def best_anchor_gain(e: dict[str, Any]) -> dict[str, Any]:
+    """The improvement over the better (held-out) of GITS and LD3: the smaller of the two."""
+    return min((e["vs_gits"], e["vs_ld3"]), key=lambda d: d["improvement"])
+
+
+def _kept(row: dict[str, Any], e: dict[str, Any]) -> str:
+    """`` (LD3's)`` where a search's winner is one of its seeds (an anchor, a baseline)."""
+    if "strategy" in e:
+        return ""
+    for m in [k for k in row["methods"] if k not in SEARCHES]:
+        if row["methods"][m]["sigmas"] == e["sigmas"]:
+            return f" ({LABELS.get(m, m)}'s)"
+    return ""
+
+
+def variant_lines(mres: dict[str, Any]) -> list[str]:
+    """Issue 19's tables: per variant and searcher seed, the gain over the best of GITS and
+    LD3 (NFE <= 6: target 15%, CI excluding 0, every seed) and the paired difference to LD3
+    (NFE 8, 10: never significantly worse; better where the CI is below 0)."""
+    rows = [r for r in mres["rows"] if r.get("variants")]
+    if not rows:
+        return []
+    out = ["### Over searcher seeds (issue 19)", ""]
+    if any(r["nfe"] <= 6 for r in rows):
+        out += ["Gain = 1 - FID / FID of the better of GITS and LD3, held out, 95% CI; a cell "
+                "is met when every seed gains >= 15% over both with a CI above 0 (and costs "
+                "<= 10x GITS's calls). Excess: FID minus the floor of exact samples at the "
+                "same count.", "",
+                "| NFE | search | per seed: gain [95% CI] | mean gain (min .. max) | "
+                "excess over floor, mean | calls / GITS's | met (all seeds) |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["nfe"] > 6:
+            continue
+        for v, per in r["variants"].items():
+            gains = [best_anchor_gain(e) for e in per.values()]
+            g = [d["improvement"] for d in gains]
+            ex = [e["excess"] for e in per.values() if "excess" in e]
+            met = all(e["met"] for e in per.values())
+            out.append(
+                f"| {r['nfe']} | {VARIANT_LABELS.get(v, v)} | "
+                + "; ".join(f"s{sd}: {_pct(d)}{_kept(r, per[sd])}"
+                            for sd, d in zip(per, gains))
+                + f" | {100 * np.mean(g):.1f}% ({100 * min(g):.1f} .. {100 * max(g):.1f}) | "
+                + (f"{np.mean(ex):.4f}" if ex else "-")
+                + f" | {np.mean([e['cost_over_gits'] for e in per.values()]):.2f} | "
+                + (("yes" if met else "**no**") + f" ({len(per)} seed(s))") + " |")
+    late = [r for r in rows if r["nfe"] > 6]
+    if late:
+        out += ["", "NFE 8 and 10: paired difference to LD3 (FID - LD3's FID, held out, 95% "
+                "CI): better where the CI lies below 0, worse where above.", "",
+                "| NFE | search | per seed: FID - LD3 [95% CI] | better / not different / "
+                "worse | race changed the pick |", "| --- | --- | --- | --- | --- |"]
+        for r in late:
+            for v, per in r["variants"].items():
+                cells, verdict = [], {"better": 0, "same": 0, "worse": 0}
+                for sd, e in per.items():
+                    d = e["minus_ld3"]
+                    kept = _kept(r, e)
+                    cells.append(f"s{sd}: {d['diff']:+.4f} [{d['ci'][0]:+.4f}, "
+                                 f"{d['ci'][1]:+.4f}]{kept}")
+                    key = ("better" if d["ci"][1] < 0 else "worse" if d["ci"][0] > 0
+                           else "same")
+                    verdict[key] += 1
+                changed = [e["race"]["changed"] for e in per.values() if "race" in e]
+                out.append(f"| {r['nfe']} | {VARIANT_LABELS.get(v, v)} | " + "; ".join(cells)
+                           + f" | {verdict['better']} / {verdict['same']} / {verdict['worse']}"
+                           + " | " + (f"{sum(changed)} of {len(changed)}" if changed else "-")
+                           + " |")
+    return out + [""]
+
+
+
 def _f(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
 
@@ -491,6 +706,8 @@ def _flow_target(mres: dict[str, Any], pct: Any) -> list[str]:
              "target met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in mres["rows"]:
+        if "evolution_vs_fixed" not in row:
+            continue
         m, bf = row["methods"], row["best_fixed"]
         need = _flow_required(mres, row)
         ok = row.get("flow_target_met", False)
@@ -554,6 +771,8 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                       "better than LD3 by [95% CI] | calls / GITS's | target met |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for row in mres["rows"]:
+                if "evolution_vs_gits" not in row:
+                    continue
                 m = row["methods"]
                 vg, vl = row["evolution_vs_gits"], row["evolution_vs_ld3"]
                 need = row["nfe"] <= 6
@@ -575,10 +794,11 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         for key, nfes in other.items():
             lines += [f"NFE {', '.join(nfes)}: the evolution ran with other settings ({key}); "
                       "see the command line and `quality-diagnosis.md`.", ""]
+        lines += variant_lines(mres)
         key = "flow_target_met" if flow_case else "target_met"
         missed = [str(r["nfe"]) for r in mres["rows"]
                   if (_flow_required(mres, r) if flow_case else r["nfe"] <= 6)
-                  and not r.get(key)]
+                  and not r.get(key, True)]
         if missed and flow_case:
             # The mixture's diagnosis does not cover flow models; the converged model's
             # floor beside these rows does (benchmarks/quality_floor.py).
@@ -589,25 +809,38 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
             lines += [f"**Target not met at NFE {', '.join(missed)}.** What limits it: "
                       "`benchmarks/results/quality-diagnosis.md`.", ""]
         for row in mres["rows"]:
+            fl = row.get("floor")
             # Flow rows: the levels in flow time t = sigma / (1 + sigma), as flow users set them.
             flow = row.get("settings", {}).get("baselines") == "flow"
             lines += [f"### NFE {row['nfe']} ({row['n_steps']} steps + final 0)", "",
-                      f"Best non-searched schedule: {LABELS.get(row['best_fixed'])}.", "",
-                      "| schedule | held-out FID [95% CI] | diff to best non-searched "
+                      f"Best non-searched schedule: {LABELS.get(row['best_fixed'])}."
+                      + ("" if fl is None else
+                         f" Floor (FID of {fl['n']:,} exact samples of the model): "
+                         f"{_f(fl['fid'])} [{_f(fl['fid_ci'][0])}, {_f(fl['fid_ci'][1])}]; "
+                         "excess = FID - floor."), "",
+                      "| schedule | held-out FID [95% CI] | excess over floor [95% CI] | "
+                      "diff to best non-searched "
                       "[95% CI] | denoiser calls | wall s | candidates | "
                       + ("t |" if flow else "sigmas |"),
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
-            for meth in row["methods"]:
-                m = row["methods"][meth]
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            entries = [(LABELS.get(k, k), k, row["methods"][k]) for k in row["methods"]]
+            entries += [(f"{VARIANT_LABELS.get(v, v)}, seed {sd}", v, e)
+                        for v, per in row.get("variants", {}).items() for sd, e in per.items()]
+            for label, meth, m in entries:
                 sig = ", ".join(f"{x / (1 + x) if flow else x:.3g}" for x in m["sigmas"])
+                if "strategy" in m:
+                    sig += "; strategy " + " ".join(m["strategy"])
                 diff = ("-" if meth == row["best_fixed"] else
                         f"{m['diff']:+.4f} [{m['diff_ci'][0]:+.4f}, {m['diff_ci'][1]:+.4f}]")
+                excess = ("-" if "excess" not in m else
+                          f"{_f(m['excess'])} [{_f(m['excess_ci'][0])}, "
+                          f"{_f(m['excess_ci'][1])}]")
                 wall_txt = f"{m['wall_s']:.0f}"
-                if meth == "evolution" and "search_wall_s" in m:
+                if "search_wall_s" in m and m["search_wall_s"] != m["wall_s"]:
                     wall_txt += f" ({m['search_wall_s']:.0f} own)"
                 lines.append(
-                    f"| {LABELS.get(meth, meth)} | {_f(m['fid'])} [{_f(m['fid_ci'][0])}, "
-                    f"{_f(m['fid_ci'][1])}] | {diff} | {m['calls']:,} | {wall_txt} | "
+                    f"| {label} | {_f(m['fid'])} [{_f(m['fid_ci'][0])}, "
+                    f"{_f(m['fid_ci'][1])}] | {excess} | {diff} | {m['calls']:,} | {wall_txt} | "
                     f"{m['candidates'] or '-'} | [{sig}] |")
             lines.append("")
     lines += [
@@ -633,7 +866,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5), squeeze=False)
     for ax, mres in zip(axes[0], models):
         nfes = [r["nfe"] for r in mres["rows"]]
-        methods = list(mres["rows"][0]["methods"]) if mres["rows"] else []
+        methods = [k for k in (mres["rows"][0]["methods"] if mres["rows"] else ())
+                   if all(k in r["methods"] for r in mres["rows"])]
         for k, meth in enumerate(methods):
             fid = np.array([r["methods"][meth]["fid"] for r in mres["rows"]])
             ci = np.array([r["methods"][meth]["fid_ci"] for r in mres["rows"]])
@@ -714,6 +948,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the NFEs already in <out>/quality.json (same settings)")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples")
+    p.add_argument("--searcher-seeds", nargs="+", type=int, default=None,
+                   help="searcher seeds of every variant (default 0; issue 19: 0 1 2)")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="searches per seed (default: evolution)")
+    p.add_argument("--race-k", type=int, default=None, help="racing: candidates re-scored")
+    p.add_argument("--no-others", action="store_true",
+                   help="skip bayes and random (issue 19's runs: the evolution variants only)")
     p.add_argument("--baselines", choices=sorted(BASELINE_SETS), default=None,
                    help="the non-searched schedules: edm (default: polynomial, logSNR, "
                    "time-uniform) or flow (the flow-time families flow users run)")
@@ -731,9 +972,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, val in (("models", a.models), ("solvers", a.solvers), ("nfes", a.nfe),
                      ("per_candidate", a.per_candidate),
                      ("heldout", a.heldout), ("reference", a.reference),
-                     ("budget_factor", a.budget_factor), ("resamples", a.resamples)):
+                     ("budget_factor", a.budget_factor), ("resamples", a.resamples),
+                     ("searcher_seeds", a.searcher_seeds), ("variants", a.variants)):
         if val is not None:
             setattr(st, key, val)
+    if a.race_k is not None:
+        st.racing = dict(st.racing, top_k=a.race_k)
+    if a.no_others:
+        st.others = False
     if a.baselines is not None:
         st.baselines = a.baselines
     if a.searches is not None:
@@ -781,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write()
     log(f"wrote {out / 'quality.md'}, quality.json, quality.png")
     key = "flow_target_met" if st.baselines == "flow" else "target_met"
-    met = all(r[key] for m in res["models"] for r in m["rows"] if r["nfe"] <= 6)
+    met = all(r.get(key, False) for m in res["models"] for r in m["rows"] if r["nfe"] <= 6)
     log("target " + ("met" if met else "NOT met") + " at every NFE <= 6")
     return 0
 

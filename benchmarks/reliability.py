@@ -1,13 +1,19 @@
 """The fault and load campaign's long cases: each run for real, compared with an
 uninterrupted run of the same seed, one result row per case.
 
-    python benchmarks/reliability.py [--cases 1,3,4,5,6,7] [--out FILE.json]
+    python benchmarks/reliability.py [--cases 1,1b,2,3,4,5,6,7] [--out FILE.json]
         [--long-candidates 20000]
 
 Cases (the numbering of the campaign; benchmarks/results/reliability.md has the table):
 
 1. evaluator actors SIGKILLed by pid mid-evaluation, three times in one Ray run (the driver
-   ``python -m searchd.search``, 2 actors); the rows compared with an uninterrupted Ray run;
+   ``python -m searchd.search``, 2 actors), one kill per generation; the rows compared with
+   an uninterrupted Ray run; ``1b``: the same, the kills 8 s apart whatever the generation
+   (so that several land within one chunk's life);
+2. a worker node lost mid-search on a loopback cluster (``searchd.distributed.loopback``: the
+   head and a worker node on 127.0.0.x, one evaluator actor each; the worker's raylet
+   SIGKILLed), then a new node started; compared with an uninterrupted run on the cluster;
+   run it under ``flock /tmp/searchd-cluster.lock``;
 3. the driver SIGKILLed during the anchors (GITS, LD3) and during the held-out phase, then
    resumed (``tests/faults/test_fault_driver_phases.py`` with ``SEARCHD_LONG_FAULTS=1``);
 4. a full disk for real: the run directory on a tmpfs of a few hundred KiB, mounted in a
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -43,7 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "faults"), str(REPO / "tests")]
 
-from campaign import TINY, compare  # noqa: E402
+from campaign import TINY, compare, rows  # noqa: E402
 
 PY = sys.executable
 
@@ -128,42 +135,184 @@ def ray_driver(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     return p, tmp
 
 
-def case_actor_kills(work: Path, kills: int = 3) -> dict[str, Any]:
-    ref, run = work / "actors-ref", work / "actors-run"
-    p, tmp = ray_driver([*ACTOR_ARGS, "--run-dir", str(ref)], work / "actors-ref.log")
-    rc_ref = p.wait()
-    kill_session(p.pid)
-    shutil.rmtree(tmp, ignore_errors=True)
-    p, tmp = ray_driver([*ACTOR_ARGS, "--run-dir", str(run)], work / "actors-run.log")
-    killed: list[int] = []
+def actor_reference(work: Path) -> tuple[Path, int]:
+    """The uninterrupted Ray run cases 1 and 1b are compared with (made once)."""
+    ref = work / "actors-ref"
+    if not (ref / "best.json").exists():
+        p, tmp = ray_driver([*ACTOR_ARGS, "--run-dir", str(ref)], work / "actors-ref.log")
+        rc = p.wait()
+        kill_session(p.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (work / "actors-ref.rc").write_text(str(rc))
+    return ref, int((work / "actors-ref.rc").read_text())
+
+
+def case_actor_kills(work: Path, kills: int = 3, gap_s: float | None = None
+                     ) -> dict[str, Any]:
+    """``kills`` SIGKILLs of a busy evaluator actor: one per generation (``gap_s`` None: a
+    kill once a new part is stored), or one every ``gap_s`` seconds regardless of the
+    generation (each kill waits for a busy actor that is not a previous victim), which puts
+    them within one chunk's life (case 1b)."""
+    ref, rc_ref = actor_reference(work)
+    name = "actors-run" if gap_s is None else "actors-close"
+    run = work / name
+    p, tmp = ray_driver([*ACTOR_ARGS, "--run-dir", str(run)], work / f"{name}.log")
+    killed: list[tuple[float, int, int]] = []  # (seconds since start, pid, parts stored)
     last_parts = 0  # one kill per generation: each in a generation of its own
+    t0 = time.monotonic()
+    last_kill = -math.inf
     while p.poll() is None and len(killed) < kills:
-        folder = work / "actors-run" / "evaluations"
+        folder = run / "evaluations"
         parts = len(list(folder.glob("part-*.parquet"))) if folder.is_dir() else 0
         busy = [pid for pid, sid, cmd in proc_table()
-                if sid == p.pid and cmd.startswith("ray::EvaluatorActor.evaluate")]
-        if busy and parts > last_parts:
+                if sid == p.pid and cmd.startswith("ray::EvaluatorActor.evaluate")
+                and pid not in {k[1] for k in killed}]
+        due = parts > last_parts if gap_s is None else time.monotonic() - last_kill >= gap_s
+        if busy and due:
             os.kill(busy[0], signal.SIGKILL)
-            killed.append(busy[0])
+            last_kill = time.monotonic()
+            killed.append((round(last_kill - t0, 1), busy[0], parts))
             last_parts = parts
         time.sleep(0.05)
     rc = p.wait()
     kill_session(p.pid)
     shutil.rmtree(tmp, ignore_errors=True)
-    log = (work / "actors-run.log").read_text()
+    log = (work / f"{name}.log").read_text()
     diff = compare(run, ref) if rc == 0 and rc_ref == 0 else None
+    failed = [r["candidate_id"] for r in rows(run) if r["status"] != "ok"] if diff else None
     ok = bool(diff and not diff["lost"] and not diff["duplicated"] and not diff["differ"]
-              and diff["best_equal"] and len(killed) == kills)
-    return row("1 actor SIGKILLed mid-evaluation",
-               f"{len(killed)} SIGKILLs of an evaluator actor (by pid, while its process title "
-               "was ray::EvaluatorActor.evaluate), one in each of generations 1-3 of a "
-               "6-generation search on 2 actors",
-               "the pool replaces it, every candidate stored once, result equal to an "
-               "uninterrupted Ray run",
-               f"exit {rc} (reference {rc_ref}); {diff['rows'] if diff else '?'} rows",
-               diff, ok, "python -m searchd.search " + " ".join(ACTOR_ARGS)
-               + " --run-dir RUN  # kill -9 <actor pid> x3", killed=killed,
-               log_tail=log[-600:])
+              and not diff["extra"] and diff["best_equal"] and len(killed) == kills
+              and not failed)
+    ray_lines = [ln for ln in log.splitlines() if "A worker died or was killed" in ln]
+    if gap_s is None:
+        title, done = ("1 actor SIGKILLed mid-evaluation",
+                       f"{len(killed)} SIGKILLs of an evaluator actor (by pid, while its process "
+                       "title was ray::EvaluatorActor.evaluate), one in each of generations 1-3 "
+                       "of a 6-generation search on 2 actors")
+    else:
+        title, done = ("1b kills within one chunk's life",
+                       f"{len(killed)} SIGKILLs of a busy evaluator actor {gap_s:g} s apart "
+                       "regardless of the generation (each of a process not killed before), "
+                       "in a 6-generation search on 2 actors")
+    return row(title, done,
+               "the pool replaces it, every candidate stored once, none failed, result equal "
+               "to an uninterrupted Ray run",
+               f"exit {rc} (reference {rc_ref}); {diff['rows'] if diff else '?'} rows, "
+               f"{len(failed) if failed is not None else '?'} failed; kills (s, pid, parts "
+               f"stored) {killed}; Ray's 'A worker died' lines on the console: "
+               f"{len(ray_lines)}", diff, ok,
+               "python -m searchd.search " + " ".join(ACTOR_ARGS)
+               + " --run-dir RUN  # kill -9 <busy actor pid> x3"
+               + ("" if gap_s is None else f", {gap_s:g} s apart"),
+               killed=killed, log_tail=log[-600:])
+
+
+# Case 2 -------------------------------------------------------------------------------------
+# The quickstart made small, on a loopback cluster of two nodes (1 CPU, 1 logical GPU each):
+# one evaluator actor per GPU, so one on each node (as tests/test_cluster_loopback.py).
+NODE_GENERATIONS = 100
+NODE_ARGS = [*TINY, "--set", f"search.evolution.generations={NODE_GENERATIONS}",
+             "--set", "samples.per_candidate=300", "--set", "workers.num_workers=null",
+             "--set", "workers.num_gpus_per_worker=1", "--set", "workers.cpus_per_worker=0.9",
+             "--quiet"]
+
+
+def evaluator_on(cluster: Any, node_id: str) -> bool:
+    """Whether an EvaluatorActor is alive on the node ``node_id`` (the state API)."""
+    try:
+        got = cluster._request("GET", "/api/v0/actors?limit=1000&detail=true", timeout=10)
+    except OSError:
+        return False
+    return any(a.get("class_name") == "EvaluatorActor" and a.get("node_id") == node_id
+               and a.get("state") == "ALIVE" for a in got["data"]["result"]["result"])
+
+
+def case_node_lost(work: Path) -> dict[str, Any]:
+    """A worker node lost mid-search (its raylet SIGKILLed), then a new node started: the
+    search goes on with the head's actor, and the pool's lost actor comes back on the new
+    node. Compared with an uninterrupted run of the same seed on the same cluster."""
+    from searchd.distributed.loopback import LoopbackCluster
+
+    def submit(c: LoopbackCluster, run: Path) -> str:
+        return c.submit([PY, "-m", "searchd.search", *NODE_ARGS, "--run-dir", str(run)],
+                        working_dir=REPO)
+
+    def n_parts(run: Path) -> int:
+        folder = run / "evaluations"
+        return len(list(folder.glob("part-*.parquet"))) if folder.is_dir() else 0
+
+    ref, run = work / "node-ref", work / "node-run"
+    marks: dict[str, Any] = {}
+    t0 = time.monotonic()
+    with LoopbackCluster(nodes=2, cpus_per_node=1, gpus_per_node=1) as c:
+        ids = {n["node_ip"]: n["node_id"] for n in c.nodes()}
+        marks["cluster up"] = round(time.monotonic() - t0)
+        ref_job = submit(c, ref)
+        ref_status = c.wait_job(ref_job, timeout_s=1800)
+        marks["reference done"] = round(time.monotonic() - t0)
+        job = submit(c, run)
+        t1 = time.monotonic()
+        while n_parts(run) < 2 and c.job(job)["status"] not in ("SUCCEEDED", "FAILED"):
+            time.sleep(0.2)
+        lost_at = n_parts(run)
+        t_kill = round(time.monotonic() - t1)
+        raylet = c.lose_node(c.node_ip(1))
+        marks["raylet SIGKILLed"] = (t_kill, f"pid {raylet}", f"{lost_at} parts stored")
+        marks["node counted dead"] = round(time.monotonic() - t1)
+        # Two more generations on the head's actor alone, then a new node.
+        while n_parts(run) < lost_at + 3 and c.job(job)["status"] == "RUNNING":
+            time.sleep(0.2)
+        back_at = n_parts(run)
+        new_ip = c.add_node()
+        ids.update({n["node_ip"]: n["node_id"] for n in c.nodes()})
+        marks["new node alive"] = (round(time.monotonic() - t1), f"{back_at} parts stored")
+        while c.job(job)["status"] == "RUNNING":
+            if evaluator_on(c, ids[new_ip]):
+                marks["an evaluator actor alive on the new node"] = (
+                    round(time.monotonic() - t1), f"{n_parts(run)} parts stored")
+                break
+            time.sleep(1.0)
+        status = c.wait_job(job, timeout_s=1800)
+        marks["job ended"] = round(time.monotonic() - t1)
+        log = c.job_logs(job)
+    diff = compare(run, ref) if status == ref_status == "SUCCEEDED" else None
+    stored = rows(run) if (run / "evaluations").is_dir() else []
+    by_id = {v[:12]: k for k, v in ids.items()}
+    where: dict[int, set[str]] = {}
+    for r in stored:
+        where.setdefault(int(r["generation"]), set()).add(
+            by_id.get(str(r["node"]).rsplit("/", 1)[-1], str(r["node"])))
+    phases = {"before the loss": sorted(set().union(*[where.get(g, set())
+                                                       for g in range(lost_at)])),
+              "after the loss, before the new node": sorted(set().union(
+                  *[where.get(g, set()) for g in range(lost_at + 1, back_at)])),
+              "last 3 generations": sorted(set().union(
+                  *[where.get(g, set()) for g in range(NODE_GENERATIONS - 3,
+                                                        NODE_GENERATIONS)]))}
+    failed = [r["candidate_id"] for r in stored if r["status"] != "ok"]
+    head, lost, new = c.node_ip(0), c.node_ip(1), new_ip
+    back = min((g for g, v in where.items() if new in v), default=None)
+    marks["first generation scored on the new node too"] = back
+    ok = bool(diff and not diff["lost"] and not diff["duplicated"] and not diff["differ"]
+              and not diff["extra"] and diff["best_equal"] and not failed
+              and phases["before the loss"] == sorted({head, lost})
+              and phases["after the loss, before the new node"] == [head]
+              and new in phases["last 3 generations"])
+    ray_lines = [ln for ln in log.splitlines() if "A worker died or was killed" in ln]
+    return row("2 worker node lost", "loopback cluster (head 127.0.0.2 + worker 127.0.0.3, 1 "
+               "CPU and 1 logical GPU each, one evaluator actor per node); the worker node's "
+               "raylet SIGKILLed once 2 generations were stored; after 3 more a new node "
+               f"({new}) started; {NODE_GENERATIONS} generations x 6 x 300 samples",
+               "the search goes on with the head's actor; the pool grows again on the new "
+               "node; every candidate stored once; result = uninterrupted run",
+               f"job {status} (reference {ref_status}); {len(stored)} rows, {len(failed)} "
+               f"failed; nodes per phase {phases}; times {marks}; Ray's 'A worker died' "
+               f"lines in the job log: {len(ray_lines)}", diff, ok,
+               "python benchmarks/reliability.py --cases 2  # ray job submit ... python -m "
+               "searchd.search " + " ".join(NODE_ARGS) + " --run-dir RUN; SIGKILL of the "
+               "worker node's raylet; ray start --address (a new node)",
+               log_tail=log[-1500:], generations_by_node={g: sorted(v)
+                                                           for g, v in sorted(where.items())})
 
 
 # Case 3 -------------------------------------------------------------------------------------
@@ -363,8 +512,6 @@ def case_long(work: Path, candidates: int) -> dict[str, Any]:
     rc_resume, err_resume, resume_s = search(["--resume", str(run), "--engine", "local",
                                               "--quiet"])
     resume_cpu = children_cpu() - c2
-    from campaign import rows
-
     from searchd.storage import RunDir
 
     stored = rows(run) if (run / "evaluations").is_dir() else []
@@ -407,6 +554,10 @@ def main() -> int:
             out += case_s3(work)
         if "1" in cases:
             out.append(case_actor_kills(work))
+        if "1b" in cases:
+            out.append(case_actor_kills(work, gap_s=8.0))
+        if "2" in cases:
+            out.append(case_node_lost(work))
         if "3" in cases:
             out.append(case_driver_phases())
         if "6" in cases:

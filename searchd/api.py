@@ -308,8 +308,13 @@ class RunView:
         return "value"
 
     def ok_rows(self) -> list[dict[str, Any]]:
-        """Scored candidates with a value, best first (ties by id, as the searchers rank)."""
-        ok = [r for r in self.rows if r["status"] == "ok" and r["value"] is not None]
+        """Scored candidates with a value, best first (ties by id, as the searchers rank);
+        the race's re-scorings on fresh seed blocks (``searchd.loop.racing``) are not
+        candidates of their own and are left out."""
+        from searchd.loop.racing import is_race_row
+
+        ok = [r for r in self.rows if r["status"] == "ok" and r["value"] is not None
+              and not is_race_row(r)]
         return sorted(ok, key=lambda r: ranking_key(r["value"], r["candidate_id"]))
 
     def baseline_rows(self) -> list[dict[str, Any]]:
@@ -324,11 +329,15 @@ class RunView:
 
         return rows_to_table(self.rows) if self.rows else empty_table()
 
-    def evaluations(self) -> list[tuple[Schedule, Any]]:
-        """Every scored candidate as the one result record: ``(Schedule, CandidateResult)``."""
+    def evaluations(self, race: bool = False) -> list[tuple[Schedule, Any]]:
+        """Every scored candidate as the one result record: ``(Schedule, CandidateResult)``.
+        ``race``: also the race's re-scorings of the top candidates on fresh seed blocks
+        (rows ``trial_id`` ``race/<block>/<rank>``, ``searchd.loop.racing``), which repeat
+        candidate ids."""
+        from searchd.loop.racing import is_race_row
         from searchd.loop.record import from_row
 
-        return [from_row(r, check_id=False) for r in self.rows]
+        return [from_row(r, check_id=False) for r in self.rows if race or not is_race_row(r)]
 
     def run_dir(self) -> RunDir:
         """The run directory, opened again (for writing plots beside it, say)."""

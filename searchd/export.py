@@ -793,7 +793,17 @@ def usage_section(
     scale, refusal = guidance_scale(schedule.guidance)
     if schedule.guidance is not None:
         out["guidance"] = [float(w) for w in schedule.guidance]
-    if schedule.model_ids is not None:
+    strategy = schedule.strategy
+    if strategy is not None:
+        # A per-step strategy (searchd.solvers.strategy): no scheduler of these tools changes
+        # its multistep order or corrector step by step as the strategy does.
+        why = (f"a per-step solver strategy ({schedule.solver} steps {','.join(strategy)}) "
+               "has no {tool} counterpart: its schedulers fix the multistep order for every "
+               "step; sample it with searchd (python -m searchd.sample --schedule best.json)")
+        out["diffusers"] = {"error": why.format(tool="diffusers")}
+        out["kdiffusion"] = {"error": why.format(tool="k-diffusion")}
+        out["comfy"] = {"error": why.format(tool="ComfyUI")}
+    elif schedule.model_ids is not None:
         out["diffusers"] = {"error": "a model schedule switches networks per step; diffusers "
                                      "schedulers drive one network (the levels are exported "
                                      "below)"}
@@ -808,23 +818,27 @@ def usage_section(
             out["diffusers"] = exp.to_dict()
         except ExportError as e:
             out["diffusers"] = {"error": str(e)}
-    out["kdiffusion"] = kdiffusion_export(schedule.sigmas, schedule.solver, options,
-                                          flow=flow).to_dict()
-    out["comfy"] = comfy_export(schedule.sigmas, schedule.solver, options, flow=flow).to_dict()
-    if schedule.guidance is not None:
-        say = (f"guidance: the sampler's CFG scale (cond_scale / cfg) = {_fmt(scale)}"
-               if scale is not None else
-               "guidance: these levels only; the per-step weights are not part of this form "
-               "(its CFG wrappers take one scale): run them with searchd")
-        for key in ("kdiffusion", "comfy"):
-            out[key]["note"] = f"{out[key]['note']}; {say}"
+    if strategy is None:
+        out["kdiffusion"] = kdiffusion_export(schedule.sigmas, schedule.solver, options,
+                                              flow=flow).to_dict()
+        out["comfy"] = comfy_export(schedule.sigmas, schedule.solver, options,
+                                    flow=flow).to_dict()
+        if schedule.guidance is not None:
+            say = (f"guidance: the sampler's CFG scale (cond_scale / cfg) = {_fmt(scale)}"
+                   if scale is not None else
+                   "guidance: these levels only; the per-step weights are not part of this "
+                   "form (its CFG wrappers take one scale): run them with searchd")
+            for key in ("kdiffusion", "comfy"):
+                out[key]["note"] = f"{out[key]['note']}; {say}"
+    extra = "" if strategy is None else f", strategy={list(strategy)!r}"
     g = "" if schedule.guidance is None else f", guidance={_fmt_list(schedule.guidance)}"
     out["searchd"] = {
         "code": ("from searchd.solvers import solve\n"
                  + ("" if not g else "# cond={'sample_index': seeds} gives sample i the class "
                     "(or prompt) seeds[i] mod C\n")
                  + f"x = solve(denoiser, noise, {_fmt_list(sig)}, solver={schedule.solver!r}"
-                 + g + "".join(f", {k}={_fmt_value(v)}" for k, v in options.items()) + ")\n"),
+                 + extra + g
+                 + "".join(f", {k}={_fmt_value(v)}" for k, v in options.items()) + ")\n"),
         "command": "python -m searchd.sample --schedule best.json",
     }
     return out
@@ -979,7 +993,7 @@ def export_best(best: Mapping[str, Any], to: str, *, run_dir: Path | None = None
     if weights is None and isinstance(best.get("schedule"), Mapping):
         weights = best["schedule"].get("guidance")
     sched = Schedule(best["sigmas"], best.get("model_ids"), solver=str(best["solver"]),
-                     guidance=weights)
+                     strategy=best.get("strategy"), guidance=weights)
     usage = best.get("usage") if isinstance(best.get("usage"), Mapping) else {}
     options = dict(best.get("solver_options") or usage.get("solver_options") or {})
     if "flow" in usage:

@@ -20,7 +20,9 @@ not a simulation. Unset (the default), every hook is a dictionary lookup and not
 - ``during_anchors``: the driver has asked the evaluators for the ``n``-th anchor schedule
   (GITS, LD3: ``search.evolution.warm_start`` or a baseline family) and none is stored yet;
 - ``during_heldout``: the driver has asked an evaluator to re-score the winner and the
-  baselines on the held-out seeds (the search's rows are all stored; best.json is not).
+  baselines on the held-out seeds (the search's rows are all stored; best.json is not);
+- ``during_race``: the race (``searchd.loop.racing``) has stored the rows of its ``n``-th
+  fresh seed block, and the later blocks are not scored yet.
 
 A kill anywhere in one of these windows leaves the run directory as the kill at its end does
 (nothing is written inside a window), so each point stands for its whole window.
@@ -54,6 +56,7 @@ POINTS: dict[str, str] = {
     "after_generation": "the n-th batch's rows and searcher state are stored",
     "during_anchors": "the driver is waiting for the n-th anchor schedule (GITS, LD3)",
     "during_heldout": "the driver is waiting for the held-out scores (n-th time)",
+    "during_race": "the race stored its n-th seed block's rows, later blocks not scored",
     "disk_full": "the n-th local run-directory write and every later one fail with ENOSPC",
 }
 

@@ -68,11 +68,12 @@ def frechet_distance_pixels(a: Tensor, b: Tensor) -> float:
 
 def generate(
     den: Denoiser, solver: str, sigmas: np.ndarray, seeds: Sequence[int] | range,
-    guidance: np.ndarray | None = None, **opts
+    guidance: np.ndarray | None = None, strategy: Sequence[str] | None = None, **opts
 ) -> Tensor:
     """Samples [len(seeds), *shape] of ``den`` along ``sigmas`` [N+1], noise per seed; a
     conditional model's row i gets the class or prompt of ``seeds[i]``, and ``guidance``
-    [N] (None: the model as loaded) the weight of each step."""
+    [N] (None: the model as loaded) the weight of each step; ``strategy``: the solver's
+    variant per step (``searchd.solvers.strategy``), or None."""
     from searchd.models.conditional import row_conditioning
 
     dtype = getattr(den, "dtype", torch.float32)
@@ -80,7 +81,8 @@ def generate(
     noise = make_noise(seeds, tuple(den.shape), device=device, dtype=dtype)
     g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float64)
     return solve(den, noise, torch.as_tensor(sigmas, dtype=torch.float64), solver=solver,
-                 guidance=g, cond=row_conditioning(den, list(seeds)), **opts)
+                 guidance=g, cond=row_conditioning(den, list(seeds)), strategy=strategy,
+                 **opts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,6 +190,10 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
                          "searchd.sample runs one model")
     solver = args.solver or str(best["solver"])
     options = dict(best.get("solver_options") or {}) if solver == best["solver"] else {}
+    strategy = best.get("strategy")
+    if strategy is not None and solver != best["solver"]:
+        raise ValueError(f"{args.schedule}: its per-step strategy is one of {best['solver']}; "
+                         f"--solver {solver} cannot run it (leave --solver out)")
     model = args.model
     if model is None:
         model = str(best.get("model"))
@@ -198,6 +204,7 @@ def explicit_schedule(args: argparse.Namespace) -> dict | None:
     weights = best.get("guidance", sched.get("guidance"))
     return {"sigmas": np.array(validate_sigmas(best["sigmas"])), "solver": solver,
             "options": options, "model": model, "label": args.schedule,
+            "strategy": strategy,
             "guidance": None if weights is None else np.asarray(weights, dtype=np.float64)}
 
 
@@ -267,6 +274,7 @@ def _run(args: Any) -> int:
     params = {} if args.rho is None else {"rho": args.rho}
     budget = 10 if args.nfe is None else args.nfe
     options: dict = {}
+    strategy = None if given is None else given.get("strategy")
     guidance = None if given is None else given["guidance"]
     try:
         if given is None:
@@ -295,14 +303,19 @@ def _run(args: Any) -> int:
     spent = nfe(args.solver, steps, final_zero=bool(sigmas[-1] == 0))
 
     t0 = time.perf_counter()
-    x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), guidance,
-                 **options)
+    try:
+        x = generate(den, args.solver, sigmas, seed_range(args.seed_base, args.n), guidance,
+                     strategy, **options)
+    except ValueError as e:  # a strategy that does not fit the schedule
+        return _fail(str(e))
     seconds = time.perf_counter() - t0
     label = (args.schedule + (f"(rho={args.rho:g})" if args.rho is not None else "")
              if given is None else given["label"])
     print(f"model {args.model}  solver {args.solver}  schedule {label}  samples {args.n}")
     print(f"steps {steps}  NFE spent {spent} (budget {budget})")
     print("sigmas " + " ".join(f"{s:.4g}" for s in sigmas))
+    if strategy is not None:
+        print("strategy " + " ".join(strategy))
     if guidance is not None:
         from searchd.solvers import network_calls
 

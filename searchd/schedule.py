@@ -95,6 +95,15 @@ def validate_model_ids(model_ids: Sequence[int] | np.ndarray, n_steps: int) -> n
     return arr
 
 
+def _strategy_of(value: Any) -> tuple[str, ...] | None:
+    """A stored strategy (a list of codes) as the field holds it; a string is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"strategy must be a list of per-step codes; got {value!r}")
+    return tuple(value)
+
+
 def validate_guidance(guidance: Sequence[float] | np.ndarray, n_steps: int) -> np.ndarray:
     """Check a guidance schedule (one finite weight >= 0 per step) against N steps and
     return it as a read-only float64 array [N]."""
@@ -120,15 +129,21 @@ class Schedule:
 
     ``meta`` is free-form provenance (origin, family, parents); it is carried along but is
     not part of the identity: two schedules with the same sigmas (to a relative 1e-9),
-    models, guidance and solver are the same candidate and have the same ``id``.
+    models, guidance, strategy and solver are the same candidate and have the same ``id``.
     ``guidance`` (float64 [N] or None) is part of the identity only when present, so every
     schedule without it keeps the id it always had.
+
+    ``strategy``: None (the solver's own per-step rule), or the solver's variant per step,
+    one code per step (``searchd.solvers.strategy``: ``"1"``, ``"2"``, ``"3"``, ``"2c"``),
+    stored in canonical form; like ``guidance`` it is part of the identity only when present.
+    A schedule may carry both.
     """
 
     sigmas: np.ndarray
     model_ids: np.ndarray | None = None
     solver: str = "dpmpp_2m"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    strategy: tuple[str, ...] | None = None
     guidance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -142,6 +157,11 @@ class Schedule:
         if not isinstance(self.solver, str) or not self.solver:
             raise ValueError(f"solver must be a non-empty string; got {self.solver!r}")
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.strategy is not None:
+            from searchd.strategy_codes import canonical
+
+            object.__setattr__(self, "strategy", canonical(
+                self.solver, self.strategy, self.n_steps, self.final_zero))
 
     # Shape --------------------------------------------------------------------------------
     @property
@@ -177,8 +197,8 @@ class Schedule:
     # Identity -----------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Content hash of (sigmas, model_ids, guidance, solver): the candidate's id
-        everywhere (guidance only when present).
+        """Content hash of (sigmas, model_ids, strategy, guidance, solver): the candidate's
+        id everywhere (strategy and guidance only when present).
 
         The sigmas (and guidance weights) are hashed as ``canonical_sigmas`` (rounded to a
         relative 2**-30), so two schedules that differ only by floating-point noise (a
@@ -192,6 +212,9 @@ class Schedule:
         if self.model_ids is not None:
             h.update(b"|m|")
             h.update(np.ascontiguousarray(self.model_ids, dtype="<i8").tobytes())
+        if self.strategy is not None:
+            h.update(b"|k|")
+            h.update(",".join(self.strategy).encode())
         if self.guidance is not None:
             h.update(b"|g|")
             h.update(np.ascontiguousarray(canonical_sigmas(self.guidance), dtype="<f8").tobytes())
@@ -206,17 +229,18 @@ class Schedule:
     def __repr__(self) -> str:
         sig = ", ".join(f"{s:.4g}" for s in self.sigmas)
         ids = "" if self.model_ids is None else f", model_ids={self.model_ids.tolist()}"
+        strat = "" if self.strategy is None else f", strategy={list(self.strategy)}"
         g = (
             ""
             if self.guidance is None
             else ", guidance=[" + ", ".join(f"{w:.4g}" for w in self.guidance) + "]"
         )
-        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{g})"
+        return f"Schedule(id={self.id}, solver={self.solver}, sigmas=[{sig}]{ids}{strat}{g})"
 
     # Serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form; floats are written with ``repr`` precision, so it round-trips.
-        ``guidance`` appears only when the schedule has one."""
+        ``strategy`` and ``guidance`` appear only when the schedule has them."""
         d = {
             "id": self.id,
             "sigmas": [float(s) for s in self.sigmas],
@@ -224,6 +248,8 @@ class Schedule:
             "solver": self.solver,
             "meta": dict(self.meta),
         }
+        if self.strategy is not None:
+            d["strategy"] = list(self.strategy)
         if self.guidance is not None:
             d["guidance"] = [float(w) for w in self.guidance]
         return d
@@ -235,6 +261,7 @@ class Schedule:
             model_ids=None if d.get("model_ids") is None else np.asarray(d["model_ids"]),
             solver=d.get("solver", "dpmpp_2m"),
             meta=d.get("meta") or {},
+            strategy=_strategy_of(d.get("strategy")),
             guidance=None if d.get("guidance") is None else np.asarray(d["guidance"]),
         )
         if "id" in d and d["id"] != s.id:

@@ -225,15 +225,25 @@ def test_cli_evolution_warm_started_from_gits_and_ld3(tmp_path):
         "report.plots=false",
     )
     rows = _rows(run)
+    # The race (on by default): the top 3 (a quarter of the budget of 14) re-scored on a
+    # fresh block of search seeds; the search had the other 11 candidates.
+    race = [r for r in rows if r["trial_id"].startswith("race/")]
+    rows = [r for r in rows if not r["trial_id"].startswith("race/")]
+    assert len(race) == 3 and best["racing"]["winner"] == best["schedule"]["id"]
     gen0 = [r for r in rows if r["generation"] == 0]
     assert sorted(r["origin"] for r in gen0) == ["baseline"] * 3 + ["gits", "ld3", "random",
                                                                     "random"]
-    assert len(rows) == 14 and len({r["candidate_id"] for r in rows}) == 14
-    # The seeds are the computed schedules; the winner is at least as good as all of them.
+    assert len(rows) == 11 and len({r["candidate_id"] for r in rows}) == 11
+    # The seeds are the computed schedules; the winner is at least as good as all of them
+    # (on the pooled blocks where a seed was raced, else on the search seeds).
+    pooled = {c["id"]: c["pooled"] for c in best["racing"]["candidates"]}
     for name in ("gits", "ld3"):
         r = next(r for r in gen0 if r["origin"] == name)
         assert r["sigmas"] == best["anchors"][name]["sigmas"]
-        assert best["search"]["value"] <= r["value"]
+        if r["candidate_id"] in pooled:
+            assert pooled[best["schedule"]["id"]] <= pooled[r["candidate_id"]]
+        else:
+            assert best["search"]["value"] <= r["value"]
     assert best["search"]["warm_start"] == ["gits", "ld3"]
     # Warm-start seeds are not baselines: the held-out comparison is against the families.
     assert len(best["heldout"]["scores"]) == 4

@@ -71,8 +71,13 @@ def test_open_run_reads_what_search_wrote(ran):
     view = searchd.open_run(run)
     assert view.state == "finished" and view.run_id == "demo" and len(view.rows) == 8
     assert view.result() == result
+    # 8 rows: 6 candidates of the search and the race's 2 re-scorings (a quarter of the
+    # budget of 8, on a fresh block of search seeds), which are not candidates of their own.
     records = view.evaluations()
-    assert len(records) == 8 and all(s.id == r.candidate_id for s, r in records)
+    assert len(records) == 6 and all(s.id == r.candidate_id for s, r in records)
+    raced = view.evaluations(race=True)
+    assert len(raced) == 8 and all(s.id == r.candidate_id for s, r in raced)
+    assert {r.candidate_id for _, r in raced} == {r.candidate_id for _, r in records}
     assert view.ok_rows()[0]["candidate_id"] == result.schedule.id
     assert view.table().num_rows == 8
     # What a REPL shows: one line of gist, not every row and best.json.

@@ -195,10 +195,15 @@ def test_search_heldout_and_reference_seeds_must_be_disjoint(overrides, key):
 def test_adjacent_seed_ranges_are_allowed(tmp_path):
     stats = tmp_path / "ref.npz"
     stats.write_bytes(b"")
-    cfg = load_config(QUICKSTART, ["samples.heldout_seed_base=2000",
+    cfg = load_config(QUICKSTART, ["samples.heldout_seed_base=2000", "search.racing.top_k=0",
                                    "samples.reference_seed_base=0", f"metric.reference={stats}"])
     assert cfg.samples.heldout_seed_base == 2000  # [0, 2000) and [2000, 12000) are disjoint
     assert cfg.metric.exact_reference is None
+    # Racing's fresh blocks follow the search's seeds: [2000, 4000) here, refused.
+    with pytest.raises(ConfigError, match=r"search\.racing\.blocks: got 2000; seeds \[2000, "
+                                          r"4000\) overlap samples\.heldout_seed_base"):
+        load_config(QUICKSTART, ["samples.heldout_seed_base=2000",
+                                 "samples.reference_seed_base=0", f"metric.reference={stats}"])
 
 
 def test_nfe_resolves_to_steps_through_the_solver_cost():

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1] / "searchd"
 # its longest matching prefix.
 LAYERS: list[tuple[str, int, tuple[str, ...]]] = [
     ("base", 1, ("searchd.schedule", "searchd.noise", "searchd.faults", "searchd.plots",
-                 "searchd.models.base", "searchd.models.names")),
+                 "searchd.models.base", "searchd.models.names", "searchd.strategy_codes")),
     ("solvers", 1, ("searchd.solvers",)),
     ("schedules", 1, ("searchd.schedules",)),
     ("models", 1, ("searchd.models",)),

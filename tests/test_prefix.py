@@ -216,12 +216,12 @@ def test_state_is_never_written_in_place(den, noise, one_thread):
 
 
 def test_trajectory_inputs_are_all_keyed(den, noise):
-    """Tripwire: ``step_inputs`` keys the level, the models and the guidance weights of a
-    step (``cond`` is one per tree). A new per-step input of ``Trajectory`` (per-step
-    strategies) must be added there too;
+    """Tripwire: ``step_inputs`` keys the level, the models, the guidance weights and the
+    solver strategy of a step (``cond`` is one per tree). A new per-step input of
+    ``Trajectory`` must be added there too;
     this lists what the trajectory holds today, so adding one fails here first."""
     traj = trajectory(den, noise, baseline("polynomial", 3, 0.002, 80.0, True), None)
     assert set(vars(traj)) == {
         "denoiser", "model_ids", "final_zero", "dtype", "policy", "n_steps", "_batch",
-        "_levels", "_sigmas", "_lam", "guidance", "cond",
+        "_levels", "_sigmas", "_lam", "guidance", "cond", "strategy",
     }

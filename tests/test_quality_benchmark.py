@@ -47,13 +47,33 @@ def test_tiny_quality_benchmark(tmp_path, quality):
     assert gits == (3 * 14 - 4) * 16
     for name in ("evolution", "bayes", "random"):
         m = row["methods"][name]
-        assert 0 < m["calls"] <= 10 * gits and m["candidates"] >= 1, name
+        assert 0 < m["calls"] <= 12 * gits and m["candidates"] >= 1, name
     evo = row["methods"]["evolution"]
     assert evo["calls"] >= gits + row["methods"]["ld3"]["calls"]  # it paid for its seeds
     # The warm-started evolution keeps the best of its seeds on the search seeds.
     assert row["evolution_cost_over_gits"] == pytest.approx(evo["calls"] / gits)
+    # Issue 19: the floor of exact samples beside every FID; two searcher seeds of each
+    # variant; racing paid from the evolution's budget; the solver-schedule space.
+    floor = row["floor"]
+    assert floor["n"] == 300 and floor["fid_ci"][0] <= floor["fid"] <= floor["fid_ci"][1]
+    for name, m in row["methods"].items():
+        assert m["excess"] == pytest.approx(m["fid"] - floor["fid"]), name
+    assert set(row["variants"]) == {"evolution", "race", "strategy"}
+    for variant, per in row["variants"].items():
+        assert set(per) == {"0", "1"}, variant
+        for e in per.values():
+            assert e["calls"] <= 12 * gits + 1e-9 and e["cost_over_gits"] <= 12 + 1e-9
+            lo, hi = e["minus_ld3"]["ci"]
+            assert lo <= e["minus_ld3"]["diff"] <= hi
+            assert e["met"] == (all(e[f"vs_{o}"]["improvement"] >= 0.15
+                                    and e[f"vs_{o}"]["ci"][0] > 0 for o in ("gits", "ld3"))
+                                and e["cost_over_gits"] <= 10 + 1e-9)
+    for e in row["variants"]["race"].values():
+        assert e["race"]["rescored"] == 2 and e["race"]["calls"] == 2 * 150 * 4
+    assert row["methods"]["evolution"]["fid"] == row["variants"]["evolution"]["0"]["fid"]
     text = (tmp_path / "quality.md").read_text()
     assert "| 4 |" in text and "neural digits zoo" in text and "LD3" in text
+    assert "Over searcher seeds (issue 19)" in text and "excess over floor" in text
     assert (tmp_path / "quality.png").stat().st_size > 5000
 
 
@@ -138,6 +158,7 @@ def test_tiny_quality_benchmark_on_a_flow_model(tmp_path, quality, monkeypatch):
     def tiny_flow():  # a population that holds the 6 flow baselines, GITS and LD3
         s = tiny()
         s.evolution = dict(s.evolution, population_num=8, mutation_num=4)
+        s.searcher_seeds, s.variants = [0], ["evolution"]  # issue 19's variants: elsewhere
         return s
 
     monkeypatch.setattr(quality, "tiny_settings", tiny_flow)

@@ -55,6 +55,7 @@ TINY = [
     "--set", "samples.heldout=200",
     "--set", "metric.reference=exact:1000",
     "--set", "report.plots=false",
+    "--set", "search.racing.top_k=0",  # the search alone (racing's rows: tests/test_racing.py)
     "--set", "workers.num_workers=2",
     "--quiet",
 ]

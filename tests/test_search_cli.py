@@ -88,17 +88,24 @@ def test_tiny_search_end_to_end(tmp_path):
     best = json.loads((run / "best.json").read_text())
     table = pq.read_table(run / "evaluations")
     rows = table.to_pylist()
-    # Every candidate scored once; generation 0 holds the three baselines.
+    # The race (search.racing, on by default): the top 3 (a quarter of the budget of 12)
+    # re-scored on a fresh block of search seeds, stored as rows of their own.
+    race = [r for r in rows if r["trial_id"].startswith("race/")]
+    rows = [r for r in rows if not r["trial_id"].startswith("race/")]
+    assert len(race) == 3 and {(r["fidelity"], r["seed_base"]) for r in race} == {(1, 300)}
+    # Every candidate scored once by the search (the budget less the race); generation 0
+    # holds the three baselines.
     ids = [r["candidate_id"] for r in rows]
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 9
+    assert {r["candidate_id"] for r in race} <= set(ids)
     assert sum(r["origin"] == "baseline" for r in rows) == 3
     assert {r["generation"] for r in rows} == {0, 1}
     assert all(r["status"] == "ok" and r["nfe"] == 5 for r in rows)
-    # The winner is the best scored candidate, and the search found one better than every
-    # baseline (the baselines are far from the optimum on this model).
-    ok = [r for r in rows if r["value"] is not None]
-    winner = min(ok, key=lambda r: (r["value"], r["candidate_id"]))
-    assert best["schedule"]["id"] == winner["candidate_id"]
+    # The winner is the race's (the lowest mean over the search block and the race's), and
+    # the search found one better than every baseline (they are far from the optimum here).
+    assert best["racing"]["winner"] == best["schedule"]["id"]
+    assert best["search"]["evaluations"] == 12
+    winner = next(r for r in rows if r["candidate_id"] == best["schedule"]["id"])
     assert best["search"]["value"] == winner["value"]
     assert winner["origin"] != "baseline"
     assert best["search"]["value"] < min(r["value"] for r in rows if r["origin"] == "baseline")

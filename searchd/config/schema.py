@@ -278,6 +278,10 @@ class SpaceConfig(Section):
     sigma_max: float | None = Field(None, gt=0)
     grid: str | None = None  # discrete: a named grid; null: the model's own grid
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)  # searched guidance
+    # The solver's per-step strategy searched with the timesteps (searchd.solvers.strategy):
+    # continuous/discrete spaces of dpmpp_2m, dpmpp_3m, unipc, ipndm, deis.
+    strategy: bool = False
+    max_order: int | None = Field(None, ge=1, le=4)  # strategy: highest multistep order
 
     @field_validator("grid")
     @classmethod
@@ -306,6 +310,9 @@ class SpaceConfig(Section):
                                         or self.budget_nfe is not None):
             raise FieldError("budget_ms", self.budget_ms or self.budget_nfe,
                              "latency budgets apply to space.kind models or joint only")
+        if self.strategy and self.model_schedule:
+            raise FieldError("strategy", True, f"a per-step strategy goes with space.kind "
+                             f"continuous or discrete, not {self.kind!r}")
         if self.guidance.kind != "none" and self.kind not in ("continuous", "discrete"):
             raise FieldError("guidance", self.guidance.kind,
                              f"guidance is searched with space.kind continuous or discrete, "
@@ -415,6 +422,23 @@ class PredictorSection(Section):
     steps: int = Field(300, ge=1)  # optimizer steps of the first fit (from scratch)
     warm_steps: int = Field(60, ge=0)  # steps of each later fit, from the last one's weights
     # (0: every fit from scratch); benchmarks/results/predictor_warm.md
+
+
+class RacingConfig(Section):
+    """Racing before the winner is fixed (searchd.loop.racing): the top_k candidates
+    re-scored on ``blocks`` fresh blocks of search seeds; the winner chosen on the pooled
+    blocks. Evolution, random and Bayes; 0 turns it off."""
+
+    top_k: int = Field(8, ge=0)
+    blocks: int = Field(1, ge=1)
+
+
+class HalvingConfig(Section):
+    """Successive halving on samples per candidate within each batch
+    (searchd.loop.racing.HalvingScorer); rungs 1 turns it off."""
+
+    rungs: int = Field(1, ge=1)
+    eta: int = Field(2, ge=2)
 
 
 class GitsConfig(Section):
@@ -534,6 +558,22 @@ class SearchSection(Section):
     gits: GitsConfig = Field(default_factory=GitsConfig)
     ld3: Ld3Config = Field(default_factory=Ld3Config)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+    racing: RacingConfig = Field(default_factory=RacingConfig)
+    halving: HalvingConfig = Field(default_factory=HalvingConfig)
+
+    @property
+    def race_k(self) -> int:
+        """Candidates the race re-scores: ``racing.top_k``, at most a quarter of the budget
+        (a small search is not spent on its race); 0 (no race) below 2 or for the
+        algorithms without a search of their own."""
+        searched = self.algorithm in ("evolution", "random", "bayes")
+        k = min(self.racing.top_k, int(self.budget or 0) // 4)
+        return k if searched and k >= 2 else 0
+
+    @property
+    def race_blocks(self) -> int:
+        """Fresh blocks of search seeds the race uses (0: no race)."""
+        return self.racing.blocks if self.race_k else 0
 
     @field_validator("algorithm")
     @classmethod
@@ -719,6 +759,8 @@ class SearchConfig(Section):
         if self.space.guidance.kind != "none" and self.search.algorithm in ("adaptive",):
             raise FieldError("space.guidance.kind", self.space.guidance.kind,
                              "search.algorithm adaptive predicts timesteps only; set none")
+        if self.space.strategy:
+            self._check_strategy()
         if self.space.kind == "joint" and self.space.grid is not None:
             raise FieldError("space.grid", self.space.grid,
                              "a joint space searches continuous timesteps; set null")
@@ -773,12 +815,36 @@ class SearchConfig(Section):
             raise FieldError("search.budget", self.search.budget,
                              f"must be >= the number of baselines ({len(names)})")
 
+    def _check_strategy(self) -> None:
+        """``space.strategy``: a solver with per-step variants, an order it offers, and a
+        searching algorithm (``searchd.strategy_codes.FAMILIES``)."""
+        from searchd.strategy_codes import FAMILIES
+
+        family = FAMILIES.get(self.solver.name)
+        if family is None:
+            raise FieldError("space.strategy", True,
+                             f"solver {self.solver.name!r} has no per-step variant; allowed "
+                             f"solvers: {', '.join(FAMILIES)} (or space.strategy: false)")
+        if self.space.max_order is not None and self.space.max_order not in family[0]:
+            raise FieldError("space.max_order", self.space.max_order,
+                             f"{self.solver.name} offers orders {list(family[0])}")
+        if self.search.algorithm == "adaptive":
+            raise FieldError("space.strategy", True,
+                             "search.algorithm adaptive predicts timesteps only; set false")
+        if self.search.algorithm == "evolution" and self.search.evolution.mutation == "level":
+            raise FieldError("search.evolution.mutation", "level",
+                             "the level-local mutation moves noise levels only; "
+                             "space.strategy needs mutation: space")
+
     def _check_seed_ranges(self) -> None:
         s = self.samples
         ranges = [
             ("samples.seed_base", s.seed_base, s.per_candidate),
             ("samples.heldout_seed_base", s.heldout_seed_base, s.heldout),
         ]
+        if self.search.race_blocks:  # the race's fresh blocks follow the search's seeds
+            ranges.append(("search.racing.blocks", s.seed_base + s.per_candidate,
+                           s.per_candidate * self.search.race_blocks))
         n_ref = self.metric.exact_reference
         if n_ref is not None:
             ranges.append(("samples.reference_seed_base", s.reference_seed_base, n_ref))

@@ -133,6 +133,11 @@ class EvaluatorActor:
             "facts": self._host.facts(),
         }
 
+    async def ping(self) -> int:
+        """This actor's pid: an answer means it is alive and has built its evaluator (a
+        restarted actor answers only once its constructor has finished)."""
+        return os.getpid()
+
     async def evaluate(self, candidates: Sequence[Any], seeds: Sequence[int]) -> list[Any]:
         """Score ``candidates`` on ``seeds``; merged with concurrent requests of equal seeds.
 

@@ -4,7 +4,8 @@
   anything starts, with a timeout: a TCP connection to its host and port. Nothing listening
   is one line, not a hang.
 - ``start``: starts a local Ray (``num_cpus`` = the machine's) or joins the cluster at the
-  address, with Ray's token-auth banner kept off the console; builds the evaluator pool
+  address, with Ray's token-auth banner kept off the console (and, when quiet: no ``say``,
+  Ray's "A worker died ..." messages sent to the log, ``raylog``); builds the evaluator pool
   (``PoolWorkers``: the ``Workers`` protocol on the actors). A local Ray has a fixed size, so
   ``workers.num_workers`` actors that cannot fit are refused at once; on a cluster they are
   demand the autoscaler sees.
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from searchd.distributed.pool import ActorStartError, EvaluatorPool
+from searchd.distributed.pool import ActorStartError, EvaluatorPool, EvaluatorsLostError
 from searchd.distributed.tune import run_tune
 from searchd.evaluation import CandidateResult
 from searchd.loop.factory import EvaluatorFactory
@@ -197,6 +198,10 @@ class RayEngine:
         finally:
             for n, level in saved.items():
                 logging.getLogger(n).setLevel(level)
+        if self.say is None:  # quiet: Ray's "A worker died ..." messages go to the log
+            from searchd.distributed import raylog
+
+            raylog.route_to_log()
         logger.info("Ray ready in %.1f s", time.monotonic() - t0)
 
     def start(self, factory: EvaluatorFactory, workers_config: Any) -> PoolWorkers:
@@ -221,7 +226,11 @@ class RayEngine:
     def drive(self, loop: SearchLoop, workers: PoolWorkers, *, name: str,
               between: Callable[[], Any] | None = None) -> bool:
         """Run the loop under Ray Tune (``between`` after each batch is recorded: the pool's
-        growth); True when its searcher finished."""
+        growth); True when its searcher finished.
+
+        Raises ``EvaluatorsLostError`` (one line) when a batch failed because the
+        evaluators were lost: that batch is not recorded, what is stored stays, and a resume
+        scores it."""
         hooks = None
         if FaultHooks.wanted():
             hooks = FaultHooks(counter=workers.calls_started)
@@ -232,11 +241,17 @@ class RayEngine:
                              name="searchd-fault-watch", daemon=True).start()
         scratch = tempfile.mkdtemp(prefix="searchd-tune-")
         try:
-            outcome = run_tune(loop, workers.client, storage_path=scratch, name=name,
+            outcome = run_tune(loop, loop.scorer_for(workers.client), storage_path=scratch,
+                               name=name,
                                between=between or workers.grow)
         finally:
             stop.set()
             shutil.rmtree(scratch, ignore_errors=True)
+        if outcome.lost is not None:
+            raise EvaluatorsLostError(
+                f"search stopped, the evaluators were lost ({outcome.lost}); the batch in "
+                "flight is not recorded, what is stored is kept: resume with python -m "
+                "searchd.search --resume RUN_DIR")
         return outcome.finished
 
     def close(self) -> None:
@@ -246,6 +261,10 @@ class RayEngine:
                 self.workers.shutdown()
             finally:
                 self.workers = None
+        if self.say is None:
+            from searchd.distributed import raylog
+
+            raylog.restore()
         if self.started_ray:
             import ray
 

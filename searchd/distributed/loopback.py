@@ -85,6 +85,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def _signal_all(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -134,6 +143,8 @@ class LoopbackCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.token_path = self.base / "auth_token"
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._lost: list[subprocess.Popen[bytes]] = []  # nodes lost on purpose (lose_node)
+        self._started = 0  # nodes started so far: node i's address is node_ip(i)
         self.leftover_commands: list[str] = []
         self._ports: list[int] = []
         self.gcs_port = 0
@@ -190,7 +201,7 @@ class LoopbackCluster:
             # A temp dir per node, as on separate machines: a node's runtime-env agent deletes
             # the job packages it no longer uses, which would pull a shared one from under the
             # other nodes' workers.
-            "--temp-dir", str(self.base / f"ray{len(self._procs)}"),
+            "--temp-dir", str(self.base / f"ray{self._started}"),
             "--disable-usage-stats",
             *args,
         ]
@@ -198,6 +209,7 @@ class LoopbackCluster:
                                 start_new_session=True)
         log.close()
         self._procs.append(proc)
+        self._started += 1
         return proc
 
     def start(self) -> LoopbackCluster:
@@ -225,12 +237,45 @@ class LoopbackCluster:
         """The loopback address of node ``i`` (0: the head)."""
         return f"127.0.0.{2 + i}"
 
-    def add_node(self) -> None:
-        """Start one more node and wait until the cluster counts it alive."""
-        n = len(self._procs)
+    def add_node(self) -> str:
+        """Start one more node (on an address no node had before) and wait until the
+        cluster counts it alive; returns its address."""
+        n, alive = self._started, len(self._procs)
         self._ray_start([f"--address={self.gcs_address}", f"--node-ip-address={self.node_ip(n)}"],
                         f"node{n}")
-        self._wait(lambda: len(self.nodes()) == n + 1, f"node {n} to join")
+        self._wait(lambda: len(self.nodes()) == alive + 1, f"node {n} to join")
+        return self.node_ip(n)
+
+    def raylet_pid(self, address: str) -> int | None:
+        """The pid of the raylet of the node at ``address`` (a child of its ``ray start``)."""
+        for proc in self._procs:
+            for pid in marked_pids(self.marker):
+                cmd = _cmdline(pid)
+                if "/raylet/raylet " in cmd and f"--node_ip_address={address} " in cmd + " " \
+                        and _parent(pid) == proc.pid:
+                    return pid
+        return None
+
+    def lose_node(self, address: str, timeout_s: float = 120.0) -> int:
+        """Lose the (non-head) node at ``address`` as a machine that fails does: SIGKILL its
+        raylet (its workers end with it, its ``ray start --block`` exits), then wait until
+        the cluster counts it dead. Returns the raylet's pid."""
+        if address == self.node_ip(0):
+            raise ValueError("lose_node: not the head (the cluster ends with it)")
+        pid = self.raylet_pid(address)
+        if pid is None:
+            raise RuntimeError(f"no raylet of this cluster at {address}")
+        owner = next(p for p in self._procs if p.pid == _parent(pid))
+        os.kill(pid, signal.SIGKILL)
+        self._procs.remove(owner)
+        self._lost.append(owner)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(n.get("node_ip") != address for n in self.nodes()):
+                return pid
+            time.sleep(0.5)
+        raise TimeoutError(f"the cluster still counts the node at {address} alive after "
+                           f"{timeout_s} s")
 
     def _wait(self, ready: Any, what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -334,7 +379,7 @@ class LoopbackCluster:
         any process still carrying the marker (workers and job drivers outlive a raylet for a
         moment) with SIGTERM and, after ``grace_s``, SIGKILL.
         """
-        for proc in reversed(self._procs):  # the head last
+        for proc in [*self._lost, *reversed(self._procs)]:  # the head last
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -354,6 +399,7 @@ class LoopbackCluster:
             while marked_pids(self.marker) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self._procs.clear()
+        self._lost.clear()
         if self._own_dir:
             shutil.rmtree(self.base, ignore_errors=True)
         return leftover

@@ -14,10 +14,15 @@ chunks, one per actor, and gathers the results in order.
 Actor replacement, the guarantee the search relies on: if an actor dies during a call (its
 process is killed, its node is lost), Ray restarts it (``max_restarts``; the restarted
 actor loads the model again, from the factory as it is then, and reports
-``restarted: True``), and the client re-sends the lost chunk to another live actor (or to
-the restarted one when no other is left, once it is ready), up to ``max_attempts`` sends.
-Every candidate of a call gets exactly one result, or the call raises; ``resends`` counts
-the chunks re-sent.
+``restarted: True``), and the client sends the lost candidates again, one at a time, to live
+actors (``_Scoring``). A send refused because its actor is restarting is sent again and
+uses no attempt; a down actor is probed until it answers. Every candidate of a call gets
+exactly one result; an actor's death is never a candidate's result, except for a candidate
+whose actor died ``max_attempts`` times while it was scored alone (a candidate that kills
+its evaluator): that one gets a failed result saying so, and the others are scored. When no
+actor answers for ``restart_timeout_s``, the call raises ``EvaluatorsLostError`` (an
+infrastructure failure: a search stops without recording the batch, and ``--resume``
+scores it). ``resends`` counts the requests lost and sent again.
 """
 
 from __future__ import annotations
@@ -95,14 +100,292 @@ def prefix_order(candidates: Sequence[Any]) -> list[int]:
     return sorted(range(len(candidates)), key=key)
 
 
+class EvaluatorsLostError(RuntimeError):
+    """The pool cannot finish a call: none of its actors answered for ``restart_timeout_s``
+    (their node is gone, or they are dead for good). An infrastructure failure, never a
+    candidate's result: the call's candidates get none, and a search stops so that
+    ``--resume`` scores them (the message is one line)."""
+
+
+# Names of the errors of a Tune trial that come from the infrastructure (an actor, a worker
+# process or a node lost), not from its candidates: a batch failed by one is never recorded
+# as its candidates' results (``searchd.distributed.tune``).
+INFRASTRUCTURE_ERRORS = ("EvaluatorsLostError", "ActorDiedError", "ActorUnavailableError",
+                         "RayActorError", "NodeDiedError", "WorkerCrashedError",
+                         "OwnerDiedError", "ObjectLostError", "RaySystemError")
+
+
+def is_infrastructure_error(text: str) -> bool:
+    """Whether an error's text (a trial's error, one line or a traceback) names one of
+    ``INFRASTRUCTURE_ERRORS``."""
+    return any(name in text for name in INFRASTRUCTURE_ERRORS)
+
+
+def is_refusal(error: BaseException) -> bool:
+    """A Ray error saying that the actor was restarting when the request reached it: the
+    request never ran, so it is no attempt of its candidates. (A request in flight when its
+    actor process dies fails with ``ActorUnavailableError`` too, "Socket closed", or with
+    ``ActorDiedError``: that one did run.)"""
+    return isinstance(error, ActorUnavailableError) and "is restarting" in str(error)
+
+
+def candidate_id(candidate: Any) -> str:
+    """The id of a candidate given as a ``Schedule`` or as its dict."""
+    if isinstance(candidate, dict):
+        from searchd.schedule import Schedule
+
+        return Schedule.from_dict(candidate).id
+    return str(candidate.id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """Candidates ``[start, stop)`` of a call, sent as one request; ``solo``: a single
+    candidate quarantined after its request's actor died (sent alone, to an idle actor that
+    has answered in this call)."""
+
+    start: int
+    stop: int
+    solo: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+    """A request in flight: its item, its actor, and whether it is the only request of this
+    call on an actor that had answered (a death then counts against its one candidate)."""
+
+    item: _Item
+    actor: int
+    alone: bool
+
+
+class _Scoring:
+    """One ``PoolClient.score`` call: send the chunks, and re-send what actor deaths lose.
+
+    - The candidates go out as balanced chunks, one per actor (the first to a random one).
+    - A request whose actor died while it ran (the process killed, its node lost; Ray
+      restarts the actor) marks the actor down. Its candidates come back as solo items:
+      each sent alone to an idle actor that has answered in this call, so that a candidate
+      that kills its actor is singled out while the others are scored.
+    - A request refused because its actor is restarting (``is_refusal``) is sent again
+      as it was: no attempt is used.
+    - A down actor is probed (``ping``, pauses growing to 1 s) until it answers again.
+    - A candidate whose actor died ``max_attempts`` times while it was scored alone gets a
+      failed result naming that (a candidate that kills its evaluator); the call goes on.
+    - When every actor has been down for ``restart_timeout_s`` with candidates left, the
+      call raises ``EvaluatorsLostError``; after ``timeout_s`` in all, ``TimeoutError``.
+
+    Every candidate gets exactly one result (the first that arrives); results do not
+    depend on which actor or request computed them.
+    """
+
+    def __init__(self, client: PoolClient, candidates: list[Any], seeds: Sequence[int],
+                 timeout_s: float | None) -> None:
+        self.client = client
+        self.candidates = candidates
+        self.seeds = list(seeds)
+        self.n = len(client._actors)
+        self.out: list[CandidateResult | None] = [None] * len(candidates)
+        self.queue: list[_Item] = []
+        self.pending: dict[ray.ObjectRef, _Sent] = {}
+        self.load = [0] * self.n  # this call's requests in flight, per actor
+        self.solo_on = [False] * self.n  # a solo item in flight there
+        self.answered = [False] * self.n  # answered since it was last seen failing
+        self.down: dict[int, float] = {}  # actor -> since when it is down
+        self.probes: dict[ray.ObjectRef, int] = {}
+        self.probe_at: dict[int, float] = {}
+        self.pause: dict[int, float] = {}
+        self.deaths: dict[int, int] = {}  # candidate -> deaths while it was scored alone
+        self.last_error: dict[int, str] = {}
+        self.start = time.monotonic()
+        self.deadline = None if timeout_s is None else self.start + timeout_s
+        self.timeout_s = timeout_s
+
+    # Sending --------------------------------------------------------------------------------
+    def send(self, item: _Item, actor: int) -> None:
+        alone = self.load[actor] == 0 and self.answered[actor] and item.stop - item.start == 1
+        ref = self.client._actors[actor].evaluate.remote(
+            self.candidates[item.start:item.stop], self.seeds)
+        self.pending[ref] = _Sent(item, actor, alone)
+        self.load[actor] += 1
+        self.solo_on[actor] = self.solo_on[actor] or item.solo
+
+    def pick(self, item: _Item, first: int) -> int | None:
+        """The actor for ``item``: a solo goes to an idle actor that has answered; the others
+        to the least loaded live actor without a solo in flight; None: wait."""
+        up = [a for a in range(self.n) if a not in self.down and not self.solo_on[a]]
+        if item.solo:
+            up = [a for a in up if self.load[a] == 0 and self.answered[a]]
+        if not up:
+            return None
+        return min(up, key=lambda a: (self.load[a], (a - first) % self.n))
+
+    def dispatch(self, first: int) -> None:
+        for item in list(self.queue):
+            actor = self.pick(item, first)
+            if actor is not None:
+                self.queue.remove(item)
+                self.send(item, actor)
+
+    def mark_down(self, actor: int, error: BaseException) -> None:
+        now = time.monotonic()
+        self.down.setdefault(actor, now)
+        self.answered[actor] = False
+        self.probe_at.setdefault(actor, now)
+        self.pause.setdefault(actor, 0.05)
+        self.last_error[actor] = type(error).__name__
+
+    def mark_up(self, actor: int) -> None:
+        self.answered[actor] = True
+        self.down.pop(actor, None)
+        self.probe_at.pop(actor, None)
+        self.pause.pop(actor, None)
+
+    def probe(self) -> None:
+        """Ping the down actors whose pause is over (one ping in flight per actor); and,
+        while solo items wait, the idle live actors that have not answered yet."""
+        now = time.monotonic()
+        probing = set(self.probes.values())
+        if any(item.solo for item in self.queue):
+            for actor in range(self.n):
+                if (actor not in self.down and actor not in probing and not self.answered[actor]
+                        and self.load[actor] == 0):
+                    self.probes[self.client._actors[actor].ping.remote()] = actor
+                    probing.add(actor)
+        for actor, at in list(self.probe_at.items()):
+            if actor not in probing and now >= at:
+                self.probes[self.client._actors[actor].ping.remote()] = actor
+                self.probe_at[actor] = math.inf  # until this ping answers
+
+    # Results --------------------------------------------------------------------------------
+    def on_result(self, ref: ray.ObjectRef) -> None:
+        sent = self.pending.pop(ref)
+        item, actor = sent.item, sent.actor
+        self.load[actor] -= 1
+        if item.solo:
+            self.solo_on[actor] = False
+        try:
+            results = ray.get(ref)
+        except RayActorError as e:
+            self.on_lost(sent, e)
+            return
+        if len(results) != item.stop - item.start:
+            raise RuntimeError(
+                f"evaluator {self.client._names[actor]} returned {len(results)} results for "
+                f"{item.stop - item.start} candidates")
+        self.mark_up(actor)
+        for j, r in zip(range(item.start, item.stop), results):
+            if self.out[j] is None:
+                self.out[j] = r
+
+    def on_lost(self, sent: _Sent, error: RayActorError) -> None:
+        """A request whose actor was restarting (sent again as it was) or died while it ran
+        (its candidates re-sent one by one; a death while alone counts against the one)."""
+        item, actor, names = sent.item, sent.actor, self.client._names
+        self.mark_down(actor, error)
+        if is_refusal(error):
+            self.queue.insert(0, item)
+            return
+        self.client.resends += 1
+        size = item.stop - item.start
+        if size > 1 or not sent.alone:
+            logger.warning("evaluator %s died while scoring candidates %d..%d (%s); re-sending "
+                           "them one at a time", names[actor], item.start, item.stop - 1,
+                           type(error).__name__)
+            self.queue.extend(_Item(j, j + 1, True) for j in range(item.start, item.stop))
+            return
+        j = item.start
+        self.deaths[j] = self.deaths.get(j, 0) + 1
+        if self.deaths[j] < self.client.max_attempts:
+            logger.warning("evaluator %s died while scoring candidate %d alone (%s, %d of %d); "
+                           "re-sending it", names[actor], j, type(error).__name__,
+                           self.deaths[j], self.client.max_attempts)
+            self.queue.append(_Item(j, j + 1, True))
+            return
+        why = (f"its evaluator process died each of the {self.deaths[j]} times it was scored "
+               f"alone (last: {type(error).__name__} on {names[actor]}); not retried: this "
+               "candidate kills its evaluator (out of memory, a crash)")
+        logger.error("candidate %d: %s", j, why)
+        n = len(self.seeds)
+        self.out[j] = CandidateResult(
+            candidate_id=candidate_id(self.candidates[j]), status="failed", metrics={}, nfe=0,
+            n_samples=n, seed_base=self.seeds[0] if n else 0, wall_s=0.0, samples_per_s=0.0,
+            error=why, worker=names[actor])
+
+    def on_probe(self, ref: ray.ObjectRef) -> None:
+        actor = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as e:
+            self.down.setdefault(actor, time.monotonic())  # also one probed before a solo
+            self.answered[actor] = False
+            self.last_error[actor] = type(e).__name__
+            self.pause[actor] = min(2 * self.pause.get(actor, 0.05), 1.0)
+            self.probe_at[actor] = time.monotonic() + self.pause[actor]
+            return
+        self.mark_up(actor)
+
+    # The call -------------------------------------------------------------------------------
+    def lost(self) -> bool:
+        """Every actor down, the last of them for ``restart_timeout_s``."""
+        if len(self.down) < self.n:
+            return False
+        return time.monotonic() - max(self.down.values()) > self.client.restart_timeout_s
+
+    def give_up(self, error: Exception) -> Exception:
+        for ref in [*self.pending, *self.probes]:
+            ray.cancel(ref)
+        return error
+
+    def run(self) -> list[CandidateResult]:
+        chunks = split_balanced(len(self.candidates), self.n)
+        first = random.randrange(self.n)
+        for i, (a, b) in enumerate(chunks):
+            self.send(_Item(a, b), (first + i) % self.n)
+        while self.pending or self.queue:
+            self.dispatch(first)
+            self.probe()
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                raise self.give_up(TimeoutError(
+                    f"no result from the evaluator pool within {self.timeout_s} s"))
+            if self.lost():
+                left = sum(r is None for r in self.out)
+                why = ", ".join(f"{self.client._names[a]}: {self.last_error.get(a, '?')}"
+                                for a in sorted(self.down))
+                raise self.give_up(EvaluatorsLostError(
+                    f"no evaluator actor answered for {self.client.restart_timeout_s:g} s "
+                    f"({why}); {left} of {len(self.out)} candidates of the batch not scored"))
+            waits = [t for t in self.probe_at.values() if t != math.inf]
+            waits.append(max(self.down.values(), default=now) + self.client.restart_timeout_s)
+            if self.deadline is not None:
+                waits.append(self.deadline)
+            wait_s = max(0.0, min(waits) - now) + 0.001
+            refs = [*self.pending, *self.probes]
+            if not refs:
+                time.sleep(min(wait_s, 1.0))
+                continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=min(wait_s, 60.0))
+            for ref in done:
+                if ref in self.probes:
+                    self.on_probe(ref)
+                else:
+                    self.on_result(ref)
+        for ref in self.probes:
+            ray.cancel(ref)
+        return self.out  # type: ignore[return-value]
+
+
 class PoolClient:
     """Picklable handle on the evaluator actors: split, send, re-send, gather.
 
     Args:
         actors: handles of the evaluator actors.
         names: their worker names (for messages).
-        max_attempts: sends of one chunk before the call fails (1 = no re-send).
-        restart_timeout_s: how long to wait for a restarting actor when no other is left.
+        max_attempts: deaths of its actor while a candidate is scored alone before that
+            candidate gets a failed result (1: the first such death).
+        restart_timeout_s: how long a call waits for an actor to come back when none is
+            left; then ``EvaluatorsLostError``.
         membership: the pool's ``PoolMembership`` actor; when given, every call first picks
             up actors the pool added since (``EvaluatorPool.refresh``).
     """
@@ -160,9 +443,9 @@ class PoolClient:
 
         The candidates are split into ``min(len(candidates), num_workers)`` balanced chunks,
         the first going to a random actor (so that many small calls from concurrent trials
-        spread over the pool) and the next ones to the following actors. A chunk whose actor
-        dies is re-sent, up to ``max_attempts`` sends in all; errors raised by the evaluator
-        itself are not retried and propagate.
+        spread over the pool) and the next ones to the following actors. The candidates of
+        a chunk whose actor dies are re-sent one at a time (``_Scoring``); errors raised by
+        the evaluator itself are not retried and propagate.
 
         With ``group_prefixes`` (evaluators with a prefix tree) the candidates are sorted by
         their levels first, so that schedules with common leading levels land in the same
@@ -170,8 +453,8 @@ class PoolClient:
         the same: the tree's results are those of each candidate alone).
 
         Raises:
-            RayActorError: a chunk's actors died ``max_attempts`` times.
-            TimeoutError: no result came within ``timeout_s`` seconds.
+            EvaluatorsLostError: no actor answered for ``restart_timeout_s`` seconds.
+            TimeoutError: the results did not all come within ``timeout_s`` seconds.
         """
         candidates = list(candidates)
         if self.group_prefixes and len(candidates) > 1:
@@ -186,60 +469,11 @@ class PoolClient:
 
     def _score(self, candidates: list[Any], seeds: Sequence[int], timeout_s: float | None
                ) -> list[CandidateResult]:
-        """``score`` in the given order."""
+        """``score`` in the given order (``_Scoring`` does the sending and re-sending)."""
         self._sync()
-        chunks = split_balanced(len(candidates), len(self._actors))
-        if not chunks:
+        if not candidates:
             return []
-        out: list[CandidateResult | None] = [None] * len(candidates)
-        first = random.randrange(len(self._actors))
-        died: set[int] = set()
-        pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}
-
-        def send(chunk: int, actor: int, attempt: int) -> None:
-            a, b = chunks[chunk]
-            ref = self._actors[actor].evaluate.remote(candidates[a:b], seeds)
-            pending[ref] = (chunk, actor, attempt)
-
-        for i in range(len(chunks)):
-            send(i, (first + i) % len(self._actors), 1)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
-            if not done:
-                for ref in pending:
-                    ray.cancel(ref)
-                raise TimeoutError(f"no result from the evaluator pool within {timeout_s} s")
-            for ref in done:
-                chunk, actor, attempt = pending.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except RayActorError as e:
-                    died.add(actor)
-                    if attempt >= self.max_attempts:
-                        raise
-                    target = self._next_alive(actor, died)
-                    if target in died:  # no other actor left: wait for Ray's restart
-                        self.wait_ready(target)
-                    a, b = chunks[chunk]
-                    logger.warning(
-                        "evaluator %s died while scoring candidates %d..%d (%s); re-sending "
-                        "them to %s (attempt %d of %d)",
-                        self._names[actor], a, b - 1, type(e).__name__, self._names[target],
-                        attempt + 1, self.max_attempts,
-                    )
-                    self.resends += 1
-                    send(chunk, target, attempt + 1)
-                    continue
-                a, b = chunks[chunk]
-                if len(results) != b - a:
-                    raise RuntimeError(
-                        f"evaluator {self._names[actor]} returned {len(results)} results for "
-                        f"{b - a} candidates"
-                    )
-                out[a:b] = results
-        return out  # type: ignore[return-value]
+        return _Scoring(self, candidates, seeds, timeout_s).run()
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(evaluator, *args, **kwargs)`` in one actor (``EvaluatorActor.call``) and
@@ -248,51 +482,62 @@ class PoolClient:
 
     def run_on_one(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``actor.<method>(*args, **kwargs)`` on one random actor; re-sent to another live
-        actor (or the restarted one, once ready) if it dies, up to ``max_attempts`` sends."""
+        actor (or the restarted one, once ready) if it dies, up to ``max_attempts`` deaths
+        (a send refused because the actor is restarting uses none).
+
+        Raises:
+            RayActorError: the actors died ``max_attempts`` times running it.
+            EvaluatorsLostError: no actor came back within ``restart_timeout_s``.
+        """
         self._sync()
         actor = random.randrange(len(self._actors))
         died: set[int] = set()
         what = getattr(args[0], "__name__", method) if method == "call" and args else method
-        for attempt in range(1, self.max_attempts + 1):
+        deaths = 0
+        while True:
             try:
                 return ray.get(getattr(self._actors[actor], method).remote(*args, **kwargs))
             except RayActorError as e:
                 died.add(actor)
-                if attempt >= self.max_attempts:
-                    raise
+                if not is_refusal(e):
+                    deaths += 1
+                    if deaths >= self.max_attempts:
+                        raise
                 target = self._next_alive(actor, died)
                 if target in died:
                     self.wait_ready(target)
-                logger.warning("evaluator %s died during %s (%s); re-sending it to %s",
-                               self._names[actor], what, type(e).__name__,
-                               self._names[target])
+                    died.discard(target)
+                logger.warning("evaluator %s %s during %s (%s); re-sending it to %s",
+                               self._names[actor],
+                               "was restarting" if is_refusal(e) else "died", what,
+                               type(e).__name__, self._names[target])
                 self.resends += 1
                 actor = target
-        raise AssertionError("unreachable")
 
     def wait_ready(self, actor: int, timeout_s: float | None = None) -> dict[str, Any]:
         """Wait until actor ``actor`` answers ``ready()`` (after a restart, once it has
         rebuilt its evaluator) and return what it reports.
 
-        A restarting actor refuses calls at once (``ActorUnavailableError``), so this polls.
+        A restarting actor refuses calls (``ActorUnavailableError``), so this polls.
 
         Raises:
-            ActorDiedError: the actor is dead for good (no restarts left).
-            TimeoutError: it did not come back within ``timeout_s`` (default
-                ``restart_timeout_s``).
+            EvaluatorsLostError: it did not come back within ``timeout_s`` (default
+                ``restart_timeout_s``), or it is dead for good.
         """
         timeout_s = self.restart_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         pause = 0.05
+        last = "no answer"
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(
-                    f"evaluator {self._names[actor]} did not come back within {timeout_s} s"
-                )
+                raise EvaluatorsLostError(
+                    f"evaluator {self._names[actor]} did not come back within {timeout_s:g} s "
+                    f"({last})")
             try:
                 return ray.get(self._actors[actor].ready.remote(), timeout=left)
-            except ActorUnavailableError:
+            except RayActorError as e:  # restarting (or dead for good: then until timeout)
+                last = type(e).__name__
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                 pause = min(2 * pause, 1.0)
             except GetTimeoutError:
@@ -322,7 +567,8 @@ class EvaluatorPool:
         cpus_per_worker: CPUs reserved by each actor (fractions allowed).
         max_batch, max_wait_s: request merging in each actor (see ``RequestBatcher``).
         max_restarts: restarts Ray grants each actor (-1: unlimited).
-        max_attempts: sends of one chunk before a call fails.
+        max_attempts: deaths of its actor while a candidate is scored alone before that
+            candidate fails (``PoolClient``).
         ready_timeout_s: how long to wait for the actors to load their evaluators.
         reserve_cpus: CPUs left free for trials when ``num_workers`` is derived on CPU.
         name_prefix: worker names are ``f"{name_prefix}-{i}"``.

@@ -14,7 +14,10 @@
   ``on_trial_complete`` later, when the trial function has returned, so every candidate is
   recorded before the searcher learns of it;
 - a trial that errors completes its batch with failed results naming the error
-  (``loop.fail``), so the search and its record go on.
+  (``loop.fail``), so the search and its record go on; except when the error comes from
+  the infrastructure (``pool.is_infrastructure_error``: the evaluators lost, a worker or
+  node died): then nothing of the batch is recorded, no more batches are asked, and the
+  outcome's ``lost`` says why (the engine stops the search; ``--resume`` scores the batch).
 
 Each result crosses from the trial to the driver once, as the ``CandidateResult`` itself.
 
@@ -45,6 +48,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from searchd.distributed.pool import is_infrastructure_error
 from searchd.loop.loop import SearchLoop
 from searchd.loop.scoring import Scorer
 from searchd.schedule import Schedule
@@ -85,6 +89,8 @@ class TuneOutcome:
             record).
         score_cpu_s: CPU seconds each trial's process spent in the scorer (sending the
             candidates, gathering the results), in the order the results came.
+        lost: the error of a trial failed by the infrastructure (the search stopped there,
+            its batch unrecorded); None when there was none.
     """
 
     finished: bool
@@ -95,6 +101,7 @@ class TuneOutcome:
     eval_s: float
     experiment_path: str
     score_cpu_s: tuple[float, ...] = ()
+    lost: str | None = None
 
 
 def best_value(values: Sequence[float | None], mode: str) -> float:
@@ -117,6 +124,7 @@ class LoopSearcher(Searcher):
         super().__init__(metric=loop.metric, mode=loop.searcher.mode)
         self.loop = loop
         self._errored: set[str] = set()  # trials Tune reported errored, their text to come
+        self.lost: str | None = None  # a trial's infrastructure error: ask no more batches
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec: Any) -> bool:
@@ -125,6 +133,8 @@ class LoopSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """``loop.ask``: ``{"candidates": [schedule dicts to score]}``, None or FINISHED."""
+        if self.lost is not None:
+            return FINISHED
         batch = self.loop.ask(trial_id)
         if batch is None or isinstance(batch, str):
             return batch
@@ -149,11 +159,19 @@ class LoopSearcher(Searcher):
             return
         self.loop.tell(trial_id)
 
-    def note_error(self, trial_id: str, error: str) -> None:
+    def note_error(self, trial_id: str, error: str, infrastructure: bool | None = None
+                   ) -> None:
         """An errored trial (from the callback): its batch is recorded as failed, with the
-        error's text, and told."""
+        error's text, and told. An error of the infrastructure is not its candidates': the
+        batch stays unrecorded and the search asks no more (``lost``). ``infrastructure``:
+        whether it is one (None: judged from ``error``)."""
+        if infrastructure is None:
+            infrastructure = is_infrastructure_error(error)
         batch = self.loop.pending.get(trial_id)
-        if batch is not None and batch.results is None:
+        if batch is not None and batch.results is None and infrastructure:
+            if self.lost is None:
+                self.lost = error
+        elif batch is not None and batch.results is None:
             self.loop.fail(trial_id, error)
             self.loop.tell(trial_id)
         self._errored.discard(trial_id)
@@ -193,8 +211,9 @@ def make_trainable(scorer: Scorer, seeds: Sequence[int], metric: str, mode: str
     return score_batch
 
 
-def _error_text(trial: Any) -> str:
-    """The last line of a failed trial's error text (the exception), or a placeholder.
+def _error_text(trial: Any, whole: bool = False) -> str:
+    """The last line of a failed trial's error text (the exception), or a placeholder;
+    ``whole``: all of it.
 
     Tune writes the error next to the trial's local results before calling the callbacks.
     """
@@ -209,6 +228,8 @@ def _error_text(trial: Any) -> str:
             text = None if err is None else str(err)
     except Exception:  # an unreadable error file must not stop the search
         text = None
+    if whole:
+        return text or ""
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1].strip() if lines else "the trial errored (no error text)"
 
@@ -247,7 +268,8 @@ class _LoopCallback(Callback):
         self.n_errored += 1
         error = _error_text(trial)
         logger.error("trial %s errored: %s", trial.trial_id, error)
-        self.searcher.note_error(trial.trial_id, f"trial errored: {error}")
+        self.searcher.note_error(trial.trial_id, f"trial errored: {error}",
+                                 is_infrastructure_error(_error_text(trial, whole=True)))
 
 
 def _trial_name(trial: Any) -> str:
@@ -329,6 +351,7 @@ def run_tune(
         eval_s=callback.eval_s,
         experiment_path=str(grid.experiment_path),
         score_cpu_s=tuple(callback.score_cpu_s),
+        lost=searcher.lost,
     )
 
 

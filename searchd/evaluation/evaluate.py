@@ -5,7 +5,8 @@ reference's factor for the fast Frechet path, the KID reference terms, the noise
 the teacher samples of the seeds it has seen) and scores candidates:
 
 1. Candidates are grouped by (solver, n_steps, final_zero, model schedule or not, guidance
-   schedule or not). A group
+   schedule or not, per-step solver strategy: the strategy itself, or with the prefix tree
+   whether there is one). A group
    of K candidates scored on n seeds is one solver run over K * n rows with per-sample
    sigmas [K * n, N + 1], cut into chunks of ``batch_size`` rows. Row ``k * n + i`` is
    sample i of candidate k and starts from the noise of ``seeds[i]`` (common random
@@ -428,6 +429,7 @@ class Evaluator:
                     sigmas,
                     solver=solver,
                     model_ids=mids,
+                    strategy=schedule.strategy,
                     guidance=guid,
                     cond=row_conditioning(self.denoiser, seeds[a : a + self.batch_size]),
                     **self.solver_options,
@@ -519,6 +521,10 @@ class Evaluator:
                     s, solver, _ = p
                     key = (solver, s.n_steps, s.final_zero, s.model_ids is not None,
                            s.guidance is not None)
+                    if s.strategy is not None:
+                        # One batched solve per per-step strategy; the prefix tree keys
+                        # each step's code itself, so its group holds every strategy.
+                        key = (*key, True if self.prefix_sharing else s.strategy)
                     groups.setdefault(key, []).append(j)
 
             accs: dict[int, _Accumulator] = {}
@@ -600,6 +606,7 @@ class Evaluator:
         guid = None
         if schedules[0].guidance is not None:
             guid = torch.as_tensor(np.stack([s.guidance for s in schedules]), dtype=torch.float64)
+        strategy = schedules[0].strategy  # a group shares its strategy (see _score)
         start = 0
         total = k * n
         while start < total:
@@ -619,7 +626,8 @@ class Evaluator:
                 continue
             idx = torch.as_tensor(rows)
             cand_idx, sample_idx = idx // n, idx % n
-            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs, guid)
+            x = self._solve_rows(solver, noise, sig, mids, cand_idx, sample_idx, js, accs, guid,
+                                 strategy)
             # Hand each candidate its rows (consecutive samples), checking finiteness.
             for c in torch.unique(cand_idx).tolist():
                 acc = accs[js[c]]
@@ -645,6 +653,7 @@ class Evaluator:
         js: list[int],
         accs: dict[int, _Accumulator],
         guid: Tensor | None = None,
+        strategy: tuple[str, ...] | None = None,
     ) -> Tensor | None:
         """Samples of the given rows; a solver error is isolated to the candidates it hits."""
         from searchd.solvers import solve
@@ -660,6 +669,7 @@ class Evaluator:
                     sig[cand_idx[sel]],
                     solver=solver,
                     model_ids=m,
+                    strategy=strategy,
                     guidance=g,
                     cond=row_conditioning(self.denoiser, seeds),
                     **self.solver_options,

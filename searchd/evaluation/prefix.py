@@ -77,6 +77,7 @@ def run_group_tree(
                 guidance=None if guid is None else [guid[c] for c in live],
                 cond=row_conditioning(ev.denoiser, ev._seeds_now[a:b]),
                 stats=stats,
+                strategies=[schedules[c].strategy for c in live],
                 **ev.solver_options,
             )
         except Exception as e:  # noqa: BLE001 - e.g. bad options: every live candidate fails

@@ -212,6 +212,8 @@ def best_json(
         },
         "best_baseline": name_of(baselines[best_base]),
     }
+    if winner.strategy is not None:
+        out["strategy"] = list(winner.strategy)  # the solver's variant per step
     if winner.guidance is not None:
         # The weights per step, and the network passes they cost (a step at w != 1 makes
         # the unconditional call too): searchd.sample runs them, export says where they go.

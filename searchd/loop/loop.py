@@ -114,6 +114,8 @@ class SearchLoop:
         known: candidate id -> stored result (a resumed run's rows): never scored again.
         observers: told of each batch's scoring and recording (``Recorder``, fault hooks).
         first_index: number of this loop's first batch (a resumed run continues the count).
+        wrap_scorer: None, or what every engine scores through instead of its scorer
+            (``searchd.loop.racing.HalvingScorer``: successive halving per batch).
     """
 
     searcher: ScheduleSearcher
@@ -122,6 +124,7 @@ class SearchLoop:
     known: Mapping[str, CandidateResult] = field(default_factory=dict)
     observers: Sequence[Any] = ()
     first_index: int = 0
+    wrap_scorer: Callable[[Scorer], Scorer] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
@@ -135,6 +138,7 @@ class SearchLoop:
         self.n_candidates = 0
         self.n_scored = 0
         self.n_failed = 0
+        self.race: Any = None  # a RaceOutcome (searchd.loop.racing) once raced
 
     # State --------------------------------------------------------------------------------
     @property
@@ -256,6 +260,7 @@ class SearchLoop:
 
         ``between``: called after every batch (the engine's growth step)."""
         done = 0
+        scorer = self.scorer_for(scorer)
         while max_batches is None or done < max_batches:
             key = f"b{self._next_index}"
             batch = self.ask(key)
@@ -274,16 +279,28 @@ class SearchLoop:
                 between()
         return self.outcome()
 
+    def scorer_for(self, scorer: Scorer) -> Scorer:
+        """The scorer an engine scores batches with (``wrap_scorer`` applied)."""
+        return scorer if self.wrap_scorer is None else self.wrap_scorer(scorer)
+
+    def scored(self) -> list[tuple[Schedule, float | None]]:
+        """(schedule, search value) of every candidate the searcher was told of."""
+        return [(Schedule.from_dict(h["schedule"]), h["value"])
+                for h in self.searcher.history]
+
     def outcome(self) -> LoopOutcome:
         return LoopOutcome(self.finished, self.n_batches, self.n_candidates, self.n_scored,
                            self.n_failed)
 
     def best(self) -> tuple[Schedule, CandidateResult] | None:
-        """The best candidate the searcher knows (its ranking: value, then id)."""
+        """The best candidate the searcher knows (its ranking: value, then id), or the
+        race's winner where the top candidates were raced (``searchd.loop.racing``)."""
         best = self.searcher.best
         if best is None:
             return None
         s = best["schedule"]
+        if self.race is not None:
+            s = self.race.winner
         return s, self._results[s.id]
 
 

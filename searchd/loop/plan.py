@@ -33,6 +33,17 @@ def _anchor(anchors: Mapping[str, Schedule] | None, name: str) -> Schedule:
     return anchors[name]
 
 
+def searcher_budget(search: SearchSection) -> int:
+    """The candidates the searcher may score: ``search.budget`` less the race's re-scorings,
+    and with successive halving as many candidates as the same samples pay for
+    (``searchd.loop.racing.search_budget``)."""
+    from searchd.loop.racing import search_budget
+
+    blocks = search.race_blocks
+    return search_budget(int(search.budget), search.race_k, blocks,
+                         search.halving.rungs, search.halving.eta)
+
+
 def _evolution(
     search: SearchSection, space: Space, seeds: Sequence[Schedule], metric: str, mode: str,
     anchors: Mapping[str, Schedule] | None = None,
@@ -54,7 +65,7 @@ def _evolution(
         mutation_num=ev.mutation_num, crossover_num=ev.crossover_num, m_prob=ev.m_prob,
         max_epochs=ev.generations, seed=search.seed, seeds=seeds,
         mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
-        max_candidates=search.budget,
+        max_candidates=searcher_budget(search),
         predictor_top_fraction=pr.top_fraction if screen else None,
         predictor_min_train=pr.min_train,
         predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps,
@@ -69,7 +80,8 @@ def _random(
 ) -> ScheduleSearcher:
     from searchd.searchers.random_search import RandomSearcher
 
-    return RandomSearcher(space, metric, mode, num_samples=search.budget, seed=search.seed,
+    return RandomSearcher(space, metric, mode, num_samples=searcher_budget(search),
+                          seed=search.seed,
                           seeds=seeds)
 
 
@@ -80,7 +92,8 @@ def _bayes(
     from searchd.searchers.bayes import BayesSearcher
 
     return BayesSearcher(
-        space, metric, mode, sampler=search.bayes.sampler, num_samples=search.budget,
+        space, metric, mode, sampler=search.bayes.sampler,
+        num_samples=searcher_budget(search),
         seed=search.seed, seeds=seeds, n_startup_trials=search.bayes.n_startup_trials,
     )
 
@@ -150,15 +163,24 @@ def make_searcher(
     return FACTORIES[name](search, space, baselines, metric, mode, anchors)
 
 
+def _without_strategy(space: Space) -> Space:
+    """The space a solver-schedule space (``StrategySpace``) joins the strategy to (the
+    space itself otherwise)."""
+    if getattr(space, "has_strategy", False):
+        return space.timesteps  # type: ignore[attr-defined]
+    return space
+
+
 def _is_guided(space: Space) -> bool:
     from searchd.schedules.guidance_spaces import GuidedSpace
 
-    return isinstance(space, GuidedSpace)
+    return isinstance(_without_strategy(space), GuidedSpace)
 
 
 def timestep_space(space: Space) -> Space:
-    """The timestep part of a guided space (the space itself otherwise): what the anchors
-    (GITS, LD3) are computed and fitted on."""
+    """The timestep part of a guided or solver-schedule space (the space itself otherwise):
+    what the anchors (GITS, LD3) are computed and fitted on."""
+    space = _without_strategy(space)
     return space.timesteps if _is_guided(space) else space  # type: ignore[attr-defined]
 
 
@@ -181,6 +203,13 @@ def make_space(
     hi = sc.sigma_max if sc.sigma_max is not None else sigma_max
     if sc.kind in ("models", "joint"):
         return _model_space(config, lo, hi, zoo)
+    if sc.strategy:
+        from searchd.schedules.strategy_space import StrategySpace
+
+        inner = make_space(config.model_copy(update={"space": sc.model_copy(
+            update={"strategy": False})}), sigma_min, sigma_max, grid, zoo)
+        return StrategySpace(inner, config.solver.options,  # type: ignore[arg-type]
+                             max_order=sc.max_order)
     if sc.kind == "continuous":
         times: Space = ContinuousSpace(
             config.steps, lo, hi, sc.final_zero, sc.warp, sc.rho,
@@ -306,10 +335,14 @@ def make_baselines(
     baseline is projected onto the grid (nearest free levels in log sigma), and the
     ``discrete`` family uses the space's grid unless it names one. The computed families
     (``gits``, ``ld3``) are taken from ``anchors``. On a model-schedule space the baselines
-    are the single-member schedules that fit the budget.
+    are the single-member schedules that fit the budget; on a solver-schedule space they
+    are the plain solver's (no strategy).
     """
     if config.space.kind in ("models", "joint"):
         return _model_baselines(config, space)
+    if getattr(space, "has_strategy", False):
+        # The plain solver's baselines (no strategy) on the timestep (and guidance) half.
+        return [space.check(b) for b in make_baselines(config, space.timesteps, anchors)]
     if config.space.guidance.kind != "none":
         return guided_baselines(config, space,
                                 make_baselines(_unguided(config), space.timesteps, anchors))

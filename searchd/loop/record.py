@@ -57,7 +57,7 @@ def to_row(
         "metrics": {k: float(v) for k, v in result.metrics.items()},
         "n_samples": int(result.n_samples),
         "seed_base": int(result.seed_base),
-        "fidelity": None,
+        "fidelity": _fidelity(result, metric),
         "status": result.status,
         "error": result.error,
         "wall_s": float(result.wall_s),
@@ -65,6 +65,12 @@ def to_row(
         "node": result.node or socket.gethostname(),
         "time": time or utc_now(),
     }
+
+
+def _fidelity(result: CandidateResult, metric: str) -> int | None:
+    """The halving blocks a pooled result holds (``searchd.loop.racing``), else None."""
+    blocks = sum(1 for k in result.metrics if k.startswith(f"{metric}@block"))
+    return blocks or None
 
 
 def from_row(row: Mapping[str, Any], *, check_id: bool = True

@@ -100,6 +100,7 @@ class Setup:
     first_index: int = 0
     predictor: dict[str, Any] | None = None
     predictor_error: str | None = None
+    race_known: dict[tuple[str, int], CandidateResult] = field(default_factory=dict)
 
 
 Say = Callable[[str], None]
@@ -146,7 +147,7 @@ def run(plan: RunPlan, engine: Engine, say: Say | None = None) -> RunOutcome:
 def search_and_finish(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> RunOutcome:
     """The search stage, the adaptive predictor if any, and the finish stage."""
     loop = search(plan, engine, setup, say)
-    n = loop.n_scored + setup.known_rows
+    n = _evaluations(loop, setup)
     if not loop.finished:
         say(f"searchd: search interrupted; {n} evaluations are stored. Resume with: "
             f"python -m searchd.search --resume {plan.run.location}")
@@ -385,9 +386,12 @@ def _anchors(plan: RunPlan, space: Any, workers: Any, say: Say) -> list[dict[str
 def _restore(run: RunDir, setup: Setup, say: Say) -> None:
     """A resumed run: the searcher from its newest state, its pending candidates asked for
     again, and every stored result (never scored again)."""
+    from searchd.loop.racing import is_race_row, race_known
     from searchd.storage import table_to_rows
 
     rows = table_to_rows(run.read_evaluations())
+    setup.race_known = race_known(rows)  # a race's rows: not search results
+    rows = [r for r in rows if not is_race_row(r)]
     try:
         records = [from_row(r) for r in rows]
     except ValueError as e:
@@ -418,9 +422,13 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
     progress = Progress(gens, total, cfg.metric.name, _stored_baseline_values(setup))
     recorder = Recorder(plan.run, plan.run_id, setup.searcher, progress, say)
     s = cfg.samples
+    from searchd.loop import racing
+
+    h = cfg.search.halving
     loop = SearchLoop(setup.searcher, range(s.seed_base, s.seed_base + s.per_candidate),
                       batch_size=int(cfg.search.candidates_per_trial), known=setup.known,
-                      observers=[recorder], first_index=setup.first_index)
+                      observers=[recorder], first_index=setup.first_index,
+                      wrap_scorer=racing.halving_wrapper(cfg.metric.name, h.rungs, h.eta))
     workers = setup.workers
 
     def between() -> None:
@@ -434,6 +442,13 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
     engine.drive(loop, workers, name=f"searchd-{plan.run_id}", between=between)
     logger.info("search done: %d candidates scored in %d batches", loop.n_scored,
                 loop.n_batches)
+    if loop.finished and cfg.search.race_k:
+        racing.run_race(loop, workers, top_k=cfg.search.race_k,
+                        blocks=racing.race_blocks(s.seed_base, s.per_candidate,
+                                                  cfg.search.race_blocks),
+                        run=plan.run, run_id=plan.run_id, known=setup.race_known, say=say)
+    elif loop.finished and racing.skip_reason(cfg.search):
+        logger.info("racing skipped: %s", racing.skip_reason(cfg.search))
     return loop
 
 
@@ -534,16 +549,20 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     out = fin.best_json(
         run_id=plan.run_id, model=model_label(cfg), cfg=cfg, winner=winner,
         winner_result=winner_result, baselines=baselines, baseline_values=values,
-        best_base=best_base, held=held, evaluations=loop.n_scored + setup.known_rows,
+        best_base=best_base, held=held, evaluations=_evaluations(loop, setup),
         anchor_results=setup.anchor_results, zoo=setup.zoo, space=setup.space,
         sigma_grid=setup.facts.get("sigma_grid"),
     )
     if cfg.search.algorithm == "adaptive":
         out["adaptive"] = _adaptive_json(cfg, setup, final.get("adaptive"))
+    if loop.race is not None:
+        out["racing"] = loop.race.to_json(metric)
     run.write_text(BEST_FILE, json.dumps(out, indent=2) + "\n")
     if cfg.report.plots:
+        from searchd.loop.racing import is_race_row
+
         rows = [r for r in table_to_rows(run.read_evaluations())
-                if r["status"] == "ok" and r["value"] is not None]
+                if r["status"] == "ok" and r["value"] is not None and not is_race_row(r)]
         fin.write_plots(run, winner, baselines, best_base, rows, values, final["images"],
                         metric, cfg.nfe)
     for line in fin.summary_lines(out):
@@ -551,6 +570,12 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
     if "adaptive" in out and out["adaptive"].get("status") == "ok":
         say(f"  load it beside your sampler: {run.display(out['adaptive']['torchscript'])}")
     return out
+
+
+def _evaluations(loop: SearchLoop, setup: Setup) -> int:
+    """Evaluations of the run: the search's and the race's re-scorings (stored or new)."""
+    raced = 0 if loop.race is None else loop.race.scored
+    return loop.n_scored + setup.known_rows + len(setup.race_known) + raced
 
 
 def _value(loop: SearchLoop, schedule: Schedule, metric: str) -> float | None:

@@ -217,7 +217,9 @@ class EvolutionSearcher(ScheduleSearcher):
         values = [self.loss(h["value"]) for h in ranked]
         warm = self._pred_weights if self.predictor_config.warm_steps > 0 else None
         pred = SchedulePredictor(int(getattr(self.space, "n_models", 1)), self.seed,
-                                 self.predictor_config).fit(train, values, round=g, init=warm)
+                                 self.predictor_config,
+                                 strategies=bool(getattr(self.space, "has_strategy", False))
+                                 ).fit(train, values, round=g, init=warm)
         if self.predictor_config.warm_steps > 0:
             self._pred_weights = pred.weights()
         scores = pred.score(pool)

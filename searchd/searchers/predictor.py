@@ -7,6 +7,10 @@ Architecture (OMS-DPM, section 4): each step of a schedule is a token made of
 - a sinusoidal encoding of the step's two noise levels (log sigma of the start and of the
   end of the step; the final 0 is encoded as log of the smallest positive level seen),
 
+- with ``strategies`` (a solver-schedule space, ``searchd.schedules.strategy_space``), the
+  step's solver choice: its multistep order one-hot and its corrector flag (a schedule
+  without a strategy has the plain solver's own choices),
+
 a GRU over the steps (from the highest noise to the lowest), and an MLP head on its last
 hidden state giving one score per schedule (lower = predicted better).
 
@@ -67,10 +71,11 @@ def _one_thread() -> Iterator[None]:
 
 
 class _Net(nn.Module):
-    def __init__(self, n_models: int, cfg: PredictorConfig) -> None:
+    def __init__(self, n_models: int, cfg: PredictorConfig, extra: int = 0) -> None:
         super().__init__()
         self.embed = nn.Embedding(n_models, cfg.embed_dim)
-        self.gru = nn.GRU(cfg.embed_dim + 4 * cfg.time_freqs, cfg.hidden, batch_first=True)
+        self.gru = nn.GRU(cfg.embed_dim + 4 * cfg.time_freqs + extra, cfg.hidden,
+                          batch_first=True)
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
                                   nn.Linear(cfg.hidden, 1))
 
@@ -87,10 +92,11 @@ class SchedulePredictor:
         n_models: zoo size (1 for plain timestep schedules).
         seed: base seed; ``fit(..., round=r)`` seeds the network with (seed, r).
         config: sizes and training (``PredictorConfig``).
+        strategies: the tokens carry each step's solver choice (order, corrector).
     """
 
-    def __init__(self, n_models: int, seed: int = 0, config: PredictorConfig | None = None
-                 ) -> None:
+    def __init__(self, n_models: int, seed: int = 0, config: PredictorConfig | None = None,
+                 strategies: bool = False) -> None:
         if n_models < 1:
             raise ValueError(f"n_models = {n_models}; it must be >= 1")
         self.n_models = int(n_models)
@@ -98,6 +104,26 @@ class SchedulePredictor:
         self.cfg = config or PredictorConfig()
         self.net: _Net | None = None
         self.n_train = 0
+        self.strategies = bool(strategies)
+
+    @property
+    def _extra(self) -> int:
+        from searchd.solvers.strategy import MAX_ORDER
+
+        return MAX_ORDER + 1 if self.strategies else 0
+
+    def _strategy_features(self, schedules: Sequence[Schedule]) -> np.ndarray:
+        """[B, N, MAX_ORDER + 1]: each step's order one-hot and its corrector flag."""
+        from searchd.solvers.strategy import MAX_ORDER, default_strategy, parse_code
+
+        out = np.zeros((len(schedules), schedules[0].n_steps, MAX_ORDER + 1), np.float64)
+        for b, s in enumerate(schedules):
+            codes = s.strategy or default_strategy(s.solver, s.n_steps, s.final_zero)
+            for i, c in enumerate(codes):
+                order, corr = parse_code(s.solver, c, i)
+                out[b, i, order - 1] = 1.0
+                out[b, i, MAX_ORDER] = float(corr)
+        return out
 
     # Encoding -----------------------------------------------------------------------------
     def encode(self, schedules: Sequence[Schedule]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +136,8 @@ class SchedulePredictor:
         freqs = 2.0 ** np.arange(self.cfg.time_freqs) / 8.0
         ang = pair[..., None] * freqs  # [B, N, 2, F]
         enc = np.concatenate([np.sin(ang), np.cos(ang)], axis=-1).reshape(*pair.shape[:2], -1)
+        if self.strategies:
+            enc = np.concatenate([enc, self._strategy_features(schedules)], axis=-1)
         ids = np.stack([
             np.zeros(s.n_steps, np.int64) if s.model_ids is None else s.model_ids
             for s in schedules
@@ -133,7 +161,7 @@ class SchedulePredictor:
         torch_gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = _Net(self.n_models, self.cfg)
+            net = _Net(self.n_models, self.cfg, self._extra)
         if init is not None:
             net.load_state_dict(_tensors(init))
         ids, times = self.encode(scheds)

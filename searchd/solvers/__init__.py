@@ -47,6 +47,7 @@ def solve(
     model_ids: Tensor | np.ndarray | Any | None = None,
     guidance: Tensor | np.ndarray | Any | None = None,
     cond: dict[str, Tensor] | None = None,
+    strategy: Any = None,
     **opts: Any,
 ) -> Tensor:
     """Sample along a schedule.
@@ -67,6 +68,9 @@ def solve(
             denoisers accept it (``searchd.models.conditional.supports_guidance``).
         cond: None, or per-row denoiser keywords {name: tensor [B, ...]} passed to every
             call unchanged (``sample_index``: the row's seed, which picks its class/prompt).
+        strategy: None, or the solver's choice per step, one code per step [N]
+            (``searchd.solvers.strategy``: ``"2"``, ``"3"``, ``"2c"``, ...); it replaces
+            the solver's own rule for the multistep order (and UniPC's corrector).
         **opts: the solver's options (``SOLVERS[solver].options``).
 
     Returns:
@@ -74,7 +78,8 @@ def solve(
     """
     spec = get(solver)
     options = spec.resolve(opts)
-    traj = trajectory(denoiser, noise, sigmas, model_ids, guidance, cond)
+    traj = trajectory(denoiser, noise, sigmas, model_ids, guidance, cond,
+                      strategy=strategy, solver=solver)
     x = noise * traj.sigmas[:, 0].to(noise.dtype).reshape((-1,) + (1,) * (noise.ndim - 1))
     return spec.fn(traj, x, **options)
 

@@ -38,6 +38,8 @@ class Trajectory:
         dtype: dtype of the samples (and of the sigma handed to the denoiser).
         n_steps: steps N.
         policy: the ``SchedulePolicy`` choosing the levels, or None (fixed schedule).
+        strategy: the per-step solver strategy (``searchd.solvers.strategy.Strategy``),
+            or None (the solver's own choices).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class Trajectory:
         policy: Any = None,
         guidance: Tensor | None = None,
         cond: dict[str, Tensor] | None = None,
+        strategy: Any = None,
     ) -> None:
         self.denoiser = denoiser
+        self.strategy = strategy
         self.model_ids = model_ids
         self.guidance = guidance
         self.cond = dict(cond or {})
@@ -306,8 +310,13 @@ def trajectory(
     model_ids: Any,
     guidance: Any = None,
     cond: Any = None,
+    *,
+    strategy: Any = None,
+    solver: str | None = None,
 ) -> Trajectory:
-    """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy)."""
+    """Check everything ``solve`` receives and bundle it (``sigmas`` may be a policy).
+
+    ``strategy``: per-step codes of ``solver`` (``searchd.solvers.strategy``), or None."""
     from searchd.solvers.policy import SchedulePolicy
 
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
@@ -335,6 +344,12 @@ def trajectory(
             g = check_guidance(guidance, batch, sig.shape[1] - 1, noise.device)
         traj = Trajectory(denoiser, sig, ids, final_zero, noise.dtype, guidance=g,
                           cond=check_cond(cond, batch))
+    if strategy is not None:
+        from searchd.strategy_codes import resolve
+
+        if solver is None:
+            raise ValueError("a per-step strategy needs the solver it is a strategy of")
+        traj.strategy = resolve(solver, strategy, traj.n_steps, traj.final_zero)
     traj.begin(noise)
     return traj
 

@@ -56,15 +56,19 @@ class DPMpp2M(Stepper):
         if traj.final_zero and i == traj.n_steps - 1:
             # Step to sigma = 0: the data prediction.
             return state.moved(state.denoised[0])
+        order = self.order_at(traj, state)
+        if order > 2:
+            # Third-order step of a per-step strategy: DPM-Solver++(3M)'s.
+            return _exponential_adams_step(traj, state, order)
         sig, lam = traj.sigmas, traj.lam
         h = lam[:, i + 1] - lam[:, i]
         ratio = sig[:, i + 1] / sig[:, i]
         m0 = -torch.expm1(-h)
-        if len(state.denoised) == 1:
+        if order == 1:
             # First-order step (DDIM).
             return state.moved(combine([(ratio, x), (m0, state.denoised[0])]))
         # Second-order multistep step.
-        denoised, denoised_prev = state.denoised
+        denoised, denoised_prev = state.denoised[:2]
         half_inv_r = 0.5 * h / (lam[:, i] - lam[:, i - 1])
         return state.moved(
             combine(
@@ -85,17 +89,21 @@ class ExponentialAdams(Stepper):
         self.history = order
 
     def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
-        i, history = state.step, state.denoised
-        if traj.final_zero and i == traj.n_steps - 1:
+        if traj.final_zero and state.step == traj.n_steps - 1:
             # Step to sigma = 0: the data prediction.
-            return state.moved(history[0])
-        sig, lam = traj.sigmas, traj.lam
-        k = len(history)
-        h = lam[:, i + 1] - lam[:, i]
-        nodes = [lam[:, i - j] - lam[:, i] for j in range(k)]
-        weights = lagrange_weights(nodes, kernel_moments(h, k))
-        # Exponential multistep step.
-        return state.moved(combine([(sig[:, i + 1] / sig[:, i], state.x), *zip(weights, history)]))
+            return state.moved(state.denoised[0])
+        return _exponential_adams_step(traj, state, self.order_at(traj, state))
+
+
+def _exponential_adams_step(traj: Trajectory, state: SolverState, k: int) -> SolverState:
+    """The exponential Adams step of order ``k`` from an observed state (not to sigma = 0)."""
+    i, history = state.step, state.denoised[:k]
+    sig, lam = traj.sigmas, traj.lam
+    h = lam[:, i + 1] - lam[:, i]
+    nodes = [lam[:, i - j] - lam[:, i] for j in range(k)]
+    weights = lagrange_weights(nodes, kernel_moments(h, k))
+    # Exponential multistep step.
+    return state.moved(combine([(sig[:, i + 1] / sig[:, i], state.x), *zip(weights, history)]))
 
 
 class UniPC(Stepper):
@@ -118,7 +126,10 @@ class UniPC(Stepper):
         self.lower_order_final = lower_order_final
 
     def step_order(self, traj: Trajectory, i: int) -> int:
-        """Order p of the predictor of step i."""
+        """Order p of the predictor of step i (a per-step strategy's where there is one)."""
+        strategy = getattr(traj, "strategy", None)
+        if strategy is not None:
+            return min(strategy.orders[i], i + 1)
         p = min(self.order, i + 1)
         if self.lower_order_final and traj.n_steps < UNIPC_LOWER_ORDER_FINAL_BELOW:
             p = min(p, traj.n_steps - i)
@@ -127,9 +138,12 @@ class UniPC(Stepper):
     def observe(self, traj: Trajectory, state: SolverState) -> SolverState:
         i = state.step
         denoised = traj.denoise(state.x, i)
-        observed = state.with_evaluation(denoised, self.history)
+        observed = state.with_evaluation(denoised, self.keep(traj))
         if (traj.final_zero and i == traj.n_steps - 1) or state.previous is None:
             return observed
+        strategy = getattr(traj, "strategy", None)
+        if strategy is not None and not strategy.correctors[i - 1]:
+            return observed  # the strategy has no corrector after step i-1
         # UniC corrector of the step i-1 -> i, with the new evaluation.
         p_prev = self.step_order(traj, i - 1)
         x = _unipc_update(

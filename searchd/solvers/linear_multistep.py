@@ -65,8 +65,8 @@ class IPNDM(Stepper):
 
     def advance(self, traj: Trajectory, state: SolverState) -> SolverState:
         i, sig = state.step, traj.sigmas
-        residuals = _residuals(state)
-        k = len(residuals)
+        k = self.order_at(traj, state)
+        residuals = _residuals(state)[:k]
         dsig = sig[:, i + 1] - sig[:, i]
         if self.variable_step:
             nodes = [sig[:, i - j] - sig[:, i] for j in range(k)]
@@ -97,8 +97,8 @@ class DEIS(Stepper):
         u = torch.sqrt(t)
         if traj.final_zero:
             u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
-        residuals = _residuals(state)
-        k = len(residuals)
+        k = self.order_at(traj, state)
+        residuals = _residuals(state)[:k]
         if k == 1:
             coeffs = [sig[:, i + 1] - sig[:, i]]
         else:

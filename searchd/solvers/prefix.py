@@ -72,18 +72,24 @@ class PrefixStats:
 def step_inputs(traj: Trajectory, k: int) -> tuple[np.ndarray, ...]:
     """What step ``k`` of a trajectory hands the solver and the denoiser, apart from the state.
 
-    The level ``sigma_k`` [B] and, when present, the step's models [B] and guidance weights
-    [B]. A new per-step input of ``Trajectory`` (a per-step solver strategy) must be added
-    here, or schedules differing only in it would be taken as one prefix
-    (``tests/test_prefix.py`` checks that the trajectory holds nothing unlisted). The
-    per-row keywords ``cond`` are not keyed: they are the same for every step and every
-    schedule of a tree (one argument of ``solve_prefix_tree``).
+    The level ``sigma_k`` [B] and, when present, the step's models [B], guidance weights
+    [B] and the solver strategy's code of the step arriving at level k. A new per-step
+    input of ``Trajectory`` must be added here, or schedules differing only in it would be
+    taken as one prefix (``tests/test_prefix.py`` checks that the trajectory holds nothing
+    unlisted). The per-row keywords ``cond`` are not keyed: they are the same for every step
+    and every schedule of a tree (one argument of ``solve_prefix_tree``).
     """
     cols: list[np.ndarray] = [traj.sigmas[:, k].detach().cpu().numpy()]
     if traj.model_ids is not None and k < traj.n_steps:
         cols.append(traj.model_ids[:, k].cpu().numpy())
     if traj.guidance is not None and k < traj.n_steps:
         cols.append(traj.guidance[:, k].cpu().numpy())
+    if traj.strategy is not None:
+        # The per-step strategy of the step that arrives at level k (its order and
+        # corrector make the state there); a marker at level 0 (a strategy keeps a longer
+        # history than the plain solver, so the two never share a state).
+        code = traj.strategy.key(k - 1) if k > 0 else b"strategy"
+        cols.append(np.frombuffer(code, dtype=np.uint8))
     return tuple(cols)
 
 
@@ -102,6 +108,7 @@ def solve_prefix_tree(
     guidance: Sequence[Tensor | np.ndarray | None] | None = None,
     cond: dict[str, Tensor] | None = None,
     stats: PrefixStats | None = None,
+    strategies: Sequence[Sequence[str] | None] | None = None,
     **opts: Any,
 ) -> list[Tensor | Exception]:
     """Sample every schedule on the same noise, integrating each shared prefix once.
@@ -117,6 +124,8 @@ def solve_prefix_tree(
             none None), as ``solve``'s ``guidance``.
         cond: per-row denoiser keywords {name: [B, ...]} shared by every schedule, as
             ``solve``'s ``cond``.
+        strategies: None, or per schedule None or its per-step strategy codes [N]
+            (``searchd.solvers.strategy``); part of the prefix keys.
         stats: if given, the work done is added to it.
 
     Returns:
@@ -142,9 +151,13 @@ def solve_prefix_tree(
         raise ValueError(f"{len(guidance)} guidance schedules for {len(schedules)} schedules")
     if len({g is None for g in guidance}) > 1:
         raise ValueError("guidance must be given for every schedule or for none")
+    if strategies is None:
+        strategies = [None] * len(schedules)
+    if len(strategies) != len(schedules):
+        raise ValueError(f"{len(strategies)} strategies for {len(schedules)} schedules")
     trajs = [
-        trajectory(denoiser, noise, s, m, g, cond)
-        for s, m, g in zip(schedules, model_ids, guidance)
+        trajectory(denoiser, noise, s, m, g, cond, strategy=k, solver=solver)
+        for s, m, g, k in zip(schedules, model_ids, guidance, strategies)
     ]
     n_steps, final_zero = trajs[0].n_steps, trajs[0].final_zero
     for c, t in enumerate(trajs):

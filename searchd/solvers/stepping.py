@@ -81,7 +81,25 @@ class Stepper(ABC):
 
     def observe(self, traj: Trajectory, state: SolverState) -> SolverState:
         """Step i's first denoiser call, ``D(x_i, sigma_i)`` (reads no level beyond i)."""
-        return state.with_evaluation(traj.denoise(state.x, state.step), self.history)
+        return state.with_evaluation(traj.denoise(state.x, state.step), self.keep(traj))
+
+    # Per-step strategies (searchd.solvers.strategy) -----------------------------------------
+    def keep(self, traj: Trajectory) -> int:
+        """How many data predictions to carry: the solver's history, or with a per-step
+        strategy the longest any strategy uses (the same for every strategy, so schedules
+        that share a prefix share its state)."""
+        if getattr(traj, "strategy", None) is None:
+            return self.history
+        from searchd.strategy_codes import MAX_ORDER
+
+        return max(self.history, MAX_ORDER)
+
+    def order_at(self, traj: Trajectory, state: SolverState) -> int:
+        """The multistep order of step i: the strategy's where the trajectory has one,
+        else the solver's (``history``), never more than the predictions held."""
+        strategy = getattr(traj, "strategy", None)
+        want = self.history if strategy is None else strategy.orders[state.step]
+        return min(want, len(state.denoised))
 
     @abstractmethod
     def advance(self, traj: Trajectory, state: SolverState) -> SolverState:

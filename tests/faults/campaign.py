@@ -50,17 +50,25 @@ def strip(obj: Any) -> Any:
     return obj
 
 
+def row_key(row: dict[str, Any]) -> str:
+    """A row's identity: its candidate id, and for a race's re-scoring of a candidate on a
+    fresh seed block (``searchd.loop.racing``, trial ``race/<block>/<rank>``) the block."""
+    if str(row.get("trial_id") or "").startswith("race/"):
+        return f"{row['candidate_id']}@race{row['fidelity']}"
+    return str(row["candidate_id"])
+
+
 def compare(run: str | Path, reference: str | Path) -> dict[str, Any]:
     """Rows lost and duplicated in ``run`` against the uninterrupted ``reference`` (by
     candidate id), rows whose sigmas or metrics differ, and whether the two best.json are
     equal (less times and places)."""
     got, ref = rows(run), rows(reference)
-    count = Counter(r["candidate_id"] for r in got)
-    ref_ids = {r["candidate_id"] for r in ref}
-    by_id = {r["candidate_id"]: r for r in got}
-    differ = [r["candidate_id"] for r in ref if r["candidate_id"] in by_id and (
-        by_id[r["candidate_id"]]["sigmas"] != r["sigmas"]
-        or by_id[r["candidate_id"]]["metrics"] != r["metrics"])]
+    count = Counter(row_key(r) for r in got)
+    ref_ids = {row_key(r) for r in ref}
+    by_id = {row_key(r): r for r in got}
+    differ = [row_key(r) for r in ref if row_key(r) in by_id and (
+        by_id[row_key(r)]["sigmas"] != r["sigmas"]
+        or by_id[row_key(r)]["metrics"] != r["metrics"])]
     best_a = json.loads((Path(run) / "best.json").read_text())
     best_b = json.loads((Path(reference) / "best.json").read_text())
     return {

@@ -70,7 +70,9 @@ def test_driver_killed_during_the_heldout_phase(tmp_path, in_repo, one_thread):
     killed_run(TINY, run, "during_heldout")
     assert not (run / "best.json").exists()
     parts = sorted(os.listdir(run / "evaluations"))
-    assert len(parts) == 3  # every generation stored before the held-out phase
+    # Every generation, and the race's block (search.racing, on by default), stored before
+    # the held-out phase.
+    assert len(parts) == 4
     assert main(["--resume", str(run), *LOCAL]) == 0
     assert sorted(os.listdir(run / "evaluations")) == parts  # nothing scored again
     assert main([*TINY, *LOCAL, "--run-dir", str(ref)]) == 0
