@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -487,39 +488,53 @@ def case_long(work: Path, candidates: int) -> dict[str, Any]:
             "--set", "metric.reference=exact:500",
             "--set", "report.plots=false", "--engine", "local", "--quiet",
             "--run-dir", str(run)]
-    t0 = time.monotonic()
+    def children_cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    c0, t0 = children_cpu(), time.monotonic()
     p = subprocess.Popen([PY, "-m", "searchd.search", *args], cwd=REPO, env=env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, int | None, int]] = []
     while p.poll() is None:
-        parts = len(list((run / "evaluations").glob("part-*.parquet"))) \
+        # Part files on disk (during a compaction: the new part and those it merged).
+        parts = sum(1 for f in (run / "evaluations").glob("part-*.parquet")) \
             if (run / "evaluations").is_dir() else 0
         samples.append((time.monotonic() - t0, rss_kib(p.pid), parts))
         time.sleep(1.0)
     stdout, stderr = p.communicate()
-    wall = time.monotonic() - t0
-    t1 = time.monotonic()
+    wall, search_cpu = time.monotonic() - t0, children_cpu() - c0
+    c1, t1 = children_cpu(), time.monotonic()
     rep = subprocess.run([PY, "-m", "searchd.report", str(run)], cwd=REPO, env=env(),
                          capture_output=True, text=True)
-    report_s = time.monotonic() - t1
+    report_s, report_cpu = time.monotonic() - t1, children_cpu() - c1
+    c2 = children_cpu()
     rc_resume, err_resume, resume_s = search(["--resume", str(run), "--engine", "local",
                                               "--quiet"])
+    resume_cpu = children_cpu() - c2
+    from searchd.storage import RunDir
+
     stored = rows(run) if (run / "evaluations").is_dir() else []
     ids = [r["candidate_id"] for r in stored]
     rss = [r for _, r, _ in samples if r]
-    n_parts = samples[-1][2] if samples else 0
+    parts_max = max((n for _, _, n in samples), default=0)
+    n_parts = len(RunDir(str(run)).list_parts())
     tenth = max(1, len(rss) // 10)
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return row("7 long run", f"random search, {candidates} candidates x 16 samples, local engine",
                "RSS bounded, part count stated, report and resume < 10 s",
-               f"exit {p.returncode} in {wall:.0f} s; {len(stored)} rows "
-               f"({len(ids) - len(set(ids))} duplicated); driver RSS first-10% max "
-               f"{max(rss[:tenth], default=0) / 1024:.0f} MiB, last-10% max "
+               f"exit {p.returncode} in {wall:.0f} s wall, {search_cpu:.0f} s CPU; "
+               f"{len(stored)} rows ({len(ids) - len(set(ids))} duplicated); driver RSS "
+               f"first-10% max {max(rss[:tenth], default=0) / 1024:.0f} MiB, last-10% max "
                f"{max(rss[-tenth:], default=0) / 1024:.0f} MiB, overall max "
-               f"{max(rss, default=0) / 1024:.0f} MiB; {n_parts} parts; report {report_s:.1f} s "
-               f"(exit {rep.returncode}); finished-run resume {resume_s:.1f} s (exit {rc_resume})",
+               f"{max(rss, default=0) / 1024:.0f} MiB; parts: at most {parts_max} on disk, "
+               f"{n_parts} at the end; report {report_s:.1f} s wall, {report_cpu:.1f} s CPU "
+               f"(exit {rep.returncode}); finished-run resume {resume_s:.1f} s wall, "
+               f"{resume_cpu:.1f} s CPU (exit {rc_resume}); load average {load}",
                None, p.returncode == 0 and rep.returncode == 0 and rc_resume == 0,
                "python -m searchd.search " + " ".join(args[:-2]),
                rss_series=[(round(t), r) for t, r, _ in samples[:: max(1, len(samples) // 40)]],
+               parts_series=[(round(t), n) for t, _, n in samples[:: max(1, len(samples) // 40)]],
                stderr=stderr[-500:], resume_err=err_resume[-300:])
 
 

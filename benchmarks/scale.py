@@ -1,7 +1,8 @@
 """The driver's side of a large cluster, simulated: candidates/s against 8, 64 and 256 workers.
 
     python benchmarks/scale.py [--workers 8,64,256] [--latency 1.0] [--batches 6]
-        [--processes 8] [--out FILE.md]
+        [--processes 8] [--predictor on|off] [--set KEY=VALUE ...] [--suggest 256]
+        [--out FILE.md]
 
 A cluster of 256 GPUs cannot be had here; its driver can. Everything on the driver's side
 is the real code: the quickstart's evolutionary searcher (with its predictor pre-screen) on
@@ -21,6 +22,9 @@ the ideal rate is ``workers / latency``. Reported per size: sustained candidates
 batches after the first (Tune's start-up left out), the ideal rate, and the driver's time
 per batch: searcher suggest (``loop.ask``), Parquet append, searcher state write, and the
 rest (Tune, the trial's sends and gathers, results crossing to the driver).
+``--suggest W`` also times the evolution's suggest alone, in-process, per generation (the
+predictor's fit, the variation, the rest); ``--set search.predictor.warm_steps=0`` gives the
+searcher as it was before its refits were warm-started.
 """
 
 from __future__ import annotations
@@ -129,8 +133,10 @@ class Timed:
 
 
 def simulate(workers: int, latency: float, batches: int, processes: int, scratch: Path,
-             samples: int = 2000, predictor: bool = True) -> dict[str, Any]:
-    """One search of ``batches`` generations of ``workers`` candidates on stand-ins."""
+             samples: int = 2000, predictor: bool = True, sets: Sequence[str] = ()
+             ) -> dict[str, Any]:
+    """One search of ``batches`` generations of ``workers`` candidates on stand-ins
+    (``sets``: more configuration overrides, ``KEY=VALUE``)."""
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"search.evolution.population_num={workers}",
         f"search.evolution.select_num={max(1, workers // 4)}",
@@ -139,6 +145,7 @@ def simulate(workers: int, latency: float, batches: int, processes: int, scratch
         f"search.evolution.generations={batches}",
         f"samples.per_candidate={samples}",
         f"search.predictor.enabled={str(predictor).lower()}",
+        *sets,
     ])
     space = make_space(cfg, SIGMA_MIN, SIGMA_MAX)
     baselines = make_baselines(cfg, space)
@@ -231,6 +238,69 @@ def predictor_fits(sizes: Sequence[int], repeats: int = 2) -> list[dict[str, Any
     return out
 
 
+def suggest_costs(workers: int, generations: int = 5, sets: Sequence[str] = ()
+                  ) -> list[dict[str, float]]:
+    """CPU seconds of the evolution's suggest per generation, in-process (no Ray, no Tune):
+    the quickstart's searcher at ``population_num = workers`` on the stand-ins' landscape,
+    split into the predictor's fit, the pool's variation (mutants, children, random fill)
+    and the rest (scoring the pool, bookkeeping)."""
+    from searchd.searchers import predictor as pm
+    from searchd.searchers.evolution import EvolutionSearcher
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"search.evolution.population_num={workers}",
+        f"search.evolution.select_num={max(1, workers // 4)}",
+        f"search.evolution.mutation_num={workers // 2}",
+        f"search.evolution.crossover_num={workers // 4}",
+        f"search.evolution.generations={generations}", *sets])
+    space = make_space(cfg, SIGMA_MIN, SIGMA_MAX)
+    searcher = make_searcher(cfg.search, space, make_baselines(cfg, space), cfg.metric.name,
+                             cfg.mode, {})
+    spent = {"fit": 0.0, "vary": 0.0}
+
+    def timed(cls: Any, name: str, key: str) -> Callable[[], None]:
+        fn = getattr(cls, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            c0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.process_time() - c0
+
+        setattr(cls, name, wrapper)
+        return lambda: setattr(cls, name, fn)
+
+    undo = [timed(pm.SchedulePredictor, "fit", "fit"),
+            timed(EvolutionSearcher, "_vary", "vary")]
+    out = []
+    try:
+        for g in range(generations):
+            spent.update(fit=0.0, vary=0.0)
+            c0 = time.process_time()
+            keys = []
+            while True:
+                key = f"g{g}-{len(keys)}"
+                s = searcher.ask(key)
+                if s is None or isinstance(s, str):
+                    break
+                keys.append((key, s))
+            total = time.process_time() - c0
+            for key, s in keys:
+                lv = np.log(np.asarray(s.sigmas[:-1], np.float64))
+                target = np.linspace(np.log(SIGMA_MAX), np.log(SIGMA_MIN), len(lv))
+                searcher.tell(key, float(np.mean((lv - target) ** 2)))
+            out.append({"generation": g, "candidates": len(keys), "suggest_cpu_s": total,
+                        "fit_cpu_s": spent["fit"], "vary_cpu_s": spent["vary"],
+                        "other_cpu_s": total - spent["fit"] - spent["vary"]})
+            print(f"suggest at {workers} workers, generation {g}: {total:.2f} s CPU (fit "
+                  f"{spent['fit']:.2f}, variation {spent['vary']:.2f})", flush=True)
+    finally:
+        for u in undo:
+            u()
+    return out
+
+
 def load_average() -> str:
     try:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -249,10 +319,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--profile", type=Path, help="cProfile the driver into this file")
     ap.add_argument("--fits", default="", help="also time one predictor fit on these "
                     "numbers of scored candidates, before/after (e.g. 256,1280,2560)")
+    ap.add_argument("--suggest", type=int, default=0, help="also time the evolution's "
+                    "suggest in-process (no Ray) at this many workers, per generation")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a configuration override for the searcher, e.g. "
+                    "search.predictor.warm_steps=0 (every fit from scratch, as before)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.workers.split(",") if x]
     fits = predictor_fits([int(x) for x in args.fits.split(",") if x]) if args.fits else []
+    suggest = suggest_costs(args.suggest, args.batches, args.sets) if args.suggest else []
     scratch = Path(tempfile.mkdtemp(prefix="searchd-scale-"))
     if sizes:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
@@ -267,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 prof = cProfile.Profile()
                 prof.enable()
             r = simulate(w, args.latency, args.batches, args.processes, scratch,
-                         predictor=args.predictor == "on")
+                         predictor=args.predictor == "on", sets=args.sets)
             if prof is not None:
                 prof.disable()
                 prof.dump_stats(f"{args.profile}.{w}")
@@ -311,6 +387,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                "| ---: | ---: | ---: | ---: |"]
         md += [f"| {f['n']} | {f['all rows']:.2f} | {f['drawn rows']:.2f} | "
                f"{f['all rows'] / f['drawn rows']:.2f}x |" for f in fits]
+    if suggest:
+        md += ["", f"The evolution's suggest alone at {args.suggest} workers (in-process, no Ray "
+               "or Tune; the stand-ins' landscape), CPU seconds per generation (generation 1's "
+               "fit is the first, from scratch, with torch's optimizer imports):", "",
+               "| generation | candidates | suggest s | predictor fit s | variation s | other s |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        md += [f"| {s['generation']} | {s['candidates']} | {s['suggest_cpu_s']:.2f} | "
+               f"{s['fit_cpu_s']:.2f} | {s['vary_cpu_s']:.2f} | {s['other_cpu_s']:.2f} |"
+               for s in suggest]
     text = "\n".join(md) + "\n"
     print(text)
     if args.out is not None:

@@ -195,12 +195,12 @@ def search(
         StorageError: the run directory cannot be written or read.
         LockError: another search holds the run.
     """
+    plan = _plan(config, overrides, run_dir, resume, force)
+    if plan.finished:  # before the imports of a search (torch): a resume of a finished run
+        return _finished(plan, progress)
     from searchd.loop import stages
     from searchd.loop.checks import preflight
 
-    plan = _plan(config, overrides, run_dir, resume, force)
-    if plan.finished:
-        return _finished(plan, progress)
     eng = _engine(engine, address, progress)
     on_cluster = engine == "ray" and bool(eng.address)  # type: ignore[attr-defined]
     preflight(plan.cfg, on_cluster=on_cluster)

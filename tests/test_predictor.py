@@ -93,3 +93,69 @@ def test_state_round_trip_with_the_predictor():
 def test_bad_top_fraction_is_refused():
     with pytest.raises(ValueError, match="predictor_top_fraction = 1.5"):
         EvolutionSearcher(space(), METRIC, predictor_top_fraction=1.5)
+
+
+def test_weights_round_trip_bit_for_bit_and_a_warm_fit_continues_from_them():
+    sp = space()
+    rng = np.random.default_rng(1)
+    pool = list({s.id: s for s in (sp.sample(rng) for _ in range(120))}.values())
+    a, b, test = pool[:40], pool[:80], pool[80:]
+    cfg = PredictorConfig(steps=30, warm_steps=10)
+    first = SchedulePredictor(3, seed=0, config=cfg).fit(a, [quality(s) for s in a])
+    w = json.loads(json.dumps(first.weights()))  # plain data, through JSON
+    from searchd.searchers.predictor import _tensors
+
+    for k, v in first.net.state_dict().items():
+        assert torch_equal(_tensors(w)[k], v), k
+    # A warm fit from the weights: reproducible, different from a fit from scratch, and
+    # a warm fit of 0 steps is the first network itself.
+    warm = SchedulePredictor(3, seed=0, config=cfg).fit(b, [quality(s) for s in b], 1, init=w)
+    again = SchedulePredictor(3, seed=0, config=cfg).fit(b, [quality(s) for s in b], 1, init=w)
+    np.testing.assert_array_equal(warm.score(test), again.score(test))
+    scratch = SchedulePredictor(3, seed=0, config=cfg).fit(b, [quality(s) for s in b], 1)
+    assert not np.array_equal(warm.score(test), scratch.score(test))
+    zero = SchedulePredictor(3, seed=0, config=PredictorConfig(steps=30, warm_steps=0))
+    zero.fit(b, [quality(s) for s in b], 1, init=w)
+    np.testing.assert_array_equal(zero.score(test), first.score(test))
+    assert kendall_tau(warm.score(test), [quality(s) for s in test]) > 0.6
+    with pytest.raises(ValueError, match="entry 'x'"):
+        _tensors({"x": 1})
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+@pytest.mark.parametrize("warm_steps", [0, 7])
+def test_evolution_refits_warm_from_its_last_weights(monkeypatch, warm_steps):
+    """The first screening fits from scratch (``steps``), later ones continue from the last
+    weights for ``warm_steps`` (0: from scratch every time, as before); the same seed gives
+    the same candidates, and the weights are in the state."""
+    from searchd.searchers import predictor as pm
+
+    trained: list[tuple[int, bool]] = []
+    fit = pm.SchedulePredictor.fit
+
+    def spy(self, schedules, values, round=0, init=None):
+        out = fit(self, schedules, values, round, init)
+        trained.append((self.cfg.steps if init is None else self.cfg.warm_steps,
+                        init is not None))
+        return out
+
+    monkeypatch.setattr(pm.SchedulePredictor, "fit", spy)
+    runs = []
+    for _ in range(2):
+        sp = space()
+        ev = EvolutionSearcher(
+            sp, METRIC, "min", population_num=8, select_num=3, mutation_num=4,
+            crossover_num=2, max_epochs=4, seed=2, predictor_top_fraction=0.25,
+            predictor_min_train=8, predictor_config=PredictorConfig(steps=10,
+                                                                    warm_steps=warm_steps))
+        runs.append([s.id for s in drive(ev, sp, quality)])
+    assert runs[0] == runs[1]
+    if warm_steps:
+        assert trained == [(10, False), (7, True), (7, True)] * 2
+        assert "predictor_weights" in json.loads(json.dumps(ev.get_state()))["algo"]
+    else:
+        assert trained == [(10, False)] * 6
+        assert "predictor_weights" not in ev.get_state()["algo"]

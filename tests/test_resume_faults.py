@@ -38,7 +38,7 @@ import pytest
 
 from searchd.report import main as report_main
 from searchd.storage import RunDir, table_to_rows
-from searchd.storage.rundir import is_temp_name
+from searchd.storage.rundir import KEEP_STATES, is_temp_name
 
 pytestmark = pytest.mark.ray
 
@@ -293,7 +293,8 @@ def test_kill9_at_three_points_and_resume_match_an_uninterrupted_run_bitwise(
     done = stored(run)
     assert done["corrupt"] == [] and done["temps"] == [] and not (run / "LOCK").exists()
     assert done["parts"][:2] == s3["parts"] and len(done["parts"]) == GENERATIONS
-    assert done["states"] == list(range(len(done["states"])))
+    # The newest KEEP_STATES states (older ones are pruned), numbered on across sessions.
+    assert done["states"] == list(range(done["states"][-1] + 1))[-KEEP_STATES:]
     # Every candidate exactly once: generation 1 (in flight at kill 2) and generation 2
     # (being written at kill 3) were each scored and stored once.
     ids = [row["candidate_id"] for row in done["rows"]]

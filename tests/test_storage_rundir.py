@@ -82,7 +82,15 @@ def test_searcher_state_save_and_latest(tmp_path):
     assert run.latest_searcher_state() is None
     for gen in (0, 1, 2, 10):
         run.save_searcher_state(gen, {"gen": gen, "population": [[1.0, 0.5]], "best": float("inf")})
-    assert run.searcher_state_generations() == [0, 1, 2, 10]
+    # The three newest are kept (each holds the whole history); keep=None keeps all.
+    assert run.searcher_state_generations() == [1, 2, 10]
+    run.save_searcher_state(11, {"gen": 11}, keep=None)
+    run.save_searcher_state(0, {"gen": 0}, keep=None)
+    assert run.searcher_state_generations() == [0, 1, 2, 10, 11]
+    run.save_searcher_state(10, {"gen": 10, "population": [[1.0, 0.5]], "best": float("inf")},
+                            keep=2)
+    assert run.searcher_state_generations() == [10, 11]
+    (tmp_path / "run" / "searcher" / "state-000011.json").unlink()
     gen, state = RunDir(tmp_path / "run").latest_searcher_state()
     assert gen == 10 and state == {"gen": 10, "population": [[1.0, 0.5]], "best": float("inf")}
     doc = json.loads((tmp_path / "run" / "searcher" / "state-000010.json").read_text())

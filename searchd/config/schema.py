@@ -420,7 +420,9 @@ class PredictorSection(Section):
     top_fraction: float = Field(0.1, gt=0, le=1)  # offspring drawn 1/top_fraction x, best kept
     min_train: int = Field(10, ge=2)  # scored candidates before the predictor is used
     hidden: int = Field(32, ge=1)  # GRU and MLP width
-    steps: int = Field(300, ge=1)  # optimizer steps per (re)training
+    steps: int = Field(300, ge=1)  # optimizer steps of the first fit (from scratch)
+    warm_steps: int = Field(60, ge=0)  # steps of each later fit, from the last one's weights
+    # (0: every fit from scratch); benchmarks/results/predictor_warm.md
 
 
 class RacingConfig(Section):

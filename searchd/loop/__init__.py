@@ -13,11 +13,28 @@ every result recorded; and the stages of a run around it.
   (configuration -> space, baselines, searcher, anchors), ``stages`` (setup, search,
   finish), ``finish``, ``adaptive``, ``local`` (the in-process engine), ``hooks`` (fault
   injection).
+
+Names are imported on first use: ``searchd.loop.runs`` (what the report and ``open_run``
+need) must not pull in torch through the loop and the evaluator.
 """
 
-from searchd.loop.loop import Batch, LoopOutcome, SearchLoop
-from searchd.loop.recorder import Progress, Recorder
-from searchd.loop.scoring import EvaluatorScorer, Scorer, Workers
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Batch": "searchd.loop.loop", "LoopOutcome": "searchd.loop.loop",
+    "SearchLoop": "searchd.loop.loop", "Progress": "searchd.loop.recorder",
+    "Recorder": "searchd.loop.recorder", "EvaluatorScorer": "searchd.loop.scoring",
+    "Scorer": "searchd.loop.scoring", "Workers": "searchd.loop.scoring",
+}
 
 __all__ = ["Batch", "EvaluatorScorer", "LoopOutcome", "Progress", "Recorder", "Scorer",
            "SearchLoop", "Workers"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'searchd.loop' has no attribute {name!r}")

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from searchd.schedule import Schedule
 from searchd.storage import REPORT_DIR, RunDir
@@ -80,6 +79,8 @@ def extras_job(evaluator: Any, schedules: Sequence[Schedule], seeds: Sequence[in
             adaptive = {"error": f"{type(e).__name__}: {e}"}
     images = {}
     if len(grid_seeds):
+        import torch  # here: the report imports this module and needs no torch
+
         for i in grid_indices:
             x = evaluator.generate(schedules[i], list(grid_seeds))
             if evaluator.decode is not None:  # latent models: the decoded images

@@ -8,6 +8,8 @@ engine="local")`` uses it.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -71,8 +73,21 @@ class LocalEngine:
 
     name = "local"
 
+    def __init__(self) -> None:
+        self._threads: int | None = None  # torch's thread count before ``start``
+
     def start(self, factory: EvaluatorFactory, workers_config: Any) -> LocalWorkers:
-        """One evaluator here (``workers_config`` is not used: there are no actors)."""
+        """One evaluator here, with the torch threads a Ray actor of ``workers_config``
+        gets (``max(1, floor(cpus_per_worker))``, as Ray sets ``OMP_NUM_THREADS``, unless
+        ``OMP_NUM_THREADS`` is set): torch's default (every core) made the small per-
+        candidate passes of a many-candidate search 10-20x slower on a busy machine
+        (benchmarks/results/reliability.md, case 7). ``close`` restores the count."""
+        cpus = getattr(workers_config, "cpus_per_worker", None)
+        if cpus is not None and "OMP_NUM_THREADS" not in os.environ:
+            import torch
+
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, math.floor(float(cpus))))
         return LocalWorkers(factory)
 
     def drive(self, loop: SearchLoop, workers: LocalWorkers, *, name: str,
@@ -84,4 +99,9 @@ class LocalEngine:
         return loop.run(workers, between=between).finished
 
     def close(self) -> None:
-        """Nothing to stop."""
+        """Nothing to stop; torch's thread count is restored."""
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)
+            self._threads = None

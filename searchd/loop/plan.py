@@ -68,7 +68,8 @@ def _evolution(
         max_candidates=searcher_budget(search),
         predictor_top_fraction=pr.top_fraction if screen else None,
         predictor_min_train=pr.min_train,
-        predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps),
+        predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps,
+                                         warm_steps=pr.warm_steps),
         mutation=ev.mutation,
     )
 

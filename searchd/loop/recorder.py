@@ -18,7 +18,7 @@ from typing import Any
 from searchd.loop.loop import Batch
 from searchd.loop.record import to_row
 from searchd.searchers.base import ScheduleSearcher
-from searchd.storage import RunDir
+from searchd.storage import RunDir, StorageError
 
 logger = logging.getLogger("searchd")
 
@@ -129,7 +129,17 @@ class Recorder:
         # The searcher has not learned this batch's results yet: its state holds them as
         # pending, and a resume replays them from the rows just written.
         self.run.save_searcher_state(batch.index, self.searcher.get_state())
+        if rows:
+            self._compact()
         self._report(batch, new)
+
+    def _compact(self) -> None:
+        """Merge the parts when there are many (``RunDir.compact_parts``). The rows are
+        already durable: a compaction that cannot be written is retried after a later batch."""
+        try:
+            self.run.compact_parts()
+        except StorageError as e:
+            logger.warning("evaluation parts not compacted (tried again later): %s", e)
 
     def _report(self, batch: Batch, new: Sequence[int]) -> None:
         assert batch.results is not None

@@ -69,7 +69,10 @@ class EvolutionSearcher(ScheduleSearcher):
             crossover children and random fill alike), ranked by a ``SchedulePredictor``
             trained on every candidate scored so far, and only the predicted best
             ``population_num`` go to the actors. Active once ``predictor_min_train``
-            candidates have finite values.
+            candidates have finite values. The first screening fits the predictor from
+            scratch (``steps``); every later one continues from the previous screening's
+            weights for ``warm_steps`` steps on all candidates scored so far
+            (``warm_steps=0``: from scratch every time). The weights are in the state.
         predictor_config: the predictor's sizes and training (``PredictorConfig``).
     """
 
@@ -113,6 +116,8 @@ class EvolutionSearcher(ScheduleSearcher):
         # Per screened generation: sizes, and the predictor's scores of the kept candidates
         # (their Kendall tau against the actual values is filled in once they are scored).
         self._pred_log: list[dict[str, Any]] = []
+        # The last screening's predictor weights (plain data), which the next one continues.
+        self._pred_weights: dict[str, Any] | None = None
         if population_num < 1 or max_epochs < 1:
             raise ValueError("population_num and max_epochs must be >= 1")
         if not 1 <= select_num <= population_num:
@@ -210,10 +215,13 @@ class EvolutionSearcher(ScheduleSearcher):
         forgotten (not marked as proposed), so they may come back later."""
         train = [Schedule.from_dict(h["schedule"]) for h in ranked]
         values = [self.loss(h["value"]) for h in ranked]
+        warm = self._pred_weights if self.predictor_config.warm_steps > 0 else None
         pred = SchedulePredictor(int(getattr(self.space, "n_models", 1)), self.seed,
                                  self.predictor_config,
                                  strategies=bool(getattr(self.space, "has_strategy", False))
-                                 ).fit(train, values, round=g)
+                                 ).fit(train, values, round=g, init=warm)
+        if self.predictor_config.warm_steps > 0:
+            self._pred_weights = pred.weights()
         scores = pred.score(pool)
         order = sorted(range(len(pool)), key=lambda k: (scores[k], k))
         kept = sorted(order[: self.population_num])
@@ -288,6 +296,7 @@ class EvolutionSearcher(ScheduleSearcher):
             "queue": [s.to_dict() for s in self._queue],
             "sizes": list(self._sizes),
             "predictor_log": [dict(e) for e in self._pred_log],
+            **({"predictor_weights": self._pred_weights} if self._pred_weights else {}),
             "params": {
                 "population_num": self.population_num, "select_num": self.select_num,
                 "mutation_num": self.mutation_num, "crossover_num": self.crossover_num,
@@ -309,6 +318,7 @@ class EvolutionSearcher(ScheduleSearcher):
         self._queue = [Schedule.from_dict(d) for d in state["queue"]]
         self._sizes = [int(n) for n in state["sizes"]]
         self._pred_log = [dict(e) for e in state.get("predictor_log", [])]
+        self._pred_weights = state.get("predictor_weights")
 
 
 def _check_scale(scale: float | Sequence[float]) -> float | tuple[float, float]:

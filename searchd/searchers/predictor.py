@@ -17,15 +17,20 @@ hidden state giving one score per schedule (lower = predicted better).
 Training is online: ``fit`` re-initializes the network (seeded) and trains it on every
 candidate scored so far with a pairwise ranking loss (RankNet: for a pair with values
 ``y_i < y_j``, ``softplus(s_i - s_j)``), so only the order of the values matters, not their
-scale. Failed candidates (no finite value) are left out. ``rank_screen`` keeps the predicted
-top fraction of a pool of offspring. Numerical code only (torch); no Ray.
+scale. ``fit(..., init=weights)`` warm-starts instead: it continues from an earlier fit's
+weights (``weights()``, plain data) for ``warm_steps`` steps on the new, larger training set
+(the evolution's refit at a generation boundary: a fifth of the steps, on the driver's
+critical path between generations). Failed candidates (no finite value) are left out.
+``rank_screen`` keeps the predicted top fraction of a pool of offspring. Numerical code
+only (torch); no Ray.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +51,8 @@ class PredictorConfig:
     embed_dim: int = 8
     time_freqs: int = 4  # sin/cos pairs per noise level (4 -> 8 numbers per level)
     hidden: int = 32
-    steps: int = 300  # optimizer steps per fit
+    steps: int = 300  # optimizer steps per fit from scratch
+    warm_steps: int = 60  # optimizer steps per warm-started fit (``fit(init=...)``)
     pairs_per_step: int = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -141,9 +147,11 @@ class SchedulePredictor:
         return torch.as_tensor(ids), torch.as_tensor(enc, dtype=torch.float32)
 
     # Training -----------------------------------------------------------------------------
-    def fit(self, schedules: Sequence[Schedule], values: Sequence[float], round: int = 0
-            ) -> SchedulePredictor:
-        """Train from scratch on the candidates with finite values (lower is better)."""
+    def fit(self, schedules: Sequence[Schedule], values: Sequence[float], round: int = 0,
+            init: Mapping[str, object] | None = None) -> SchedulePredictor:
+        """Train on the candidates with finite values (lower is better): from scratch for
+        ``steps`` steps, or from ``init`` (an earlier fit's ``weights()``, same sizes) for
+        ``warm_steps`` steps. The pairs drawn are seeded by (seed, round) either way."""
         keep = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
         scheds = [schedules[i] for i in keep]
         y = torch.as_tensor(np.asarray([values[i] for i in keep], dtype=np.float64))
@@ -154,20 +162,33 @@ class SchedulePredictor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = _Net(self.n_models, self.cfg, self._extra)
+        if init is not None:
+            net.load_state_dict(_tensors(init))
         ids, times = self.encode(scheds)
         with _one_thread():
-            self._train(net, ids, times, y, torch_gen)
+            self._train(net, ids, times, y, torch_gen,
+                        self.cfg.steps if init is None else self.cfg.warm_steps)
         self.net = net.eval()
         self.n_train = len(scheds)
         return self
 
+    def weights(self) -> dict[str, object]:
+        """The trained network's weights as plain data (JSON-safe: base64 of the float32
+        bytes and the shape per parameter), for ``fit(init=...)`` and a searcher's state."""
+        if self.net is None:
+            raise ValueError("the predictor is not trained yet; call fit first")
+        return {k: {"shape": list(v.shape),
+                    "f32": base64.b64encode(v.detach().numpy().astype("<f4").tobytes()
+                                            ).decode("ascii")}
+                for k, v in self.net.state_dict().items()}
+
     def _train(self, net: _Net, ids: torch.Tensor, times: torch.Tensor, y: torch.Tensor,
-               torch_gen: torch.Generator) -> None:
+               torch_gen: torch.Generator, steps: int) -> None:
         opt = torch.optim.Adam(net.parameters(), lr=self.cfg.lr,
                                weight_decay=self.cfg.weight_decay)
         n = len(y)
         p = self.cfg.pairs_per_step
-        for _ in range(self.cfg.steps):
+        for _ in range(steps):
             i = torch.randint(n, (p,), generator=torch_gen)
             j = torch.randint(n, (p,), generator=torch_gen)
             sign = torch.sign(y[j] - y[i]).to(torch.float32)  # +1: i better than j
@@ -205,6 +226,17 @@ class SchedulePredictor:
         scores = self.score(schedules)
         order = sorted(range(len(schedules)), key=lambda k: (scores[k], k))
         return sorted(order[: max(0, keep)])
+
+
+def _tensors(weights: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """``SchedulePredictor.weights()``'s plain data back to a state dict (bit for bit)."""
+    out = {}
+    for k, v in weights.items():
+        if not isinstance(v, Mapping) or "f32" not in v or "shape" not in v:
+            raise ValueError(f"predictor weights: entry {k!r} is not {{'shape', 'f32'}}")
+        arr = np.frombuffer(base64.b64decode(str(v["f32"])), dtype="<f4")
+        out[k] = torch.from_numpy(arr.reshape([int(n) for n in v["shape"]]).copy())  # type: ignore[union-attr]
+    return out
 
 
 def kendall_tau(predicted: Sequence[float], actual: Sequence[float]) -> float:
