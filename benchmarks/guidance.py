@@ -68,16 +68,15 @@ from quality import run_searcher  # noqa: E402  (the in-process search loop, bes
 
 from searchd.evaluation.conditional import (  # noqa: E402
     ClassReference,
-    ConditionalEvaluator,
     GuidanceObjective,
-    bootstrap_conditional,
     conditional_metrics,
     exact_class_reference,
     stratified_counts,
 )
+from searchd.evaluation.conditional_evaluator import ConditionalEvaluator  # noqa: E402
 from searchd.evaluation.digits import digits_images  # noqa: E402
 from searchd.evaluation.features import load_features  # noqa: E402
-from searchd.evaluation.heldout import bootstrap_interval  # noqa: E402
+from searchd.evaluation.heldout import bootstrap_conditional, bootstrap_interval  # noqa: E402
 from searchd.models import load  # noqa: E402
 from searchd.schedule import Schedule  # noqa: E402
 from searchd.schedules import baseline  # noqa: E402

@@ -22,10 +22,10 @@ from searchd.config import ConfigError, load_config
 from searchd.evaluation import CandidateResult
 from searchd.evaluation.conditional import (
     ClassReference,
-    ConditionalEvaluator,
     GuidanceObjective,
     resolve_objective,
 )
+from searchd.evaluation.conditional_evaluator import ConditionalEvaluator
 from searchd.loop.runs import BadInput
 from searchd.schedule import Schedule
 

@@ -12,14 +12,14 @@ from searchd.evaluation import Evaluator, frechet_distance
 from searchd.evaluation.conditional import (
     ClassReference,
     ClassStats,
-    ConditionalEvaluator,
     GuidanceObjective,
-    bootstrap_conditional,
     conditional_metrics,
     exact_class_reference,
     stratified_counts,
 )
+from searchd.evaluation.conditional_evaluator import ConditionalEvaluator
 from searchd.evaluation.features import load_features
+from searchd.evaluation.heldout import bootstrap_conditional
 from searchd.models import load
 from searchd.models.conditional import class_labels
 from searchd.schedule import Schedule

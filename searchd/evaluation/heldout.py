@@ -38,7 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from searchd.evaluation.conditional import (
+    ClassReference,
+    conditional_metrics,
+    stratified_counts,
+)
 from searchd.evaluation.frechet import FrechetReference, eigvalsh
+from searchd.models.conditional import class_labels
 from searchd.schedule import Schedule
 
 DEFAULT_RESAMPLES = 500
@@ -365,8 +371,6 @@ def heldout_part(
     same sampling pass, as ``heldout_scores`` does."""
     metric = heldout_metric(evaluator)
     if metric == "fid_class":  # class_fid: stratified by class (conditional.py)
-        from searchd.evaluation.conditional import heldout_class_part
-
         return heldout_class_part(evaluator, schedules, seeds, resamples, bootstrap_seed)
     seeds = [int(s) for s in seeds]
     n = len(seeds)
@@ -613,3 +617,48 @@ def _teacher_heldout(
                                  [f if k else None for f, k in zip(feats, ok)], ids, seeds,
                                  **opts)
     return add_teacher_distance(table, teacher)
+
+
+# Class-conditional runs (class_fid): stratified by class -------------------------------------
+def bootstrap_conditional(features: Tensor, logits: Tensor, labels: Sequence[int] | np.ndarray,
+                          reference: ClassReference, counts: Tensor) -> dict[str, np.ndarray]:
+    """Bootstrap values [resamples] of ``fid_class``, ``fid`` and ``accuracy`` of one
+    candidate, for resample counts from ``stratified_counts`` (same labels)."""
+    y = np.asarray(labels, dtype=np.int64)
+    f = torch.as_tensor(features)
+    per_class, pool = reference.frechet()
+    fids = []
+    for c, ref in enumerate(per_class):
+        idx = torch.as_tensor(np.flatnonzero(y == c))
+        fids.append(bootstrap_fid(f[idx], ref, counts[:, idx]).numpy())
+    hit = (torch.as_tensor(logits).argmax(1).cpu().numpy() == y).astype(np.float64)
+    acc = (counts.numpy() @ hit) / y.size
+    return {"fid_class": np.mean(np.stack(fids), axis=0),
+            "fid": bootstrap_fid(f, pool, counts).numpy(), "accuracy": acc}
+
+
+def heldout_class_part(evaluator: Any, schedules: Sequence[Schedule | Mapping[str, Any]],
+                       seeds: Sequence[int], resamples: int, bootstrap_seed: int
+                       ) -> list[dict[str, Any]]:
+    """``heldout.heldout_part`` of a ``class_fid`` run: per schedule, ``fid_class``,
+    ``fid`` (pool) and ``accuracy`` on the held-out seeds, each with its bootstrap values
+    (``boot``, ``fid_boot``, ``accuracy_boot``) from ``stratified_counts`` (a function of
+    the seeds' labels, ``resamples`` and ``bootstrap_seed`` only, so every part, on any
+    worker, shares the resamples and ``heldout.combine_parts`` pairs them)."""
+    seeds = [int(s) for s in seeds]
+    ref: ClassReference = evaluator.class_reference
+    labels = class_labels(seeds, ref.n_classes)
+    counts = stratified_counts(labels, resamples, bootstrap_seed)
+    results, feats, logits = evaluator.per_sample_class_outputs(list(schedules), seeds)
+    parts = []
+    for r, f, lg in zip(results, feats, logits):
+        part: dict[str, Any] = {"candidate_id": r.candidate_id, "metric": "fid_class",
+                                "status": "ok" if r.ok else "failed", "error": r.error}
+        if r.ok:
+            m = conditional_metrics(f, lg, labels, ref)
+            boot = bootstrap_conditional(f, lg, labels, ref, counts)
+            part.update(fid_class=m["fid_class"], boot=boot["fid_class"], fid=m["fid"],
+                        fid_boot=boot["fid"], accuracy=m["accuracy"],
+                        accuracy_boot=boot["accuracy"])
+        parts.append(part)
+    return parts
