@@ -71,6 +71,9 @@ from searchd.evaluation.conditional import (  # noqa: E402
     GuidanceObjective,
     conditional_metrics,
     exact_class_reference,
+    floor_margin,
+    objective_from_dict,
+    resolve_objective,
     stratified_counts,
 )
 from searchd.evaluation.conditional_evaluator import ConditionalEvaluator  # noqa: E402
@@ -132,6 +135,10 @@ class Settings:
     # constant chosen by class FID), a fixed schedule's name ("w1.5", "interval": its
     # accuracy on the search seeds), or a number (absolute).
     floor: str = "best"
+    # Added to the floor in the searches' objective (metric.options.floor_margin, passed to
+    # the library's resolve_objective as a run does): a number, or "<k>se" (k standard
+    # errors of the floor's accuracy at per_candidate samples).
+    floor_margin: float | str = 0.0
     joints: tuple[str, ...] = ("interval", "steps")
 
 
@@ -236,7 +243,8 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
         search_vals = {f: r.metrics for f, r in zip(fixed_n, scorer.evaluate(fixed,
                                                                              search_seeds))}
         consts = [f for f in fixed_n if f != "interval"]
-        best, objective = choose_floor(st.floor, consts, search_vals)
+        best, objective = choose_floor(st.floor, consts, search_vals, sched,
+                                       st.floor_margin, st.per_candidate)
         obj_scorer = scorer.with_objective(objective)
         w_star = float(sched[best].guidance[0])
         log(f"  NFE {nfe}: best constant {best} (search fid_class "
@@ -285,31 +293,54 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
     return {"model": model, "solver": st.solver, "rows": rows}
 
 
-def choose_floor(floor: str, consts: Sequence[str], search_vals: dict[str, Any]
-                 ) -> tuple[str, GuidanceObjective]:
-    """The best constant and the objective (its accuracy floor) for ``Settings.floor``.
+def choose_floor(floor: str, consts: Sequence[str], search_vals: dict[str, Any],
+                 sched: dict[str, Schedule] | None = None, margin: float | str = 0.0,
+                 samples: int | None = None) -> tuple[str, GuidanceObjective]:
+    """The best constant and the searches' objective for ``Settings.floor``, resolved by the
+    library's ``resolve_objective`` from the ``metric.options`` a run would have
+    (``accuracy_floor``, ``floor_margin``), so the benchmark and a ``class_fid`` run share
+    one floor logic.
 
-    "best": the constant with the lowest class FID sets the floor (its own accuracy).
-    A fixed schedule's name: its accuracy on the search seeds is the floor, its class FID
-    the penalty's scale, and the best constant is the one with the lowest objective (the
-    constants that meet the floor rank first). A number: an absolute floor, the penalty's
-    scale the class FID of the constant with the best class FID."""
+    "best": the constant with the lowest class FID on the search seeds is the floor's
+    baseline (its accuracy the floor, its class FID the penalty's scale). A fixed
+    schedule's name: that schedule is. A number: an absolute floor (penalty in class-FID
+    units per point, as in a run). The best constant is the one with the lowest objective
+    *without the margin* on the search seeds (a constant that meets the user's floor ranks
+    first): the margin is the searches' guard against their own selection, not a stricter
+    floor for the baselines. ``search_vals``: name -> metrics on the search seeds;
+    ``sched``: name -> schedule (the baselines); ``samples``: search samples (for "<k>se").
+    """
+    names = list(search_vals)
+    baselines = sched if sched is not None else {n: n for n in names}
+    by_id = {id(baselines[n]): n for n in names if n in baselines}
+
+    class _Scored:  # the CandidateResult shape resolve_objective reads
+        def __init__(self, name: str) -> None:
+            self.ok, self.error, self.metrics = True, None, search_vals[name]
+
     if floor == "best":
-        best = min(consts, key=lambda f: search_vals[f]["fid_class"])
-        return best, GuidanceObjective(floor=search_vals[best]["accuracy"],
-                                       reference_fid=search_vals[best]["fid_class"])
+        floor = min(consts, key=lambda f: search_vals[f]["fid_class"])
+    options: dict[str, Any] = {"floor_margin": margin}
     if floor in search_vals:
-        objective = GuidanceObjective(floor=search_vals[floor]["accuracy"],
-                                      reference_fid=search_vals[floor]["fid_class"])
+        options["accuracy_floor"] = floor
     else:
         try:
             value = float(floor)
         except ValueError:
             raise SystemExit(f"--floor {floor!r}: give best, a number in [0, 1], or one of "
                              f"{', '.join(search_vals)}") from None
-        scale = min(search_vals[f]["fid_class"] for f in consts)
-        objective = GuidanceObjective(floor=value, reference_fid=scale)
-    return min(consts, key=lambda f: objective(search_vals[f])), objective
+        if not 0.0 <= value <= 1.0:
+            raise SystemExit(f"--floor {floor!r}: an absolute floor is in [0, 1]")
+        options["accuracy_floor"] = value
+    try:
+        described = resolve_objective(options, {n: baselines[n] for n in names},
+                                      lambda s: _Scored(by_id[id(s)]), samples=samples)
+    except ValueError as e:
+        raise SystemExit(f"--floor-margin: {e}") from None
+    objective = objective_from_dict(described)
+    assert objective is not None
+    plain = replace(objective, margin=0.0)
+    return min(consts, key=lambda f: plain(search_vals[f])), objective
 
 
 def summarize(model: str, nfe: int, sched: dict[str, Schedule], cost: dict[str, Any],
@@ -441,7 +472,11 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
                        f"{label(src)}'s" if src in row["search_metrics"] else "absolute")
             lines += [f"NFE {row['nfe']}: accuracy floor {o['floor']:.4f} ({src_txt} "
                       f"accuracy on the search seeds), penalty scale {o['reference_fid']:.4f} "
-                      "class FID per point below.", ""]
+                      "class FID per point below"
+                      + (f"; the searches' objective adds a margin of {o['margin']:.4f} "
+                         f"({o.get('margin_from', 'given')}): floor + margin = "
+                         f"{o['floor'] + o['margin']:.4f}" if o.get("margin") else "")
+                      + ".", ""]
         for row in mres["rows"]:
             lines += [f"### NFE {row['nfe']}", "",
                       "| schedule | class FID [95% CI] | diff [95% CI] | pool FID [95% CI] | "
@@ -502,6 +537,16 @@ def merge(out: Path, files: Sequence[Path], st: Settings) -> int:
     return 0
 
 
+def _margin_arg(v: str | None) -> float | str | None:
+    """--floor-margin as metric.options.floor_margin takes it: a number, or '<k>se'."""
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a small, fast version (tests)")
@@ -517,6 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the objective's accuracy floor: best (the best constant's accuracy, "
                         "default), a fixed schedule's name (w1.5, interval: its accuracy on "
                         "the search seeds), or a number")
+    p.add_argument("--floor-margin", default=None,
+                   help="added to the floor in the searches' objective, as "
+                        "metric.options.floor_margin: a number (e.g. 0.002) or '<k>se' (k "
+                        "standard errors of the floor's accuracy at --per-candidate samples); "
+                        "default 0")
     p.add_argument("--joint", nargs="+", choices=("interval", "steps"), default=None,
                    help="which joint searches to run (default both)")
     p.add_argument("--out", default=str(RESULTS), help="directory of guidance.md/.json")
@@ -528,9 +578,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, val in (("models", a.models), ("nfes", a.nfe), ("per_candidate", a.per_candidate),
                      ("heldout", a.heldout), ("candidates", a.candidates),
                      ("constants", None if a.constants is None else tuple(a.constants)),
-                     ("floor", a.floor), ("joints", None if a.joint is None else tuple(a.joint))):
+                     ("floor", a.floor), ("floor_margin", _margin_arg(a.floor_margin)),
+                     ("joints", None if a.joint is None else tuple(a.joint))):
         if val is not None:
             setattr(st, key, val)
+    try:  # a bad margin fails now, not after the references are built
+        floor_margin(st.floor_margin, 0.5, st.per_candidate)
+    except ValueError as e:
+        raise SystemExit(f"--floor-margin: {e}") from None
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)

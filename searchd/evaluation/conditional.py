@@ -38,6 +38,7 @@ which is impossible, so feasible schedules always rank first.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,24 +350,59 @@ def objective_from_dict(d: Mapping[str, Any] | None) -> GuidanceObjective | None
                              margin=float(d.get("margin", 0.0)))
 
 
+MARGIN_SE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*se\s*$")
+
+
+def floor_margin(spec: float | str, floor: float, samples: int | None) -> float:
+    """The margin added to an accuracy floor, from ``metric.options.floor_margin``.
+
+    ``spec`` is a number (the margin itself, an accuracy fraction) or ``"<k>se"``: k binomial
+    standard errors of an accuracy equal to the floor measured on ``samples`` samples,
+    ``k * sqrt(floor * (1 - floor) / samples)``. Why a margin at all: a search keeps the
+    candidates with the lowest class FID among those whose accuracy, estimated on the
+    search seeds, clears the floor; near the floor it keeps those whose accuracy was
+    estimated high, and their held-out accuracy falls below the floor (the winner's curse).
+
+    Raises:
+        ValueError: a spec that is neither, or ``"<k>se"`` without a sample count.
+    """
+    if isinstance(spec, str):
+        m = MARGIN_SE.match(spec)
+        if not m:
+            raise ValueError(f"metric.options.floor_margin: got {spec!r}; give a number >= 0 "
+                             "or '<k>se' (k standard errors of the floor's accuracy)")
+        if not samples or samples < 1:
+            raise ValueError(f"metric.options.floor_margin: {spec!r} needs the search's sample "
+                             f"count; got {samples!r}")
+        p = min(max(float(floor), 0.0), 1.0)
+        return float(m.group(1)) * math.sqrt(p * (1.0 - p) / samples)
+    v = float(spec)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"metric.options.floor_margin: got {spec!r}; it must be >= 0")
+    return v
+
+
 def resolve_objective(options: Mapping[str, Any], baselines: Mapping[str, Schedule],
-                      score: Any) -> dict[str, Any]:
+                      score: Any, samples: int | None = None) -> dict[str, Any]:
     """What a ``class_fid`` run records about its objective (``objective.json``,
     best.json's ``search.objective``), with the floor resolved to a number.
 
     ``options`` is ``metric.options``: ``accuracy_floor`` (None: no floor; a number in
     [0, 1]: absolute; a baseline's name: that baseline's accuracy on the search seeds),
-    ``floor_margin`` (added to the floor), ``penalty_per_point`` (penalty per accuracy
+    ``floor_margin`` (added to the floor: a number, or ``"<k>se"``, k standard errors of
+    the floor's accuracy on ``samples`` search samples, see ``floor_margin``),
+    ``penalty_per_point`` (penalty per accuracy
     percentage point below the floor, in class-FID units for an absolute floor, in units of
     the named baseline's class FID for a baseline's floor). ``score(schedule)`` scores one
     schedule on the search seeds (a ``CandidateResult`` with ``accuracy`` and
     ``fid_class``).
 
     Raises:
-        ValueError: a baseline name the run does not have, or the baseline failed.
+        ValueError: a baseline name the run does not have, the baseline failed, or a bad
+            ``floor_margin``.
     """
     floor = options.get("accuracy_floor")
-    margin = float(options.get("floor_margin", 0.0))
+    margin_spec = options.get("floor_margin", 0.0)
     penalty = float(options.get("penalty_per_point", 1.0))
     if floor is None:
         return {"metric": RUN_METRIC, "kind": "fid_class (mean over classes of per-class FID), "
@@ -384,8 +420,11 @@ def resolve_objective(options: Mapping[str, Any], baselines: Mapping[str, Schedu
     else:
         value, scale, source = float(floor), 1.0, "absolute"
     obj = GuidanceObjective(floor=value, reference_fid=scale, penalty_per_point=penalty,
-                            margin=margin)
-    return {"metric": RUN_METRIC, **obj.describe(), "floor_from": source}
+                            margin=floor_margin(margin_spec, value, samples))
+    out = {"metric": RUN_METRIC, **obj.describe(), "floor_from": source}
+    if isinstance(margin_spec, str):
+        out["margin_from"] = f"{margin_spec.strip()} at {samples} search samples"
+    return out
 
 
 def class_metrics(evaluator: Any, schedule: Schedule, features: Tensor, logits: Tensor,
