@@ -23,11 +23,16 @@ the joint searches from the four non-searched schedules *and* the timesteps-only
 (so they start where it ended, and their cost adds to its), on the
 objective ``searchd.evaluation.conditional.GuidanceObjective``: class-conditional FID
 subject to accuracy >= that of the best constant-guidance schedule (the floor), as an
-exact penalty. Every schedule is then re-scored on held-out seeds: class-conditional FID
-(mean over classes of per-class FID), FID of the class-balanced pool, the digits network's
-accuracy on the requested class, and network calls per sample (a step with w != 1 costs
-two), with 95% intervals from a bootstrap stratified by class (labels are fixed by the
-seeds; the same resampled indices for every schedule, so differences are paired).
+exact penalty. ``--floor`` names another floor (a fixed schedule's accuracy, or a number)
+and ``--floor-margin`` raises the searches' threshold above it (a number, or ``<k>se``: k
+standard errors of the floor's accuracy at the search's sample count), both resolved by the
+library's ``resolve_objective`` exactly as a ``class_fid`` run's ``metric.options``
+(``accuracy_floor``, ``floor_margin``) are. Every schedule is then re-scored on held-out
+seeds: class-conditional FID (mean over classes of per-class FID), FID of the
+class-balanced pool, the digits network's accuracy on the requested class, and network
+calls per sample (a step with w != 1 costs two), with 95% intervals from a bootstrap
+stratified by class (labels are fixed by the seeds; the same resampled indices for every
+schedule, so differences are paired).
 
 References: gmm-digits-cond: exact samples of each class (seeds 2,000,000..); the UNet: the
 real digits of each class (scikit-learn's 1,797). Labels: sample i of any seed list has
@@ -290,6 +295,9 @@ def bench_model(model: str, st: Settings, log: Any) -> dict[str, Any]:
             f"{time.perf_counter() - t1:.0f} s")
         rows.append(summarize(model, nfe, sched, cost, held, best, search_vals, objective,
                               joint, fixed_n, st.floor))
+        if isinstance(st.floor_margin, str):  # as resolve_objective records it
+            rows[-1]["objective"]["margin_from"] = (f"{st.floor_margin.strip()} at "
+                                                    f"{st.per_candidate} search samples")
     return {"model": model, "solver": st.solver, "rows": rows}
 
 
@@ -439,9 +447,9 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         f"interval family w in {list(st.interval_w)}; per-step w in {list(st.step_w)} "
         f"(within {st.one_band} of 1 -> 1). Objective: class FID + penalty below the "
         "accuracy floor (`GuidanceObjective`: one reference class-FID per accuracy point "
-        "below; the floor and its source per row below; the best constant is the constant "
-        "with the lowest objective on the search seeds, so one that meets the floor when "
-        "any does).", "",
+        "below; the floor and its source per row below, with the searches' margin above it "
+        "if any; the best constant is the constant with the lowest objective without the "
+        "margin on the search seeds, so one that meets the floor when any does).", "",
     ]
     for mres in res["models"]:
         lines += [f"## {mres['model']}", "",
@@ -468,10 +476,12 @@ def markdown(res: dict[str, Any], st: Settings, command: str, wall: float) -> st
         for row in mres["rows"]:
             o = row["objective"]
             src = row.get("floor_from", "best")
-            src_txt = ("the best constant's (by class FID)" if src == "best" else
-                       f"{label(src)}'s" if src in row["search_metrics"] else "absolute")
-            lines += [f"NFE {row['nfe']}: accuracy floor {o['floor']:.4f} ({src_txt} "
-                      f"accuracy on the search seeds), penalty scale {o['reference_fid']:.4f} "
+            src_txt = ("the best constant's (by class FID) accuracy on the search seeds"
+                       if src == "best" else
+                       f"{label(src)}'s accuracy on the search seeds"
+                       if src in row["search_metrics"] else "absolute")
+            lines += [f"NFE {row['nfe']}: accuracy floor {o['floor']:.4f} ({src_txt}), "
+                      f"penalty scale {o['reference_fid']:.4f} "
                       "class FID per point below"
                       + (f"; the searches' objective adds a margin of {o['margin']:.4f} "
                          f"({o.get('margin_from', 'given')}): floor + margin = "

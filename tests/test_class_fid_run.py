@@ -23,6 +23,8 @@ from searchd.evaluation import CandidateResult
 from searchd.evaluation.conditional import (
     ClassReference,
     GuidanceObjective,
+    floor_margin,
+    objective_from_dict,
     resolve_objective,
 )
 from searchd.evaluation.conditional_evaluator import ConditionalEvaluator
@@ -171,6 +173,33 @@ def test_objective_floor_resolution_by_hand():
         resolve_objective({"accuracy_floor": "c"}, sched, score)
 
 
+def test_floor_margin_in_standard_errors_moves_the_threshold_by_hand():
+    """floor_margin '<k>se' = k * sqrt(p (1 - p) / n) at the floor p and the search's n
+    samples (hand value: p = 0.96, n = 600 -> 0.008), and the penalty starts there."""
+    sched = {"a": Schedule(np.array([80.0, 1.0, 0.0]))}
+
+    def score(s: Schedule) -> CandidateResult:
+        return CandidateResult(s.id, "ok", {"accuracy": 0.96, "fid_class": 2.0}, 2, 10, 0, 1.0,
+                               10.0)
+
+    o = resolve_objective({"accuracy_floor": "a", "floor_margin": "2se"}, sched, score,
+                          samples=600)
+    assert o["margin"] == pytest.approx(2 * 0.008)
+    assert o["margin_from"] == "2se at 600 search samples"
+    f = objective_from_dict(o)
+    # At the floor itself: 1.6 points short of 0.96 + 0.016 -> 1.0 + 2.0 * 1.6; at the floor
+    # plus the margin: no penalty. Without a margin the floor itself is free.
+    assert f({"fid_class": 1.0, "accuracy": 0.96}) == pytest.approx(1.0 + 2.0 * 1.6)
+    assert f({"fid_class": 1.0, "accuracy": 0.976}) == pytest.approx(1.0)
+    plain = objective_from_dict(resolve_objective({"accuracy_floor": "a"}, sched, score))
+    assert plain({"fid_class": 1.0, "accuracy": 0.96}) == 1.0
+    assert floor_margin(0.003, 0.9, None) == 0.003
+    assert floor_margin(" 1.5 se", 0.5, 100) == pytest.approx(1.5 * 0.05)
+    for bad, says in (("2sd", "got '2sd'"), (-0.1, "got -0.1"), ("1se", "sample count")):
+        with pytest.raises(ValueError, match=says):
+            floor_margin(bad, 0.9, None)
+
+
 # Refusals ----------------------------------------------------------------------------------
 def test_config_refusals_are_one_line():
     bad = [
@@ -179,6 +208,8 @@ def test_config_refusals_are_one_line():
          "metric.options.accuracy_floor"),
         (["metric.name=class_fid", "metric.options={penalty_per_point: -1}"],
          "metric.options.penalty_per_point"),
+        (["metric.name=class_fid", "metric.options={floor_margin: 2sd}"],
+         "metric.options.floor_margin"),
         (["metric.options={accuracy_floor: 0.9}"], "metric.options.accuracy_floor"),
     ]
     for overrides, key in bad:

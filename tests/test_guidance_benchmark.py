@@ -92,3 +92,29 @@ def test_floor_from_a_fixed_schedule_picks_the_best_constant_that_meets_it(guida
     assert best == "w1.25" and obj.floor == 0.9985 and obj.reference_fid == 1.0
     with pytest.raises(SystemExit, match="--floor 'w9'"):
         guidance_bench.choose_floor("w9", ["w1"], vals)
+
+
+def test_floor_margin_moves_the_searches_threshold_not_the_baseline(guidance_bench):
+    """``--floor-margin`` goes to the library's objective as metric.options.floor_margin:
+    "1se" at 1000 samples and a floor of 0.997 is sqrt(0.997 * 0.003 / 1000) = 0.001729
+    (hand value), so a candidate exactly at the floor is penalised and one at 0.999 is not;
+    the best constant is still chosen against the floor itself."""
+    vals = {"w1": {"fid_class": 1.0, "accuracy": 0.990},
+            "w1.25": {"fid_class": 1.2, "accuracy": 0.9975},
+            "w1.5": {"fid_class": 1.4, "accuracy": 0.997},
+            "interval": {"fid_class": 6.0, "accuracy": 0.998}}
+    consts = ["w1", "w1.25", "w1.5"]
+    best, obj = guidance_bench.choose_floor("w1.5", consts, vals, None, "1se", 1000)
+    assert obj.margin == pytest.approx(0.0017294, abs=1e-6) and obj.floor == 0.997
+    assert best == "w1.25"  # meets 0.997, though not 0.997 + margin
+    at_floor = {"fid_class": 0.5, "accuracy": 0.997}
+    assert obj(at_floor) == pytest.approx(0.5 + 1.4 * 100 * obj.margin)
+    assert obj({"fid_class": 0.5, "accuracy": 0.999}) == 0.5
+    _, plain = guidance_bench.choose_floor("w1.5", consts, vals)
+    assert plain(at_floor) == 0.5
+    _, fixed = guidance_bench.choose_floor("w1.5", consts, vals, None, 0.002, 1000)
+    assert fixed.margin == 0.002
+    with pytest.raises(SystemExit, match="floor_margin: got '2x'"):
+        guidance_bench.choose_floor("w1.5", consts, vals, None, "2x", 1000)
+    with pytest.raises(SystemExit, match="--floor-margin.*'2x'"):
+        guidance_bench.main(["--tiny", "--floor-margin", "2x", "--out", "/nonexistent/x"])

@@ -704,8 +704,15 @@ class MetricConfig(Section):
                     and 0 <= floor <= 1)):
             raise FieldError("options.accuracy_floor", floor, "give a number in [0, 1] (an "
                              "absolute floor) or a baseline's name (its accuracy), or null")
+        margin = self.options.get("floor_margin")
+        if isinstance(margin, str) and not re.match(r"^\s*(\d+(\.\d*)?|\.\d+)\s*se\s*$",
+                                                    margin):
+            raise FieldError("options.floor_margin", margin, "give a finite number >= 0 or "
+                             "'<k>se' (k standard errors of the floor's accuracy)")
         for k in ("floor_margin", "penalty_per_point"):
             v = self.options.get(k)
+            if k == "floor_margin" and isinstance(v, str):
+                continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
                                   or not 0 <= v < float("inf")):
                 raise FieldError(f"options.{k}", v, "must be a finite number >= 0")

@@ -402,7 +402,7 @@ def _class_objective(cfg: SearchConfig, run: RunDir, workers: Any, baselines: li
     try:
         obj = resolve_objective(cfg.metric.class_objective,
                                 {fin.name_of(b): b for b in baselines},
-                                lambda b: workers.score([b], seeds)[0])
+                                lambda b: workers.score([b], seeds)[0], samples=len(seeds))
     except ValueError as e:
         raise BadInput(str(e)) from None
     run.write_text(OBJECTIVE_FILE, json.dumps(obj, indent=2) + "\n")
