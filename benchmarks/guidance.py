@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import run_searcher  # noqa: E402  (the in-process search loop, beside this)
 
 from searchd.evaluation.conditional import (  # noqa: E402
+    DEFAULT_FLOOR_MARGIN,
     ClassReference,
     GuidanceObjective,
     conditional_metrics,
@@ -142,8 +143,8 @@ class Settings:
     floor: str = "best"
     # Added to the floor in the searches' objective (metric.options.floor_margin, passed to
     # the library's resolve_objective as a run does): a number, or "<k>se" (k standard
-    # errors of the floor's accuracy at per_candidate samples).
-    floor_margin: float | str = 0.0
+    # errors of the floor's accuracy at per_candidate samples); the library's default.
+    floor_margin: float | str = DEFAULT_FLOOR_MARGIN
     joints: tuple[str, ...] = ("interval", "steps")
 
 
@@ -576,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="added to the floor in the searches' objective, as "
                         "metric.options.floor_margin: a number (e.g. 0.002) or '<k>se' (k "
                         "standard errors of the floor's accuracy at --per-candidate samples); "
-                        "default 0")
+                        f"default {DEFAULT_FLOOR_MARGIN}, the library's")
     p.add_argument("--joint", nargs="+", choices=("interval", "steps"), default=None,
                    help="which joint searches to run (default both)")
     p.add_argument("--out", default=str(RESULTS), help="directory of guidance.md/.json")

@@ -40,8 +40,7 @@ TINY = ["search.evolution.population_num=4", "search.evolution.select_num=2",
         "metric.reference=exact:300", "report.plots=false", "nfe=4",
         "baselines=[{family: polynomial, params: {rho: 7}}]", "metric.name=class_fid",
         "space.guidance.kind=interval",
-        f"metric.options={{accuracy_floor: '{FLOOR_FROM}', penalty_per_point: 2.0, "
-        "floor_margin: 1se}"]
+        f"metric.options={{accuracy_floor: '{FLOOR_FROM}', penalty_per_point: 2.0}}"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,8 @@ def test_rows_hold_the_class_metrics_and_the_objective(ran):
     # The floor is the baseline's accuracy on the search seeds, its class FID the scale.
     assert obj["floor"] == base[0].metrics["accuracy"]
     assert obj["reference_fid"] == base[0].metrics["fid_class"]
-    # floor_margin 1se: one binomial standard error of the floor at the 100 search samples.
+    # floor_margin's default, 1se: one binomial standard error of the floor at the run's 100
+    # search samples.
     p = obj["floor"]
     assert obj["margin"] == pytest.approx(math.sqrt(p * (1 - p) / 100), rel=1e-12)
     assert obj["margin_from"] == "1se at 100 search samples"
@@ -171,8 +171,10 @@ def test_objective_floor_resolution_by_hand():
     # 0.95 is 3 points under 0.97 + 0.01: 2.0 + 0.5 * 3.0 * 3 = 6.5; above the floor: as is.
     assert f({"fid_class": 2.0, "accuracy": 0.95}) == pytest.approx(6.5)
     assert f({"fid_class": 2.0, "accuracy": 0.99}) == 2.0
-    a = resolve_objective({"accuracy_floor": 0.9}, sched, score)
+    a = resolve_objective({"accuracy_floor": 0.9}, sched, score, samples=100)
     assert (a["floor"], a["reference_fid"], a["floor_from"]) == (0.9, 1.0, "absolute")
+    # The default margin is 1se: sqrt(0.9 * 0.1 / 100) = 0.03.
+    assert a["margin"] == pytest.approx(0.03) and a["margin_from"] == "1se at 100 search samples"
     assert resolve_objective({}, sched, score)["floor"] is None
     with pytest.raises(ValueError, match="accuracy_floor: got 'c'.*'a', 'b'"):
         resolve_objective({"accuracy_floor": "c"}, sched, score)
@@ -196,7 +198,8 @@ def test_floor_margin_in_standard_errors_moves_the_threshold_by_hand():
     # plus the margin: no penalty. Without a margin the floor itself is free.
     assert f({"fid_class": 1.0, "accuracy": 0.96}) == pytest.approx(1.0 + 2.0 * 1.6)
     assert f({"fid_class": 1.0, "accuracy": 0.976}) == pytest.approx(1.0)
-    plain = objective_from_dict(resolve_objective({"accuracy_floor": "a"}, sched, score))
+    plain = objective_from_dict(resolve_objective({"accuracy_floor": "a", "floor_margin": 0},
+                                                  sched, score))
     assert plain({"fid_class": 1.0, "accuracy": 0.96}) == 1.0
     assert floor_margin(0.003, 0.9, None) == 0.003
     assert floor_margin(" 1.5 se", 0.5, 100) == pytest.approx(1.5 * 0.05)

@@ -350,6 +350,11 @@ def objective_from_dict(d: Mapping[str, Any] | None) -> GuidanceObjective | None
                              margin=float(d.get("margin", 0.0)))
 
 
+# The default floor margin: one standard error of the floor's accuracy at the search's sample
+# count (benchmarks/results/guidance.md, "Under an accuracy floor, with a margin": without a
+# margin the searched winners sit on the floor on the search seeds and fall below it held
+# out; with 1se their held-out accuracy rose at no cost in class FID).
+DEFAULT_FLOOR_MARGIN = "1se"
 MARGIN_SE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*se\s*$")
 
 
@@ -390,7 +395,8 @@ def resolve_objective(options: Mapping[str, Any], baselines: Mapping[str, Schedu
     ``options`` is ``metric.options``: ``accuracy_floor`` (None: no floor; a number in
     [0, 1]: absolute; a baseline's name: that baseline's accuracy on the search seeds),
     ``floor_margin`` (added to the floor: a number, or ``"<k>se"``, k standard errors of
-    the floor's accuracy on ``samples`` search samples, see ``floor_margin``),
+    the floor's accuracy on ``samples`` search samples, see ``floor_margin``; default
+    ``DEFAULT_FLOOR_MARGIN``),
     ``penalty_per_point`` (penalty per accuracy
     percentage point below the floor, in class-FID units for an absolute floor, in units of
     the named baseline's class FID for a baseline's floor). ``score(schedule)`` scores one
@@ -402,7 +408,7 @@ def resolve_objective(options: Mapping[str, Any], baselines: Mapping[str, Schedu
             ``floor_margin``.
     """
     floor = options.get("accuracy_floor")
-    margin_spec = options.get("floor_margin", 0.0)
+    margin_spec = options.get("floor_margin", DEFAULT_FLOOR_MARGIN)
     penalty = float(options.get("penalty_per_point", 1.0))
     if floor is None:
         return {"metric": RUN_METRIC, "kind": "fid_class (mean over classes of per-class FID), "
