@@ -709,7 +709,7 @@ class MetricConfig(Section):
                     and 0 <= floor <= 1)):
             raise FieldError("options.accuracy_floor", floor, "give a number in [0, 1] (an "
                              "absolute floor) or a baseline's name (its accuracy), or null")
-        margin = self.options.get("floor_margin")
+        margin = self.options.get("floor_margin")  # '<k>se': conditional.MARGIN_SE's form
         if isinstance(margin, str) and not re.match(r"^\s*(\d+(\.\d*)?|\.\d+)\s*se\s*$",
                                                     margin):
             raise FieldError("options.floor_margin", margin, "give a finite number >= 0 or "

@@ -32,7 +32,10 @@ means nothing to a user and changes with the feature space, while the floor is i
 user's own terms. The penalty (not a hard rejection) keeps the landscape informative for
 TPE and the evolution near the boundary; at the default (one reference-FID per point) a
 schedule one point below the floor needs a FID better than the reference's by 100% to win,
-which is impossible, so feasible schedules always rank first.
+which is impossible, so feasible schedules always rank first. The search's threshold is the
+floor plus a margin (``floor_margin``, default one standard error of the floor's accuracy at
+the search's sample count): a search that selects by FID among candidates at the floor keeps
+those whose accuracy was estimated high, and they fall below the floor on held-out seeds.
 """
 
 from __future__ import annotations
