@@ -42,6 +42,11 @@ baseline and >= 15% better than GITS and LD3, every interval excluding 0
 
     nice python benchmarks/quality.py --models digits-flow-s --solvers euler --nfe 4 5 6 \
         --baselines flow --searches evolution --space warp=flow shift=1 --threads 1
+
+``--evolution KEY=VALUE`` sets EvolutionSearcher keywords over the benchmark's (e.g.
+``mutation=level``); ``--variants evolution race halving`` runs racing and successive halving
+beside it within the same budget, each variant's row with its gains over GITS, LD3 and the
+best non-searched schedule (``vs_fixed``) and the flow target (``flow_met``).
 """
 
 from __future__ import annotations
