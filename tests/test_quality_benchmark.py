@@ -68,6 +68,12 @@ def test_tiny_quality_benchmark(tmp_path, quality):
             assert e["met"] == (all(e[f"vs_{o}"]["improvement"] >= 0.15
                                     and e[f"vs_{o}"]["ci"][0] > 0 for o in ("gits", "ld3"))
                                 and e["cost_over_gits"] <= 10 + 1e-9)
+            # The flow target's third comparison: over the best non-searched schedule.
+            assert e["vs_fixed"]["improvement"] == pytest.approx(1 - e["fid"] / best["fid"])
+            lo, hi = e["vs_fixed"]["ci"]
+            assert lo <= e["vs_fixed"]["improvement"] <= hi
+            assert e["flow_met"] == (e["met"] and e["vs_fixed"]["improvement"] >= 0.25
+                                     and lo > 0)
     for e in row["variants"]["race"].values():
         assert e["race"]["rescored"] == 2 and e["race"]["calls"] == 2 * 150 * 4
     assert row["methods"]["evolution"]["fid"] == row["variants"]["evolution"]["0"]["fid"]
@@ -147,6 +153,17 @@ def test_tiny_quality_variants(tmp_path, quality):
         ("benchmark-2", 1)]
 
 
+@pytest.mark.parametrize("arg", ["mutation", "seed=3", "max_candidates=9", "speed=2"])
+def test_quality_evolution_option_refuses_bad_keywords(arg, quality, capsys):
+    """--evolution takes only EvolutionSearcher keywords the benchmark lets change (not its
+    seed or budget), and says so before any work starts."""
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--tiny", "--evolution", arg, "--out", "/nonexistent/never-made"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--evolution" in err and ("allowed: crossover_num" in err or "KEY=VALUE" in err)
+
+
 def test_tiny_quality_benchmark_on_a_flow_model(tmp_path, quality, monkeypatch):
     """The flow case: digits-flow-s, the flow baselines, a space warped in flow time, the
     warm-started evolution only; the flow target's comparisons are in the row and the table."""
@@ -164,11 +181,15 @@ def test_tiny_quality_benchmark_on_a_flow_model(tmp_path, quality, monkeypatch):
     monkeypatch.setattr(quality, "tiny_settings", tiny_flow)
     assert quality.main(["--tiny", "--models", "digits-flow-s", "--solvers", "euler",
                          "--baselines", "flow", "--searches", "evolution",
-                         "--space", "warp=flow", "shift=3", "--out", str(tmp_path)]) == 0
+                         "--space", "warp=flow", "shift=3", "--evolution", "mutation=level",
+                         "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "quality.json").read_text())
     (model,) = res["models"]
     assert model["model"] == "digits-flow-s" and model["solver"] == "euler"
     (row,) = model["rows"]
+    # --evolution's keywords reach the searcher and the row (level-local mutation here).
+    assert row["evolution_settings"]["mutation"] == "level"
+    assert "mutation" not in quality.tiny_settings().evolution
     assert list(row["methods"]) == [*quality.BASELINE_SETS["flow"], "gits", "ld3", "evolution"]
     assert row["settings"] == {"baselines": "flow", "space": {
         **quality.plain(quality.tiny_settings().space), "warp": "flow", "shift": 3}}
