@@ -50,7 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "faults"), str(REPO / "tests")]
 
-from campaign import TINY, compare, rows  # noqa: E402
+from campaign import TINY, compare, row_key, rows  # noqa: E402
 
 PY = sys.executable
 
@@ -515,7 +515,7 @@ def case_long(work: Path, candidates: int) -> dict[str, Any]:
     from searchd.storage import RunDir
 
     stored = rows(run) if (run / "evaluations").is_dir() else []
-    ids = [r["candidate_id"] for r in stored]
+    ids = [row_key(r) for r in stored]  # a race's re-scoring of a candidate is its own row
     rss = [r for _, r, _ in samples if r]
     parts_max = max((n for _, _, n in samples), default=0)
     n_parts = len(RunDir(str(run)).list_parts())

@@ -7,6 +7,7 @@ continuous space's cube decodes back from its parameters to itself.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,19 @@ def test_mutation_misspelt_is_refused():
         from searchd.searchers.evolution import EvolutionSearcher
 
         EvolutionSearcher(ContinuousSpace(4, 0.002, 80.0, True), mutation="one")
+
+
+def test_mutation_level_with_searched_guidance_is_refused_before_the_search():
+    """A guided space has no level-local mutation: the config says so in one line, before
+    any run directory or search exists (it used to fail inside the first generation)."""
+    from searchd.config import ConfigError, load_config
+
+    cond = Path(__file__).resolve().parents[1] / "configs" / "digits-cond.yaml"
+    with pytest.raises(ConfigError, match=r"search\.evolution\.mutation: .*space\.guidance"
+                                          r"\.kind 'interval' needs mutation: space"):
+        load_config(str(cond), ["space.guidance.kind=interval",
+                                "search.evolution.mutation=level"])
+    load_config(str(cond), ["search.evolution.mutation=level"])  # no guidance: allowed
 
 
 def test_prefix_order_keeps_shared_leading_levels_together():

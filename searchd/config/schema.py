@@ -375,6 +375,11 @@ class EvolutionConfig(Section):
             raise FieldError("search.evolution.mutation", self.mutation,
                              f"the level-local mutation moves noise levels only; space.kind "
                              f"{cfg.space.kind!r} needs mutation: space")
+        if self.mutation == "level" and cfg.space.guidance.kind != "none":
+            raise FieldError("search.evolution.mutation", self.mutation,
+                             f"the level-local mutation moves noise levels only; "
+                             f"space.guidance.kind {cfg.space.guidance.kind!r} needs "
+                             f"mutation: space")
         names = [b.label for b in cfg.baselines]
         n_seeds = len(names) + len([a for a in self.warm_start
                                     if a not in cfg.baseline_families])
