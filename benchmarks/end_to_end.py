@@ -73,6 +73,7 @@ MARKERS = [
     ("trial", r"first Tune trial started"),
     ("gen", r"\[gen \d+"),
     ("heldout_start", r"re-scoring the winner"),
+    ("heldout_jobs", r"held-out phase: \d+ schedules"),
     ("heldout_done", r"held-out \S+ on \d+ samples"),
 ]
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*)$")
@@ -146,6 +147,8 @@ def phases(run_dir: Path, start: float, end: float) -> dict[str, Any]:
         "search": last_result - setup_end,
         "  of it: to the first evaluation (Tune start)": first_eval - setup_end,
         "held-out": first["heldout_done"] - first["heldout_start"],
+        "  of it: the evaluators' jobs (sampling, features, bootstrap)":
+        (first["heldout_jobs"] - first["heldout_start"]) if "heldout_jobs" in first else None,
         "after the held-out table (best.json, plots, shutdown)": end - first["heldout_done"],
     }
     return {
