@@ -73,6 +73,7 @@ MARKERS = [
     ("trial", r"first Tune trial started"),
     ("gen", r"\[gen \d+"),
     ("heldout_start", r"re-scoring the winner"),
+    ("heldout_jobs", r"held-out phase: \d+ schedules"),
     ("heldout_done", r"held-out \S+ on \d+ samples"),
 ]
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*)$")
@@ -146,6 +147,8 @@ def phases(run_dir: Path, start: float, end: float) -> dict[str, Any]:
         "search": last_result - setup_end,
         "  of it: to the first evaluation (Tune start)": first_eval - setup_end,
         "held-out": first["heldout_done"] - first["heldout_start"],
+        "  of it: the evaluators' jobs (sampling, features, bootstrap)":
+        (first["heldout_jobs"] - first["heldout_start"]) if "heldout_jobs" in first else None,
         "after the held-out table (best.json, plots, shutdown)": end - first["heldout_done"],
     }
     return {
@@ -243,13 +246,16 @@ def _score_plain(job: tuple[list[dict[str, Any]], list[int], str]
     return [r.value(metric) for r in results], time.perf_counter() - t0
 
 
+def _seed_key(row: dict[str, Any]) -> tuple[int, int]:
+    """(seed_base, n_samples) of a stored row: the seeds it was scored on."""
+    return int(row["seed_base"]), int(row["n_samples"])
+
+
 def plain_loop(run_dir: Path) -> dict[str, Any]:
     """The run's candidates, chunk by chunk as the actors got them, in plain processes."""
     rows = [r for r in read_rows(run_dir) if r["status"] == "ok"]
     by_gen = chunks_of(rows)
     workers = sorted({w for g in by_gen.values() for w in g})
-    n_seeds = int(rows[0]["n_samples"])
-    seeds = list(range(int(rows[0]["seed_base"]), int(rows[0]["seed_base"]) + n_seeds))
     ctx = mp.get_context("spawn")
     with ctx.Pool(len(workers), initializer=_init_plain, initargs=(str(run_dir),)) as pool:
         pool.map(time.sleep, [0.2] * len(workers))  # every process initialized
@@ -257,9 +263,13 @@ def plain_loop(run_dir: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         busy = 0.0
         for g in sorted(by_gen):
-            chunks = list(by_gen[g].values())
+            # A chunk's rows on their own seeds (a race re-scores on a fresh block).
+            chunks = [[r for r in c if _seed_key(r) == k] for c in by_gen[g].values()
+                      for k in dict.fromkeys(_seed_key(r) for r in c)]
             jobs = [([json.loads(r["schedule"]) if isinstance(r["schedule"], str)
-                      else r["schedule"] for r in c], seeds, str(c[0]["metric"]))
+                      else r["schedule"] for r in c],
+                     list(range(_seed_key(c[0])[0], sum(_seed_key(c[0])))),
+                     str(c[0]["metric"]))
                     for c in chunks]
             for c, (values, secs) in zip(chunks, pool.map(_score_plain, jobs)):
                 busy += secs

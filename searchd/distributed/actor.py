@@ -55,6 +55,9 @@ class PlainHost:
     def exact_reference(self, n: int, seed_base: int) -> dict[str, Any]:
         raise ValueError("this evaluator has no model to draw exact samples from")
 
+    def exact_reference_part(self, lo: int, hi: int) -> dict[str, Any]:
+        return self.exact_reference(hi - lo, lo)
+
     def set_reference(self, reference: Mapping[str, Any]) -> None:
         raise ValueError("this evaluator takes no reference statistics")
 
@@ -155,6 +158,12 @@ class EvaluatorActor:
         """Reference statistics of ``n`` exact samples of the loaded model."""
         return await self._batcher.run_exclusive(
             lambda: self._host.exact_reference(n, seed_base))
+
+    async def exact_reference_part(self, lo: int, hi: int) -> dict[str, Any]:
+        """Exact samples of seeds ``[lo, hi)`` and their features (``EvaluatorHost``): this
+        actor's share of an exact reference split over the pool."""
+        return await self._batcher.run_exclusive(
+            lambda: self._host.exact_reference_part(lo, hi))
 
     async def set_reference(self, reference: Mapping[str, Any]) -> None:
         """Build the evaluator over the loaded models and these reference statistics."""

@@ -49,6 +49,14 @@ ADDRESS_TIMEOUT_S = 10.0
 RAY_START_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 
 
+# The local Ray's settings: its workers (the evaluator actors, which do all of a search's
+# compute) run at the priority of the command, not niced by 15 more (Ray's default, which on
+# a shared machine hands most of their CPU to any other niced work: measured, the quickstart's
+# actors got about half the cores beside five nice-19 jobs). ``nice python -m searchd.search``
+# still nices them all.
+LOCAL_RAY_CONFIG = {"worker_niceness": 0}
+
+
 # What ``drive`` imports (Ray Tune), imported in a thread during the start (``start``).
 TUNE_MODULES = ("searchd.distributed.tune",)
 
@@ -225,7 +233,7 @@ class RayEngine:
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                         configure_logging=False, _system_config=LOCAL_RAY_CONFIG)
                 self.started_ray = True
         finally:
             for n, level in saved.items():

@@ -635,6 +635,11 @@ class EvaluatorPool:
         self._add(n)
         self._membership = PoolMembership.remote(self._actors, self.names)
         self._group = bool(getattr(factory, "evaluator_options", {}).get("prefix_sharing"))
+        # An exact FID reference is split over the actors (``exact_reference``); a class_fid
+        # one (per-class statistics) is computed whole.
+        config = getattr(factory, "config", None)
+        self._split_reference = isinstance(config, dict) and (
+            config.get("metric") or {}).get("name") != "class_fid"
         self._client = PoolClient(self._actors, self.names, max_attempts,
                                   membership=self._membership, group_prefixes=self._group)
 
@@ -790,9 +795,27 @@ class EvaluatorPool:
         return out
 
     def exact_reference(self, n: int, seed_base: int) -> dict[str, Any]:
-        """Reference statistics of ``n`` exact samples, computed by one actor on the model
-        it has loaded (re-sent to another if it dies)."""
-        return self._client.run_on_one("exact_reference", n, seed_base)
+        """Reference statistics of ``n`` exact samples on the models the actors loaded.
+
+        A plain FID reference is split over the actors: each draws a contiguous range of the
+        seeds and its features (``exact_reference_part``; a part whose actor dies is re-sent
+        to another), and the driver joins them in seed order, bit for bit what one actor
+        computes (``reference.exact_reference_join``). A ``class_fid`` reference, or a pool
+        of one actor: one actor computes it whole (re-sent to another if it dies)."""
+        from searchd.evaluation.reference import exact_reference_join, split_batches
+
+        ranges = split_batches(n, seed_base, len(self._actors))
+        if len(ranges) < 2 or not self._split_reference:
+            return self._client.run_on_one("exact_reference", n, seed_base)
+        refs = [a.exact_reference_part.remote(lo, hi) for a, (lo, hi) in
+                zip(self._actors, ranges)]
+        parts = []
+        for ref, (lo, hi) in zip(refs, ranges):
+            try:
+                parts.append(ray.get(ref))
+            except RayActorError:
+                parts.append(self._client.run_on_one("exact_reference_part", lo, hi))
+        return exact_reference_join(parts, seed_base).to_dict()
 
     def set_reference(self, reference: Any) -> None:
         """Give every actor the reference statistics (they build their evaluators), and

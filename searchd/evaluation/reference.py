@@ -25,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,7 +336,29 @@ def compute_reference(
     depend on how the images are batched.
     """
     outputs = ("features", "spatial") if spatial else ("features",)
-    stats = FeatureStats.zeros(network.dim)
+    pairs = ((images, network.extract(images, outputs)) for images in batches)
+    return reference_from_outputs(pairs, network.dim, network.info, meta,
+                                  keep_features=keep_features, spatial=spatial,
+                                  progress=progress)
+
+
+def reference_from_outputs(
+    pairs: Iterable[tuple[Tensor, Mapping[str, Tensor]]],
+    dim: int,
+    network_info: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+    *,
+    keep_features: int = 0,
+    spatial: bool = False,
+    progress: Any = None,
+) -> ReferenceStats:
+    """``compute_reference`` from the feature network's outputs already computed: pairs of
+    (images [b, C, H, W], ``network.extract(images, outputs)``), in order; ``dim`` and
+    ``network_info`` are the network's. The images feed the checksum, the outputs the
+    statistics, accumulated exactly as ``compute_reference`` does (so the images and their
+    features may come from several workers, joined in seed order)."""
+    outputs = ("features", "spatial") if spatial else ("features",)
+    stats = FeatureStats.zeros(dim)
     sstats: FeatureStats | None = None
     kept: list[Tensor] = []
     n_kept = 0
@@ -359,12 +381,11 @@ def compute_reference(
                 pending[k] = [cat[k][take:]]
             pending_n -= take
 
-    for images in batches:
+    for images, out in pairs:
         if images.shape[0] == 0:
             continue
         resolution = tuple(int(s) for s in images.shape[1:])
         digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        out = network.extract(images, outputs)
         if not torch.isfinite(out["features"]).all():
             raise ValueError("non-finite features in the reference images")
         if n_kept < keep_features:
@@ -381,7 +402,7 @@ def compute_reference(
     if stats.n < 2:
         raise ValueError(f"reference statistics need at least 2 images; got {stats.n}")
     full = dict(meta or {})
-    full.update(network.info)
+    full.update(network_info)
     full.update(
         {
             "count": stats.n,
@@ -394,12 +415,17 @@ def compute_reference(
     return ReferenceStats.from_stats(stats, full, features=feats, spatial=sstats)
 
 
+# Samples per batch of an exact reference: the batches are what the pool splits among its
+# evaluators (``exact_reference_part``), so that the split computes the very same batches.
+EXACT_BATCH = 1000
+
+
 def exact_reference(
     denoiser: Any,
     network: FeatureNetwork,
     seeds: Iterable[int],
     *,
-    batch_size: int = 4096,
+    batch_size: int = EXACT_BATCH,
     keep_features: int = 0,
     spatial: bool = False,
     meta: Mapping[str, Any] | None = None,
@@ -423,3 +449,58 @@ def exact_reference(
     return compute_reference(
         batches, network, info, keep_features=keep_features, spatial=spatial, progress=progress
     )
+
+
+def exact_reference_part(
+    denoiser: Any, network: FeatureNetwork, seeds: Iterable[int], *,
+    batch_size: int = EXACT_BATCH,
+) -> dict[str, Any]:
+    """One worker's share of ``exact_reference``: the exact samples of ``seeds`` and their
+    features, as plain data for ``exact_reference_join`` (``images`` float32 [m, C, H, W],
+    ``features`` [m, d], the network's ``dim`` and ``info``, the ``source`` label).
+
+    Parts of contiguous seed ranges that start on a batch boundary of the whole (a multiple
+    of ``batch_size`` after the first seed: ``split_batches``), joined in seed order, are
+    bit for bit what one worker computes whole: the same batches go through the same
+    networks (a network's output may depend on the batch's size, e.g. the digits CNN's
+    for batches under 4), and the statistics are accumulated in fixed blocks."""
+    sample = getattr(denoiser, "sample_data", None)
+    if sample is None:
+        raise ValueError(f"{denoiser!r} has no exact samples (no sample_data)")
+    seeds = [int(s) for s in seeds]
+    images, feats = [], []
+    for i in range(0, len(seeds), batch_size):
+        x = sample(seeds[i : i + batch_size])
+        images.append(x.detach().to("cpu", torch.float32))
+        feats.append(network.extract(x, ("features",))["features"].cpu())
+    shape = tuple(int(s) for s in getattr(denoiser, "shape", ()))
+    return {
+        "images": torch.cat(images).numpy() if images else np.zeros((0, *shape), np.float32),
+        "features": torch.cat(feats).numpy() if feats else np.zeros((0, network.dim)),
+        "dim": int(network.dim),
+        "info": dict(network.info),
+        "source": f"{getattr(denoiser, 'name', 'model')}-exact",
+    }
+
+
+def exact_reference_join(parts: Sequence[Mapping[str, Any]], seed_base: int) -> ReferenceStats:
+    """``exact_reference`` from the ``exact_reference_part`` of contiguous seed ranges, in
+    seed order (the first range starting at ``seed_base``)."""
+    if not parts:
+        raise ValueError("no parts to join")
+    # Parts that crossed Ray's object store are read-only arrays: copied (a few MiB).
+    pairs = ((torch.from_numpy(np.array(p["images"])),
+              {"features": torch.from_numpy(np.array(p["features"]))}) for p in parts)
+    info = {"source": parts[0]["source"], "split": "all", "seed_base": int(seed_base)}
+    return reference_from_outputs(pairs, int(parts[0]["dim"]), parts[0]["info"], info)
+
+
+def split_batches(n: int, seed_base: int, parts: int, batch_size: int = EXACT_BATCH
+                  ) -> list[tuple[int, int]]:
+    """Contiguous seed ranges ``[lo, hi)`` covering ``seed_base + [0, n)`` for at most
+    ``parts`` workers, each a run of whole batches of ``exact_reference`` (balanced to one
+    batch)."""
+    batches = -(-n // batch_size)
+    k = max(1, min(parts, batches))
+    cuts = [min(n, batch_size * ((batches * i) // k)) for i in range(k + 1)]
+    return [(seed_base + a, seed_base + b) for a, b in zip(cuts[:-1], cuts[1:])]

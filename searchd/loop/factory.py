@@ -194,12 +194,7 @@ class EvaluatorHost:
         in the feature space, as plain data (``ReferenceStats.to_dict()``)."""
         from searchd.evaluation.reference import exact_reference
 
-        if not hasattr(self.denoiser, "sample_data"):
-            raise ValueError(
-                f"metric.reference = 'exact:{n}' needs a model with exact samples (the "
-                f"embedded gmm-digits and digits-unet zoos); {model_label(self.cfg)!r} has "
-                "none: give a reference .npz"
-            )
+        self._check_exact(n)
         if self.cfg.metric.name == "class_fid":  # per class and the class-balanced pool
             from searchd.evaluation.conditional import exact_class_reference
 
@@ -208,6 +203,26 @@ class EvaluatorHost:
                                          int(self.facts()["n_classes"])).to_dict()
         ref = exact_reference(self.denoiser, self.features, range(seed_base, seed_base + n))
         return ref.to_dict()
+
+    def _check_exact(self, n: int) -> None:
+        if not hasattr(self.denoiser, "sample_data"):
+            raise ValueError(
+                f"metric.reference = 'exact:{n}' needs a model with exact samples (the "
+                f"embedded gmm-digits and digits-unet zoos); {model_label(self.cfg)!r} has "
+                "none: give a reference .npz"
+            )
+
+    def exact_reference_part(self, lo: int, hi: int) -> dict[str, Any]:
+        """Exact samples of seeds ``[lo, hi)`` and their features: one worker's share of
+        ``exact_reference`` (``reference.exact_reference_part``; joined with
+        ``reference.exact_reference_join``). Plain FID references only (a ``class_fid``
+        reference is computed whole, ``exact_reference``)."""
+        from searchd.evaluation.reference import exact_reference_part
+
+        self._check_exact(hi - lo)
+        if self.cfg.metric.name == "class_fid":
+            raise ValueError("a class_fid reference is computed whole (exact_reference)")
+        return exact_reference_part(self.denoiser, self.features, range(int(lo), int(hi)))
 
     def set_reference(self, reference: Mapping[str, Any] | None) -> None:
         """Build the ``Evaluator`` over the loaded models and these reference statistics."""

@@ -19,7 +19,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -333,19 +334,68 @@ def write_plots(run: RunDir, winner: Schedule, baselines: Sequence[Schedule], be
                 images: Mapping[int, Any], metric: str, nfe: int) -> list[str]:
     """The run's plots (metric per generation, schedules, sample grids) into ``report/``:
     drawn in a scratch directory and copied in atomically (also to ``s3://``)."""
-    from searchd.plots import draw_plots, save_image_grid
+    plots = SearchPlots(winner, baselines, lambda: rows, baseline_values, metric, nfe,
+                        background=False)
+    return plots.finish(run, images, best_base)
 
-    folder = tempfile.mkdtemp(prefix="searchd-report-")
-    try:
+
+class SearchPlots:
+    """The run's plots, the search's drawn first (``background``: in a thread, while the
+    evaluators do the held-out phase and the driver only waits), the sample grids and the
+    copy into ``report/`` at ``finish`` (once the grids' images are there).
+
+    ``rows``: a callable returning the search's scored rows (read in the thread too).
+    ``finish`` re-raises an error of the drawing; ``discard`` drops the scratch directory
+    of plots that will not be written (the held-out phase failed)."""
+
+    def __init__(self, winner: Schedule, baselines: Sequence[Schedule],
+                 rows: Callable[[], Sequence[Mapping[str, Any]]],
+                 baseline_values: Mapping[str, float | None], metric: str, nfe: int, *,
+                 background: bool = True) -> None:
+        self.folder = tempfile.mkdtemp(prefix="searchd-report-")
+        self.error: BaseException | None = None
         named = {"searched (best)": winner.sigmas}
         for b in baselines:
             named[name_of(b)] = b.sigmas
         values = {k: (math.inf if v is None else v) for k, v in baseline_values.items()}
-        draw_plots(folder, rows, values, named, metric,
-                   f"best schedule vs baselines ({winner.solver}, NFE {nfe})")
-        labels = {0: "best", 1 + best_base: "best_baseline"}
-        for i, x in images.items():
-            save_image_grid(x, os.path.join(folder, f"samples_{labels[i]}.png"))
-        return run.write_files(folder, sorted(os.listdir(folder)), REPORT_DIR)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        title = f"best schedule vs baselines ({winner.solver}, NFE {nfe})"
+        args = (rows, values, named, metric, title)
+        self.thread: threading.Thread | None = None
+        if background:
+            self.thread = threading.Thread(target=self._draw, args=args,
+                                           name="searchd-plots", daemon=True)
+            self.thread.start()
+        else:
+            self._draw(*args)
+
+    def _draw(self, rows: Callable[[], Sequence[Mapping[str, Any]]], values: dict[str, float],
+              named: dict[str, Any], metric: str, title: str) -> None:
+        from searchd.plots import draw_plots
+
+        try:
+            draw_plots(self.folder, rows(), values, named, metric, title)
+        except BaseException as e:  # re-raised by finish, in the driver's thread
+            self.error = e
+
+    def finish(self, run: RunDir, images: Mapping[int, Any], best_base: int) -> list[str]:
+        """Wait for the search's plots, draw the sample grids, copy all into ``report/``."""
+        from searchd.plots import save_image_grid
+
+        try:
+            if self.thread is not None:
+                self.thread.join()
+            if self.error is not None:
+                raise self.error
+            labels = {0: "best", 1 + best_base: "best_baseline"}
+            for i, x in images.items():
+                save_image_grid(x, os.path.join(self.folder, f"samples_{labels[i]}.png"))
+            return run.write_files(self.folder, sorted(os.listdir(self.folder)), REPORT_DIR)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the scratch directory (after ``finish``, or instead of it); waits for the
+        drawing thread first."""
+        if self.thread is not None:
+            self.thread.join()
+        shutil.rmtree(self.folder, ignore_errors=True)

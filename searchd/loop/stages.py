@@ -586,8 +586,6 @@ def train_predictor(plan: RunPlan, setup: Setup, say: Say) -> None:
 def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str, Any]:
     """The finish stage: the winner (the searcher's best: value, then id) and the baselines
     re-scored on the held-out seeds, on an evaluator; best.json; the plots; the summary."""
-    from searchd.storage import table_to_rows
-
     cfg, run = plan.cfg, plan.run
     best = loop.best()
     if best is None:
@@ -614,40 +612,51 @@ def finish(plan: RunPlan, setup: Setup, loop: SearchLoop, say: Say) -> dict[str,
         [winner, *baselines], heldout_seeds, cfg.report.ci_level, grid_seeds,
         [0, 1 + best_base], list(range(s.seed_base, s.seed_base + s.per_candidate)),
         predictor, workers=len(setup.workers.names))
-    final = fin.join_final(setup.workers.call_each(jobs), heldout_seeds, 1 + best_base,
-                           cfg.report.ci_level)
-    logger.info("held-out phase: %d schedules on %d evaluator(s) in %.1f s",
-                1 + len(baselines), len(jobs) - 1, time.monotonic() - t0)
-    faults.hit("during_heldout")  # SEARCHD_FAULT: scored, best.json not written (faults.py)
-    held = final["heldout"]
-    for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
-        score["name"] = name
-    out = fin.best_json(
-        run_id=plan.run_id, model=model_label(cfg), cfg=cfg, winner=winner,
-        winner_result=winner_result, baselines=baselines, baseline_values=values,
-        best_base=best_base, held=held, evaluations=_evaluations(loop, setup),
-        anchor_results=setup.anchor_results, zoo=setup.zoo, space=setup.space,
-        sigma_grid=setup.facts.get("sigma_grid"),
-    )
-    if run.exists(OBJECTIVE_FILE):  # class_fid: the objective and its parameters
-        out["search"]["objective"] = json.loads(run.read_text(OBJECTIVE_FILE))
-    if cfg.search.algorithm == "adaptive":
-        out["adaptive"] = _adaptive_json(cfg, setup, final.get("adaptive"))
-    if loop.race is not None:
-        out["racing"] = loop.race.to_json(metric)
-    run.write_text(BEST_FILE, json.dumps(out, indent=2) + "\n")
-    if cfg.report.plots:
-        from searchd.loop.racing import is_race_row
-
-        rows = [r for r in table_to_rows(run.read_evaluations())
-                if r["status"] == "ok" and r["value"] is not None and not is_race_row(r)]
-        fin.write_plots(run, winner, baselines, best_base, rows, values, final["images"],
-                        metric, cfg.nfe)
+    # The search's plots are drawn in the driver meanwhile (it only waits for the jobs).
+    plots = fin.SearchPlots(winner, baselines, lambda: _plot_rows(run), values, metric,
+                            cfg.nfe) if cfg.report.plots else None
+    try:
+        final = fin.join_final(setup.workers.call_each(jobs), heldout_seeds, 1 + best_base,
+                               cfg.report.ci_level)
+        logger.info("held-out phase: %d schedules on %d evaluator(s) in %.1f s",
+                    1 + len(baselines), len(jobs) - 1, time.monotonic() - t0)
+        faults.hit("during_heldout")  # SEARCHD_FAULT: scored, best.json not written
+        held = final["heldout"]
+        for name, score in zip(["searched", *map(fin.name_of, baselines)], held["scores"]):
+            score["name"] = name
+        out = fin.best_json(
+            run_id=plan.run_id, model=model_label(cfg), cfg=cfg, winner=winner,
+            winner_result=winner_result, baselines=baselines, baseline_values=values,
+            best_base=best_base, held=held, evaluations=_evaluations(loop, setup),
+            anchor_results=setup.anchor_results, zoo=setup.zoo, space=setup.space,
+            sigma_grid=setup.facts.get("sigma_grid"),
+        )
+        if run.exists(OBJECTIVE_FILE):  # class_fid: the objective and its parameters
+            out["search"]["objective"] = json.loads(run.read_text(OBJECTIVE_FILE))
+        if cfg.search.algorithm == "adaptive":
+            out["adaptive"] = _adaptive_json(cfg, setup, final.get("adaptive"))
+        if loop.race is not None:
+            out["racing"] = loop.race.to_json(metric)
+        run.write_text(BEST_FILE, json.dumps(out, indent=2) + "\n")
+        if plots is not None:
+            plots.finish(run, final["images"], best_base)
+    finally:
+        if plots is not None:  # the drawing's scratch directory, whatever happened
+            plots.discard()
     for line in fin.summary_lines(out):
         say(line)
     if "adaptive" in out and out["adaptive"].get("status") == "ok":
         say(f"  load it beside your sampler: {run.display(out['adaptive']['torchscript'])}")
     return out
+
+
+def _plot_rows(run: RunDir) -> list[dict[str, Any]]:
+    """The search's scored rows the plots show (not the race's re-scorings)."""
+    from searchd.loop.racing import is_race_row
+    from searchd.storage import table_to_rows
+
+    return [r for r in table_to_rows(run.read_evaluations())
+            if r["status"] == "ok" and r["value"] is not None and not is_race_row(r)]
 
 
 def _evaluations(loop: SearchLoop, setup: Setup) -> int:
