@@ -121,6 +121,20 @@ def test_a_model_without_guidance_is_refused_before_searching(tmp_path):
     assert not (tmp_path / "r" / "evaluations").exists()
 
 
+def test_guided_seeds_beyond_the_population_are_one_line_before_searching(tmp_path):
+    """Each baseline with each space.guidance.baseline_w (2) and the paper's interval: 5 seeds
+    for generation 0, which does not hold them at population_num 4. Their number is known
+    only once the space exists; the refusal is still one line, and nothing is left."""
+    tiny = [*TINY, "baselines=[{family: polynomial, params: {rho: 7}}, {family: logsnr}]",
+            "space.guidance.kind=interval"]
+    with pytest.raises(BadInput) as e:
+        searchd.search(str(COND), tiny, run_dir=str(tmp_path / "r"), engine="local")
+    msg = str(e.value)
+    assert msg.startswith("search.evolution.population_num: got 4") and "\n" not in msg
+    assert "5 seed schedules" in msg
+    assert not (tmp_path / "r").exists()
+
+
 def test_extending_the_guided_run_continues_from_its_stored_state(ran):
     """A resumed guided run (one more generation): the stored rows come back as guided
     schedules, none is scored again, and the new generation's candidates are guided too.

@@ -59,19 +59,33 @@ def _evolution(
     # The pre-screen's step tokens hold levels and models, not guidance weights: on a guided
     # space it would rank offspring blind to half of what they are, so it stays off there.
     screen = pr.enabled and not _is_guided(space)
-    return EvolutionSearcher(
-        space, metric, mode,
-        population_num=ev.population_num, select_num=ev.select_num,
-        mutation_num=ev.mutation_num, crossover_num=ev.crossover_num, m_prob=ev.m_prob,
-        max_epochs=ev.generations, seed=search.seed, seeds=seeds,
-        mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
-        max_candidates=searcher_budget(search),
-        predictor_top_fraction=pr.top_fraction if screen else None,
-        predictor_min_train=pr.min_train,
-        predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps,
-                                         warm_steps=pr.warm_steps),
-        mutation=ev.mutation,
-    )
+    try:
+        return EvolutionSearcher(
+            space, metric, mode,
+            population_num=ev.population_num, select_num=ev.select_num,
+            mutation_num=ev.mutation_num, crossover_num=ev.crossover_num, m_prob=ev.m_prob,
+            max_epochs=ev.generations, seed=search.seed, seeds=seeds,
+            mutation_scale=ev.mutation_scale, random_fill=ev.random_fill,
+            max_candidates=searcher_budget(search),
+            predictor_top_fraction=pr.top_fraction if screen else None,
+            predictor_min_train=pr.min_train,
+            predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps,
+                                             warm_steps=pr.warm_steps),
+            mutation=ev.mutation,
+        )
+    except ValueError as e:
+        if len(seeds) <= ev.population_num:
+            raise
+        # Generation 0 holds every seed. The configuration counts baselines and warm starts;
+        # on a guided space their number is known only here (each baseline with each
+        # space.guidance.baseline_w, and the paper's interval, where the family holds them).
+        from searchd.loop.runs import BadInput
+
+        raise BadInput(
+            f"search.evolution.population_num: got {ev.population_num}; generation 0 must "
+            f"hold every baseline and warm start ({e}); allowed: a population_num at least "
+            f"that large, or fewer baselines / space.guidance.baseline_w"
+        ) from None
 
 
 def _random(
