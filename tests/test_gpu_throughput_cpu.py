@@ -4,19 +4,14 @@ efficiency ``sampling x NFE / forward`` computed from them."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_module import load_benchmark
 
 
 def test_gpu_throughput_runs_on_cpu_and_reports_sampling_against_forward(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_throughput",
-                                                  ROOT / "benchmarks" / "gpu_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gpu_throughput")
     out = tmp_path / "gpu.md"
     table = mod.main(["--device", "cpu", "--batches", "2", "--nfe", "2", "--repeats", "1",
                       "--threads", "1", "--out", str(out)])

@@ -5,28 +5,18 @@ intervals), so that it cannot rot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from searchd.solvers import network_calls
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def guidance_bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("guidance_bench",
-                                                  ROOT / "benchmarks" / "guidance.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["guidance_bench"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("guidance", "guidance_bench")
 
 
 def test_tiny_guidance_benchmark(tmp_path, guidance_bench):

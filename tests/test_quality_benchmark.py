@@ -3,24 +3,17 @@ samples, so that it cannot rot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 def test_tiny_quality_benchmark(tmp_path, quality):
@@ -89,10 +82,7 @@ def test_tiny_quality_ceiling(tmp_path, quality):
     import torch
 
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location(
-        "quality_ceiling", ROOT / "benchmarks" / "quality_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("quality_ceiling")
     out = tmp_path / "c"
     assert mod.main(["--tiny", "--candidates", "12", "--top", "2", "--out", str(out)]) == 0
     (row,) = json.loads((out / "quality_ceiling.json").read_text())["rows"]
@@ -120,10 +110,7 @@ def test_tiny_quality_variants(tmp_path, quality):
     import torch
 
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location(
-        "quality_variants", ROOT / "benchmarks" / "quality_variants.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("quality_variants")
     with pytest.raises(SystemExit):
         mod.main(["--tiny", "--variant", "no-json-here", "--out", str(tmp_path)])
     assert mod.main(["--tiny", "--seeds", "0", "1", "--variant", 'step={"mutation_scale": 0.2}',

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("quality_flow_probe",
-                                                  ROOT / "benchmarks" / "quality_flow_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_flow_probe"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality_flow_probe")
 
 
 def test_schedule_of_round_trips_flow_times(probe):
