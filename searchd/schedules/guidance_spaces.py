@@ -36,6 +36,7 @@ from searchd.schedules.spaces import (
     ContinuousSpace,
     DiscreteSpace,
     _VectorSpace,
+    halves_to_mutate,
     reflect_unit,
     with_meta,
 )
@@ -370,16 +371,12 @@ class GuidedSpace(_VectorSpace):
         1/2; at least one does."""
         ug = self.guidance.encode(schedule)
         times = strip_guidance(schedule)
-        which = rng.random(2) < 0.5
-        if not which.any():
-            which[rng.integers(2)] = True
-        if self.timesteps.dim == 0:
-            which = np.array([False, True])
-        if self.guidance.dim == 0:
-            which = np.array([True, False])
-        if which[0]:
+        move_times, move_weights = halves_to_mutate(rng, self.timesteps.dim)
+        if self.guidance.dim == 0:  # nothing to move in the guidance half
+            move_times, move_weights = True, False
+        if move_times:
             times = self.timesteps.mutate(times, rng, m_prob, scale)
-        if which[1] and self.guidance.dim > 0:
+        if move_weights:
             mask = rng.random(ug.size) < m_prob
             if not mask.any():
                 mask[rng.integers(ug.size)] = True

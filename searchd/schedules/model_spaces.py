@@ -27,7 +27,13 @@ import numpy as np
 
 from searchd.schedule import Schedule
 from searchd.schedules.cost import calls_per_step
-from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace, _VectorSpace, with_meta
+from searchd.schedules.spaces import (
+    ContinuousSpace,
+    DiscreteSpace,
+    _VectorSpace,
+    halves_to_mutate,
+    with_meta,
+)
 
 # Relative slack on the budget (float sums of latencies).
 _BUDGET_RTOL = 1e-9
@@ -353,15 +359,11 @@ class JointSpace(_ModelSchedules, _VectorSpace):
         """The timestep half and the model half each mutate with probability 1/2 (at least
         one does), each with its own operator."""
         ids = self._ids(schedule)
-        which = rng.random(2) < 0.5
-        if not which.any():
-            which[rng.integers(2)] = True
+        move_times, move_models = halves_to_mutate(rng, self.timesteps.dim)
         times = self._strip(schedule)
-        if which[0] and self.timesteps.dim > 0:
+        if move_times:
             times = self.timesteps.mutate(times, rng, m_prob, scale)
-        elif which[0]:
-            which[1] = True
-        if which[1]:
+        if move_models:
             ids = self.models.mutate(ids, rng, m_prob)
         return self._join(times, self.models.repair(ids))
 

@@ -51,6 +51,18 @@ def reflect_unit(v: np.ndarray) -> np.ndarray:
     return np.where(v > 1.0, 2.0 - v, v)
 
 
+def halves_to_mutate(rng: np.random.Generator, times_dim: int) -> tuple[bool, bool]:
+    """Which halves of a two-part space (timesteps, then models / strategy / guidance) a
+    mutation moves: each with probability 1/2, at least one; a timestep half without
+    parameters passes its turn to the other. Returns (timesteps, other)."""
+    which = rng.random(2) < 0.5
+    if not which.any():
+        which[rng.integers(2)] = True
+    if times_dim == 0:
+        return False, True
+    return bool(which[0]), bool(which[1])
+
+
 def with_meta(schedule: Schedule, **meta: Any) -> Schedule:
     """The same candidate (same id) with ``meta`` merged into its provenance."""
     merged = {**dict(schedule.meta), **meta}

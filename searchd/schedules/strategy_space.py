@@ -28,7 +28,13 @@ import numpy as np
 
 from searchd.schedule import Schedule
 from searchd.schedules.guidance_spaces import GuidedSpace
-from searchd.schedules.spaces import ContinuousSpace, DiscreteSpace, _VectorSpace, with_meta
+from searchd.schedules.spaces import (
+    ContinuousSpace,
+    DiscreteSpace,
+    _VectorSpace,
+    halves_to_mutate,
+    with_meta,
+)
 from searchd.solvers.strategy import default_strategy, family, parse_code
 
 
@@ -167,15 +173,11 @@ class StrategySpace(_VectorSpace):
         """The timestep half and the strategy half each mutate with probability 1/2 (at
         least one does), each with its own operator."""
         codes = self.codes_of(schedule)
-        which = rng.random(2) < 0.5
-        if not which.any():
-            which[rng.integers(2)] = True
+        move_times, move_codes = halves_to_mutate(rng, self.timesteps.dim)
         times = self._strip(schedule)
-        if which[0] and self.timesteps.dim > 0:
+        if move_times:
             times = self.timesteps.mutate(times, rng, m_prob, scale)
-        elif which[0]:
-            which[1] = True
-        if which[1]:
+        if move_codes:
             codes = self._mutate_codes(codes, rng, m_prob)
         return self._join(times, codes)
 
