@@ -43,3 +43,16 @@ def test_a_trial_process_does_not_import_torch(tmp_path) -> None:
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"the trial's process imported {out.stdout.strip()}"
+
+
+def test_the_package_attribute_evaluate_stays_the_function() -> None:
+    """``searchd.evaluation`` resolves its names lazily; importing the submodule
+    ``searchd.evaluation.evaluate`` does not turn the package's ``evaluate`` into it."""
+    import searchd.evaluation
+    import searchd.evaluation.evaluate as submodule_import  # noqa: F401
+    from searchd.evaluation import evaluate
+    from searchd.evaluation.evaluate import Evaluator
+
+    assert callable(evaluate) and evaluate.__module__ == "searchd.evaluation.evaluate"
+    assert searchd.evaluation.evaluate is evaluate
+    assert searchd.evaluation.Evaluator is Evaluator

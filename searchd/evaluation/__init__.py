@@ -5,18 +5,20 @@ Decisions are recorded in docs/notes-eval.md.
 
 The names below are imported on first use (PEP 562), not with the package: a process that
 needs only ``CandidateResult`` (``searchd.evaluation.result``), such as a Ray Tune trial
-that passes results on, must not import torch through this package. The function
-``evaluate`` is ``searchd.evaluation.evaluate.evaluate`` (``searchd.evaluation.evaluate`` is
-the submodule).
+that passes results on, must not import torch through this package. As before, the
+package's attribute ``evaluate`` is the function ``searchd.evaluation.evaluate.evaluate``,
+not the submodule of that name (``_Package``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from searchd.evaluation.evaluate import METRICS, Evaluator
+    from searchd.evaluation.evaluate import METRICS, Evaluator, evaluate
     from searchd.evaluation.features import FEATURES, FeatureNetwork, load_features
     from searchd.evaluation.frechet import (
         FrechetReference,
@@ -66,6 +68,7 @@ __all__ = [
     "TeacherSettings",
     "bootstrap_fid",
     "compute_reference",
+    "evaluate",
     "exact_reference",
     "frechet_distance",
     "frechet_distance_fast",
@@ -94,4 +97,22 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+    return sorted({*globals(), *_WHERE, "evaluate"})
+
+
+class _Package(types.ModuleType):
+    """This package's module type. Its ``evaluate`` is the function of the submodule of the
+    same name, imported on first use; the import system's binding of the submodule to that
+    attribute (when anything imports ``searchd.evaluation.evaluate``) is ignored, so that the
+    attribute stays the function, as when this package imported it eagerly."""
+
+    @property
+    def evaluate(self) -> Any:
+        return importlib.import_module(f"{__name__}.evaluate").evaluate
+
+    @evaluate.setter
+    def evaluate(self, value: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
