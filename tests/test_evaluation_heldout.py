@@ -30,10 +30,38 @@ def test_vectorized_bootstrap_equals_recomputing_each_resample():
     counts = bootstrap_counts(150, 4, seed=3)
     assert torch.equal(counts.sum(1), torch.full((4,), 150.0, dtype=torch.float64))
     fast = bootstrap_fid(f, ref, counts)
+    brute = []
     for b in range(4):
         x = np.repeat(f, counts[b].numpy().astype(int), axis=0)  # the resampled set
         exact = frechet_distance(x.mean(0), np.cov(x.T), ref_feats.mean(0), np.cov(ref_feats.T))
         assert float(fast[b]) == pytest.approx(exact, rel=1e-8)
+        brute.append(exact)
+    # The interval is that of the brute-force resampled FIDs (its definition).
+    est = frechet_distance(f.mean(0), np.cov(f.T), ref_feats.mean(0), np.cov(ref_feats.T))
+    lo, hi = np.quantile(brute, [0.025, 0.975]) + (est - np.mean(brute))
+    assert bootstrap_interval(fast, est) == pytest.approx((lo, hi), rel=1e-8)
+
+
+def test_mixed_precision_bootstrap_gives_the_brute_force_interval(monkeypatch):
+    """From ``_MIXED_MIN_SAMPLES`` samples on, the resample's deviation is summed in float32:
+    each bootstrap FID stays within 1e-6 of the brute-force resample's, and so does the
+    interval (here forced on a small case)."""
+    from searchd.evaluation import heldout
+
+    monkeypatch.setattr(heldout, "_MIXED_MIN_SAMPLES", 0)
+    rng = np.random.default_rng(4)
+    f = 2.0 + rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5))
+    ref_feats = rng.standard_normal((600, 5))
+    ref = FrechetReference(ref_feats.mean(0), np.cov(ref_feats.T))
+    counts = bootstrap_counts(400, 40, seed=1)
+    fast = bootstrap_fid(f, ref, counts)
+    brute = [frechet_distance(*(lambda x: (x.mean(0), np.cov(x.T)))(
+        np.repeat(f, counts[b].numpy().astype(int), axis=0)),
+        ref_feats.mean(0), np.cov(ref_feats.T)) for b in range(40)]
+    np.testing.assert_allclose(fast.numpy(), brute, rtol=1e-6)
+    est = frechet_distance(f.mean(0), np.cov(f.T), ref_feats.mean(0), np.cov(ref_feats.T))
+    lo, hi = np.quantile(brute, [0.025, 0.975]) + (est - np.mean(brute))
+    assert bootstrap_interval(fast, est) == pytest.approx((lo, hi), rel=1e-6)
 
 
 def test_bootstrap_spread_matches_the_sampling_spread():
@@ -133,21 +161,26 @@ def test_heldout_parts_on_several_workers_equal_one_pass():
 
 
 @pytest.mark.parametrize("outer_elements", [1 << 22, 40])
-@pytest.mark.parametrize("max_dim", [256, 0])
-def test_weighted_grams_equal_the_direct_products(monkeypatch, outer_elements, max_dim):
-    """Both paths (packed outer products, in one block or in many with a ragged last one;
-    the batched product) give ``G^T diag(c) G`` for every resample."""
+@pytest.mark.parametrize("max_dim,mixed", [(256, False), (256, True), (0, False)])
+def test_weighted_grams_equal_the_direct_products(monkeypatch, outer_elements, max_dim,
+                                                  mixed):
+    """Both paths (packed outer products, in one block or in many with a ragged last one,
+    their deviation part in float32; the batched product in float64) give
+    ``G^T diag(c) G`` for every resample, to float32's rounding of the deviation."""
     from searchd.evaluation import heldout
 
     monkeypatch.setattr(heldout, "_OUTER_ELEMENTS", outer_elements)
     monkeypatch.setattr(heldout, "_PACKED_MAX_DIM", max_dim)
+    monkeypatch.setattr(heldout, "_MIXED_MIN_SAMPLES", 0 if mixed else 1 << 30)
     rng = np.random.default_rng(1)
-    g = torch.as_tensor(rng.standard_normal((103, 7)))
+    g = torch.as_tensor(3.0 + rng.standard_normal((103, 7)))  # features with a mean
     counts = bootstrap_counts(103, 5, seed=2)
     got = heldout.weighted_grams(g, counts)
+    assert got.dtype == torch.float64
+    tol = 1e-6 if mixed else 1e-12
     for b in range(5):
         want = g.numpy().T @ np.diag(counts[b].numpy()) @ g.numpy()
-        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=0, atol=tol * np.abs(want).max())
 
 
 def test_paired_table_takes_read_only_bootstrap_values_without_sharing_them():

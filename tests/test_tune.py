@@ -144,6 +144,41 @@ def test_every_candidate_completes_once_and_is_recorded_before_the_searcher_lear
 
 
 @pytest.mark.ray
+def test_the_first_batch_scored_by_the_driver_is_recorded_as_its_trial_would_be(
+    pool, tmp_path
+) -> None:
+    """``prefetch_first``: the driver scores the first batch while Tune starts the first
+    trial; an error there fails that batch as the trial's error would, the search goes on,
+    and the values are those of the trials' path."""
+    space = make_space()
+    preview = RandomSearcher(space, METRIC, num_samples=8, seed=5)
+    ids = [preview.ask(f"p{i}").id for i in range(8)]
+    runs = {}
+    for prefetch, refused in ((True, {ids[1]}), (True, set()), (False, set())):
+        searcher = RandomSearcher(space, METRIC, num_samples=8, seed=5)
+        rec = Recorded(searcher)
+        loop = SearchLoop(searcher, SEEDS, batch_size=4, observers=[rec])
+        out = run_tune(loop, RefusingScorer(pool.client(), refused),
+                       storage_path=str(tmp_path), name=f"first{len(runs)}",
+                       prefetch_first=prefetch)
+        assert out.finished and loop.n_batches == 2 and loop.n_scored == 8
+        runs[(prefetch, bool(refused))] = (out, loop, rec)
+    out, loop, rec = runs[(True, True)]
+    assert out.n_trials == 1 and out.n_errored_trials == 1 and loop.n_failed == 4
+    first = rec.batches[0][2]
+    assert all(r.status == "failed" and "ValueError: refused candidate" in r.error
+               for r in first)
+    assert all(r.status == "ok" for r in rec.batches[1][2])
+    values = {}
+    for key in ((True, False), (False, False)):
+        out, loop, rec = runs[key]
+        assert out.n_trials == 2 and out.n_errored_trials == 0 and loop.n_failed == 0
+        assert all(r.worker in pool.names for b in rec.batches for r in b[2])
+        values[key] = {r.candidate_id: r.metrics[METRIC] for b in rec.batches for r in b[2]}
+    assert values[(True, False)] == values[(False, False)]
+
+
+@pytest.mark.ray
 def test_sigint_leaves_the_loop_unfinished_and_a_resume_scores_nothing_twice(
     pool, tmp_path, capfd
 ) -> None:

@@ -8,6 +8,11 @@ together (same seeds) into one population-batched call run in a worker thread.
 Results come back as the evaluator's own ``CandidateResult``s with ``worker`` (the actor's
 name) and ``node`` (host and Ray node) filled in, which the Parquet rows record; their
 feature statistics are dropped here unless asked for (they can be large).
+
+This module imports neither torch nor the evaluator's code (the factory does, when an actor
+starts): a process that unpickles an actor's handle imports the module of its class, and the
+Tune trials, which hold the handles in their ``PoolClient``, must stay free of torch
+(``searchd.distributed.trial``).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import socket
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from searchd.distributed.batcher import RequestBatcher
-from searchd.loop.factory import EvaluatorFactory, EvaluatorHost
+
+if TYPE_CHECKING:  # the evaluator's code (torch) is imported by the factory, in the actor
+    from searchd.loop.factory import EvaluatorFactory, EvaluatorHost
 
 
 def seed_key(seeds: Sequence[int]) -> Hashable:

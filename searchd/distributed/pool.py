@@ -40,9 +40,12 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from searchd.distributed.actor import EvaluatorActor, FactoryName
 from searchd.distributed.holders import FactoryHolder, PoolMembership, dumps, loads
-from searchd.evaluation import CandidateResult
+from searchd.evaluation.result import CandidateResult
+
+# ``searchd.distributed.actor`` (the evaluator's code: torch) is imported where the pool
+# starts actors, not here: a Tune trial unpickles a ``PoolClient`` and so imports this
+# module, and its process must stay free of torch (``searchd.distributed.trial``).
 
 # A picklable factory of the actors' evaluators (``searchd.loop.factory.EvaluatorFactory``,
 # or any zero-argument callable returning an evaluator).
@@ -679,6 +682,8 @@ class EvaluatorPool:
 
     def _start(self, n: int) -> list[tuple[ActorHandle, str, ray.ObjectRef]]:
         """Create ``n`` more actors; returns (handle, name, ready() ref) for each."""
+        from searchd.distributed.actor import EvaluatorActor, FactoryName
+
         first = len(self._actors) + len(self._starting)
         out = []
         for i in range(n):

@@ -7,7 +7,8 @@
   result are not sent), ``on_trial_complete`` is ``loop.tell``;
 - the trial is thin: it decodes its schedules, scores them with the scorer (the pool's
   ``PoolClient``: the scoring protocol on the actors) and reports once, with the results
-  under a private key;
+  under a private key; its function lives in ``searchd.distributed.trial``, so that its
+  process does not import torch;
 - ``_LoopCallback.on_trial_result`` runs in the driver when a trial's result arrives, pops
   the results and calls ``loop.complete`` (Parquet rows, searcher state, progress) and then
   ``between`` (the pool's growth step). Ray 2.60's TuneController calls the searcher's
@@ -20,6 +21,10 @@
   outcome's ``lost`` says why (the engine stops the search; ``--resume`` scores the batch).
 
 Each result crosses from the trial to the driver once, as the ``CandidateResult`` itself.
+
+The first batch (``prefetch_first``, what the engine does): the driver scores it itself, in
+a thread, from the moment Tune asks for it, and its trial only reports; the first trial's
+process (Tune starts a new one, then reuses it) is then off the critical path (``Prefetch``).
 
 A trial reserves a small fraction of a CPU and no GPU (Tune rejects ``{"cpu": 0}``), on the
 head node (``HEAD_NODE_RESOURCE``); the evaluator actors hold the resources. With
@@ -39,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +55,7 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from searchd.distributed.pool import is_infrastructure_error
+from searchd.distributed.trial import PAYLOAD_KEY, PREFETCHED, best_value, make_trainable
 from searchd.loop.loop import SearchLoop
 from searchd.loop.scoring import Scorer
 from searchd.schedule import Schedule
@@ -56,9 +63,6 @@ from searchd.searchers.base import FINISHED, ScheduleSearcher
 
 logger = logging.getLogger(__name__)
 
-# Result key carrying the results from the trial to the driver's callback, which removes it
-# before Tune's loggers and the trial's stored result see it.
-PAYLOAD_KEY = "_searchd_results"
 # CPU a trial reserves: Tune rejects 0; the actors hold the real resources.
 TRIAL_CPUS = 0.01
 # Every head node has this resource (1.0); a trial asking for a sliver of it runs on the head,
@@ -80,7 +84,8 @@ class TuneOutcome:
         finished: the loop is finished (the searcher returned FINISHED and every batch was
             told); False after SIGINT, a ``stop`` criterion, or trials Tune removed.
         n_trials: trials whose results reached the loop.
-        n_errored_trials: trials Tune reported as errored (their candidates failed).
+        n_errored_trials: trials Tune reported as errored, and a first batch whose scoring
+            by the driver raised (``Prefetch``); their candidates failed.
         wall_s: seconds spent in ``Tuner.fit()``.
         startup_s: seconds from the start of ``fit()`` to the start of the first trial
             (Tune's fixed cost: placement group, the trial's worker process); NaN if none.
@@ -104,14 +109,6 @@ class TuneOutcome:
     lost: str | None = None
 
 
-def best_value(values: Sequence[float | None], mode: str) -> float:
-    """Best finite value under ``mode`` ("min" or "max"); NaN when there is none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return math.nan
-    return min(finite) if mode == "min" else max(finite)
-
-
 class LoopSearcher(Searcher):
     """The Tune searcher of a ``SearchLoop``: a trial per batch (see the module docstring).
 
@@ -120,11 +117,15 @@ class LoopSearcher(Searcher):
     for them again from the run directory's last searcher state.
     """
 
-    def __init__(self, loop: SearchLoop) -> None:
+    def __init__(self, loop: SearchLoop, prefetch: Scorer | None = None) -> None:
         super().__init__(metric=loop.metric, mode=loop.searcher.mode)
         self.loop = loop
         self._errored: set[str] = set()  # trials Tune reported errored, their text to come
         self.lost: str | None = None  # a trial's infrastructure error: ask no more batches
+        # The first batch is scored by the driver with this scorer (``Prefetch``), while
+        # Tune starts the first trial's process; None: every batch by its trial.
+        self._prefetch = prefetch
+        self.prefetched: dict[str, Prefetch] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec: Any) -> bool:
@@ -138,7 +139,13 @@ class LoopSearcher(Searcher):
         batch = self.loop.ask(trial_id)
         if batch is None or isinstance(batch, str):
             return batch
-        return {"candidates": [s.to_dict() for s in batch.to_score]}
+        config: dict[str, Any] = {"candidates": [s.to_dict() for s in batch.to_score]}
+        if self._prefetch is not None and batch.to_score:
+            self.prefetched[trial_id] = Prefetch(self._prefetch, list(batch.to_score),
+                                                 self.loop.seeds)
+            self._prefetch = None  # the first batch only: later trials reuse the process
+            config[PREFETCHED] = True
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Nothing: the callback records the results (``loop.complete``)."""
@@ -188,27 +195,43 @@ class LoopSearcher(Searcher):
         raise NotImplementedError("searchd resumes from its run directory, not Tune's state")
 
 
-def make_trainable(scorer: Scorer, seeds: Sequence[int], metric: str, mode: str
-                   ) -> Callable[[dict[str, Any]], None]:
-    """The Tune function trainable of one batch: decode, score, report once."""
-    seeds = [int(s) for s in seeds]
+class Prefetch:
+    """The search's first batch, scored by the driver in a thread from the moment Tune
+    asks for it, instead of by its trial.
 
-    def score_batch(config: dict[str, Any]) -> None:
-        schedules = [Schedule.from_dict(d) for d in config["candidates"]]
-        t0, c0 = time.perf_counter(), time.process_time()
-        results = scorer.score(schedules, seeds) if schedules else []
-        eval_s = time.perf_counter() - t0
-        tune.report({
-            metric: best_value([r.value(metric) for r in results], mode),
-            "n_candidates": len(results),
-            "eval_s": eval_s,
-            # CPU the trial's process spent sending and gathering (the driver's side of
-            # the scoring, beside the driver itself): benchmarks/scale.py's capacity.
-            "score_cpu_s": time.process_time() - c0,
-            PAYLOAD_KEY: results,
-        })
+    The first trial's process is new (Tune starts it once, then reuses it): Ray starts a
+    worker, which imports Ray Tune and unpickles the trial's function, about 1.5-3 s on 2
+    cores, while the evaluators would wait. Its trial reports at once (``PREFETCHED``) and
+    the callback takes the results from here (``result``). The scorer is the one the trials
+    use (the pool's client): the same requests to the same actors, so every value is the
+    one the trial would have got; an error is the trial's error (``_LoopCallback``)."""
 
-    return score_batch
+    def __init__(self, scorer: Scorer, schedules: list[Schedule], seeds: Sequence[int]
+                 ) -> None:
+        self.value: tuple[list[Any], float, float] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(scorer, schedules, list(seeds)),
+                                        name="searchd-first-batch", daemon=True)
+        self._thread.start()
+        logger.info("first batch (%d candidates) sent to the evaluators by the driver",
+                    len(schedules))
+
+    def _run(self, scorer: Scorer, schedules: list[Schedule], seeds: list[int]) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            results = scorer.score(schedules, seeds)
+        except BaseException as e:  # handed to the callback, as a trial's error would be
+            self.error = e
+            return
+        self.value = (list(results), time.perf_counter() - t0, time.thread_time() - c0)
+
+    def result(self) -> tuple[list[Any], float, float]:
+        """(results, seconds, CPU seconds of the scoring thread); raises the scorer's error."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
 
 
 def _error_text(trial: Any, whole: bool = False) -> str:
@@ -257,12 +280,38 @@ class _LoopCallback(Callback):
         results = result.pop(PAYLOAD_KEY, None)
         if results is None:
             return
+        if isinstance(results, str) and results == PREFETCHED:
+            results = self._prefetched(trial, result)
+            if results is None:
+                return
         self.searcher.loop.complete(trial.trial_id, results)
         self.n_trials += 1
         self.eval_s += float(result.get("eval_s", 0.0))
         self.score_cpu_s.append(float(result.get("score_cpu_s", 0.0)))
         if self.between is not None:
             self.between()
+
+    def _prefetched(self, trial: Any, result: dict) -> list[Any] | None:
+        """The results of a batch the driver scored (``Prefetch``), with the trial's
+        result fields filled in as its trial would have; None when the scoring raised:
+        then the batch is handled as an errored trial's (``LoopSearcher.note_error``)."""
+        pending = self.searcher.prefetched.pop(trial.trial_id, None)
+        if pending is None:  # not this driver's (cannot happen): nothing to record
+            return None
+        try:
+            results, eval_s, cpu_s = pending.result()
+        except Exception as e:
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.n_errored += 1
+            logger.error("trial %s errored: %s", trial.trial_id, error)
+            self.searcher.note_error(trial.trial_id, f"trial errored: {error}",
+                                     is_infrastructure_error(error))
+            return None
+        loop = self.searcher.loop
+        result[loop.metric] = best_value([r.value(loop.metric) for r in results],
+                                         loop.searcher.mode)
+        result.update({"n_candidates": len(results), "eval_s": eval_s, "score_cpu_s": cpu_s})
+        return results
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.n_errored += 1
@@ -289,6 +338,7 @@ def run_tune(
     trial_cpus: float = TRIAL_CPUS,
     on_head: bool = True,
     tune_loggers: bool = False,
+    prefetch_first: bool = False,
 ) -> TuneOutcome:
     """Run ``loop`` under Ray Tune until its searcher is finished (or it is interrupted).
 
@@ -304,12 +354,15 @@ def run_tune(
             and Tune's scratch experiment directory are.
         tune_loggers: keep Tune's CSV/JSON/TensorBoard result loggers (default off: the run
             directory is the record, and they cost time per trial).
+        prefetch_first: the driver scores the first batch with ``scorer`` from the moment
+            Tune asks for it (``Prefetch``), while the first trial's process starts; its
+            trial only reports. The values and the record are the same.
     """
     if max_concurrent_trials < 1:
         raise ValueError(f"max_concurrent_trials = {max_concurrent_trials}; it must be >= 1")
     if not trial_cpus > 0:
         raise ValueError(f"trial_cpus = {trial_cpus}; Tune needs a positive CPU fraction")
-    searcher = LoopSearcher(loop)
+    searcher = LoopSearcher(loop, prefetch=scorer if prefetch_first else None)
     resources: dict[str, float] = {"cpu": trial_cpus}
     if on_head:
         resources[HEAD_NODE_RESOURCE] = 0.001

@@ -32,7 +32,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from searchd.evaluation.metrics import (
 )
 from searchd.evaluation.prefix import run_group_tree
 from searchd.evaluation.reference import ReferenceStats
+from searchd.evaluation.result import CandidateResult
 from searchd.evaluation.stats import DEFAULT_CHUNK, FeatureStats
 from searchd.evaluation.teacher import TeacherCache, TeacherSettings
 from searchd.models.conditional import row_conditioning, supports_guidance
@@ -65,80 +65,7 @@ _CACHE_ENTRIES = 4
 _FEATURE_BLOCK = 256
 
 
-# Results ----------------------------------------------------------------------------------------
-@dataclass
-class CandidateResult:
-    """The score of one candidate: plain data, nothing of Ray or the network.
-
-    Attributes:
-        candidate_id: the schedule's content hash.
-        status: "ok" or "failed".
-        metrics: name -> value ("fid", "kid", "is", "sfid", "teacher_distance").
-        nfe: network evaluations per sample (``searchd.solvers.nfe``).
-        n_samples: samples scored (the number of seeds).
-        seed_base: the first seed (sample i uses seeds[i], normally seed_base + i).
-        wall_s: seconds attributed to this candidate (its share of a batched pass, by rows,
-            plus its own metric computation).
-        samples_per_s: n_samples / wall_s.
-        error: why it failed (None when ok).
-        stats: the candidate's FeatureStats (for merging across workers), or None.
-        worker, node: who scored it (an evaluator actor's name, and ``host/Ray node``);
-            empty when scored in-process.
-
-    This is the one record of a scored candidate: the evaluator makes it, an actor adds
-    ``worker`` and ``node``, the search loop hands it to the searcher and the recorder, and
-    a resumed run reads it back from its Parquet row (``searchd.storage.schema``).
-    """
-
-    candidate_id: str
-    status: str
-    metrics: dict[str, float]
-    nfe: int
-    n_samples: int
-    seed_base: int
-    wall_s: float
-    samples_per_s: float
-    error: str | None = None
-    stats: FeatureStats | None = None
-    worker: str = ""
-    node: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def value(self, metric: str) -> float | None:
-        """The metric's value when the candidate is ok and it is finite, else None (what a
-        searcher is told, and the ``value`` column of its row)."""
-        if self.status != "ok":
-            return None
-        v = self.metrics.get(metric)
-        return float(v) if v is not None and math.isfinite(v) else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (``stats`` as ``FeatureStats.to_dict()`` or None)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["metrics"] = {k: float(v) for k, v in self.metrics.items()}
-        d["stats"] = None if self.stats is None else self.stats.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CandidateResult:
-        stats = d.get("stats")
-        return cls(
-            candidate_id=str(d["candidate_id"]),
-            status=str(d["status"]),
-            metrics={str(k): float(v) for k, v in (d.get("metrics") or {}).items()},
-            nfe=int(d["nfe"]),
-            n_samples=int(d["n_samples"]),
-            seed_base=int(d["seed_base"]),
-            wall_s=float(d["wall_s"]),
-            samples_per_s=float(d["samples_per_s"]),
-            error=d.get("error"),
-            stats=None if stats is None else FeatureStats.from_dict(stats),
-            worker=str(d.get("worker") or ""),
-            node=str(d.get("node") or ""),
-        )
+# Results: ``CandidateResult`` (``searchd.evaluation.result``, a module without torch) --------
 
 
 # Per-candidate accumulation -----------------------------------------------------------------------
