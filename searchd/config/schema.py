@@ -348,7 +348,7 @@ class EvolutionConfig(Section):
     # the best candidate so far, its step from refine_scale[0] to refine_scale[1] (decay:
     # log-linearly; success: the 1/5 rule). 0: off. benchmarks/results/quality.md (flow).
     refine: int = Field(0, ge=0)
-    refine_batch: int = Field(2, ge=1)
+    refine_batch: int = Field(1, ge=1)  # 1: sequential (what was measured); more: parallel
     refine_scale: tuple[float, float] = (0.1, 0.01)
     refine_rule: Literal["decay", "success"] = "decay"
 

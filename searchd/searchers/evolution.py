@@ -121,7 +121,7 @@ class EvolutionSearcher(ScheduleSearcher):
         predictor_config: PredictorConfig | None = None,
         mutation: str = "space",
         refine: int = 0,
-        refine_batch: int = 2,
+        refine_batch: int = 1,
         refine_scale: Sequence[float] = (0.1, 0.01),
         refine_rule: str = "decay",
     ) -> None:
