@@ -225,15 +225,21 @@ class EvolutionSearcher(ScheduleSearcher):
                 return FINISHED  # the space has nothing new to offer
         return self._queue.pop(0), {}
 
-    def _build_generation(self, g: int) -> list[Schedule]:
-        out: list[Schedule] = []
-
+    def _adder(self, g: int, out: list[Schedule]) -> Any:
+        """``add(schedule, **meta)``: append a schedule never proposed before to ``out`` as a
+        candidate of generation ``g`` (True), or skip a known one (False)."""
         def add(s: Schedule, **meta: Any) -> bool:
             if s.id in self._seen:
                 return False
             self._seen.add(s.id)
             out.append(with_meta(s, generation=g, searcher=self.algorithm, **meta))
             return True
+
+        return add
+
+    def _build_generation(self, g: int) -> list[Schedule]:
+        out: list[Schedule] = []
+        add = self._adder(g, out)
 
         if g == 0:
             for s in self._seeds:
@@ -304,13 +310,7 @@ class EvolutionSearcher(ScheduleSearcher):
                   and len(ranked) >= self.predictor_min_train)
         n_draw = int(math.ceil(wanted / self.predictor_top_fraction)) if screen else wanted
         out: list[Schedule] = []
-
-        def add(s: Schedule, **meta: Any) -> bool:
-            if s.id in self._seen:
-                return False
-            self._seen.add(s.id)
-            out.append(with_meta(s, generation=g, searcher=self.algorithm, **meta))
-            return True
+        add = self._adder(g, out)
 
         meta = {"origin": "refine", "parents": [inc.id], "mutation_scale": step}
         self._vary(add, out, n_draw, lambda: (self.space.mutate(inc, self._rng, 1.0, step),
