@@ -44,9 +44,11 @@ baseline and >= 15% better than GITS and LD3, every interval excluding 0
         --baselines flow --searches evolution --space warp=flow shift=1 --threads 1
 
 ``--evolution KEY=VALUE`` sets EvolutionSearcher keywords over the benchmark's (e.g.
-``mutation=level``); ``--variants evolution race halving`` runs racing and successive halving
-beside it within the same budget, each variant's row with its gains over GITS, LD3 and the
-best non-searched schedule (``vs_fixed``) and the flow target (``flow_met``).
+``mutation=level``, or ``refine=11 refine_batch=1``: the last 11 candidates as a local
+search around the incumbent, what the flow target at NFE 6 was measured with);
+``--variants evolution race halving`` runs racing and successive halving beside it within
+the same budget, each variant's row with its gains over GITS, LD3 and the best
+non-searched schedule (``vs_fixed``) and the flow target (``flow_met``).
 """
 
 from __future__ import annotations

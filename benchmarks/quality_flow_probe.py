@@ -11,12 +11,22 @@ looks at the schedules themselves, on the benchmark's evaluator and search seeds
 - ``--nelder-mead``: a local search (scipy's Nelder-Mead, no budget) from ``--start``: the
   space's local ceiling near a searched winner.
 
+``--replay`` runs the benchmark's warm-started evolution (``quality.run_variant``: the same
+space, anchors, search seeds and budget) for ``--searcher-seeds`` under each of
+``--configs`` (EvolutionSearcher keywords over the benchmark's, e.g. ``refine=11``; ``-``
+for the benchmark's own), and re-scores each winner on a validation block of search-range
+seeds (``--validation``: 5,000 .. 8,999 by default, disjoint from the search and held-out
+seeds): the numbers a searcher option is chosen on. Candidates are scored once per process
+(by schedule id), so configs that share a prefix of their search share its cost.
+
 ``--heldout`` re-scores the best schedule found (and the ``--points``) on the benchmark's
 held-out seeds beside uniform t to 0 and GITS, with paired bootstrap intervals as in
 ``quality.md``: for the report only; no choice is made on those numbers.
 
     nice python benchmarks/quality_flow_probe.py --nfe 6 --nelder-mead \\
         --start 0.78 0.659 0.521 0.354 0.165 --max-evals 80 --heldout --threads 1
+    nice python benchmarks/quality_flow_probe.py --nfe 6 --replay --searcher-seeds 0 1 2 \\
+        --configs - "refine=11 refine_batch=1" --threads 1
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import itertools
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +105,90 @@ def nelder_mead(ev: Evaluator, start: Sequence[float], seeds: Sequence[int], max
     return best
 
 
+class CachedEvaluator:
+    """An ``Evaluator`` that scores each (schedule, seeds) once per process: replays of
+    searches that share their first candidates pay for them once. ``fresh`` counts the
+    candidates actually scored."""
+
+    def __init__(self, ev: Evaluator) -> None:
+        self.ev, self.denoiser = ev, ev.denoiser
+        self._cache: dict[tuple[str, int, int, int], Any] = {}
+        self.fresh = 0
+
+    def evaluate(self, schedules: Sequence[Schedule], seeds: Sequence[int]) -> list[Any]:
+        """``Evaluator.evaluate``, from the cache where the same candidate was scored."""
+        key = (len(seeds), int(seeds[0]), int(seeds[-1]))
+        todo = [s for s in schedules if (s.id, *key) not in self._cache]
+        uniq = list({s.id: s for s in todo}.values())
+        if uniq:
+            for s, r in zip(uniq, self.ev.evaluate(uniq, seeds)):
+                self._cache[(s.id, *key)] = r
+            self.fresh += len(uniq)
+        return [self._cache[(s.id, *key)] for s in schedules]
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """``"KEY=VALUE KEY=VALUE"`` (values as YAML; ``-``: none) -> EvolutionSearcher
+    keywords; a key the benchmark does not let change is refused."""
+    import inspect
+
+    import yaml
+
+    from searchd.searchers.evolution import EvolutionSearcher
+
+    known = set(inspect.signature(EvolutionSearcher).parameters) - {
+        "space", "metric", "mode", "seed", "seeds", "max_epochs", "max_candidates"}
+    out: dict[str, Any] = {}
+    for kv in text.split():
+        if kv == "-":
+            continue
+        key, sep, val = kv.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"config {text!r}: {kv!r} is not KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(known))}")
+        out[key] = yaml.safe_load(val)
+    return out
+
+
+def replay(ev: Evaluator, st: Q.Settings, nfe: int, configs: Sequence[str],
+           searcher_seeds: Sequence[int], validation: Sequence[int], log: Any
+           ) -> list[dict[str, Any]]:
+    """The benchmark's warm-started evolution per config and searcher seed, its winner
+    re-scored on the validation seeds."""
+    from searchd.config import steps_for_nfe
+
+    cached = CachedEvaluator(ev)
+    den = ev.denoiser
+    parsed = [(c, parse_config(c)) for c in configs]
+
+    def space_for(n_steps: int) -> Q.ContinuousSpace:
+        return Q.ContinuousSpace(n_steps, den.sigma_min, den.sigma_max, True,
+                                 solver=st.solver, **st.space)
+
+    case = {"st": st, "ev": ev, "space_for": space_for,
+            "gits": Q.gits_all(ev, st, space_for(steps_for_nfe(st.solver, nfe)))}
+    anchors = Q.case_anchors(case, nfe)
+    seeds = anchors["bases"] + [Q.with_meta(anchors["gits"], origin="gits"),
+                                Q.with_meta(anchors["ld3"], origin="ld3")]
+    n_evo = Q.evolution_candidates(st, case["gits"]["calls"], anchors["ld3_calls"], nfe)
+    search_seeds = list(range(Q.SEED_BASE, Q.SEED_BASE + st.per_candidate))
+    rows = []
+    for text, kw in parsed:
+        cfg = replace(st, evolution={**st.evolution, **kw})
+        for seed in searcher_seeds:
+            out = Q.run_variant("evolution", cfg, anchors["space"], cached, search_seeds,
+                                seeds, n_evo, seed, nfe)
+            val = float(cached.evaluate([out["schedule"]], validation)[0].metrics["fid"])
+            t = [round(float(x / (1 + x)), 4) for x in out["schedule"].sigmas]
+            rows.append({"config": text, "searcher_seed": seed, "search_fid": out["value"],
+                         "validation_fid": val, "candidates": out["candidates"],
+                         "n_evo": n_evo, "t": t})
+            log(f"replay [{text}] seed {seed}: search {out['value']:.4f}, validation "
+                f"{val:.4f}, {out['candidates']} candidates, t = {t} "
+                f"({cached.fresh} scored so far)")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nfe", type=int, default=4)
@@ -105,6 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--start", type=float, nargs="+", default=None)
     p.add_argument("--max-evals", type=int, default=80)
     p.add_argument("--heldout", action="store_true")
+    p.add_argument("--replay", action="store_true",
+                   help="the benchmark's evolution per --configs and --searcher-seeds, "
+                   "winners re-scored on the validation seeds")
+    p.add_argument("--configs", nargs="+", default=["-"],
+                   help="each a space-separated list of EvolutionSearcher KEY=VALUE ('-': "
+                   "the benchmark's settings)")
+    p.add_argument("--searcher-seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--validation", type=int, nargs=2, default=[5000, 4000],
+                   metavar=("FIRST", "COUNT"), help="validation seeds (search range)")
     p.add_argument("--tiny", action="store_true", help="a small, fast version (tests)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
@@ -114,6 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--points {a.points!r}: a JSON list of lists of {a.nfe - 1} flow times")
     if a.nelder_mead and (a.start is None or len(a.start) != a.nfe - 1):
         p.error(f"--nelder-mead needs --start with {a.nfe - 1} flow times")
+    try:
+        for c in a.configs:
+            parse_config(c)
+    except ValueError as e:
+        p.error(str(e))
+    first, count = a.validation
+    if a.replay and (count < 1 or first < a.samples
+                     or first + count > Q.HELDOUT_SEED_BASE):
+        p.error(f"--validation {first} {count}: the block must lie after the search seeds "
+                f"(>= {a.samples}) and before the held-out ones ({Q.HELDOUT_SEED_BASE})")
     if a.threads:
         torch.set_num_threads(a.threads)
     st = Q.tiny_settings() if a.tiny else Q.full_settings()
@@ -139,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("points", "grid"):
         for e in out.get(key, []):
             print(f"{key}: {np.round(e['t'], 4).tolist()} {e['fid']:.4f}")
+    if a.replay:  # the benchmark's flow case: --baselines flow --space warp=flow shift=1
+        st.per_candidate, st.baselines = a.samples, "flow"
+        st.space = dict(st.space, warp="flow", shift=1.0)
+        out["replay"] = replay(ev, st, a.nfe, a.configs, a.searcher_seeds,
+                               list(range(first, first + count)), print)
     if "nelder_mead" in out:
         nm = out["nelder_mead"]
         print(f"nelder-mead: {nm['evals']} evaluations, best {np.round(nm['t'], 4).tolist()} "

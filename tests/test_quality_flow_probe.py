@@ -61,3 +61,33 @@ def test_tiny_probe_runs_and_never_loses_its_start(probe, tmp_path):
         g = e["vs uniform t, to 0"]
         assert g["improvement"] == pytest.approx(1 - e["fid"] / held["uniform t, to 0"]["fid"])
     assert held["GITS"]["vs GITS"]["improvement"] == 0.0
+
+
+def test_replay_scores_shared_prefixes_once_and_validates_off_the_search_seeds(probe, tmp_path,
+                                                                               capsys):
+    import torch
+
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit):
+        probe.main(["--tiny", "--replay", "--configs", "refine=2 colour=red"])
+    assert "'colour=red' is not KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the validation block overlaps the search seeds
+        probe.main(["--tiny", "--replay", "--samples", "64", "--validation", "32", "64"])
+    out = tmp_path / "replay.json"
+    assert probe.main(["--tiny", "--nfe", "6", "--samples", "48", "--replay",
+                       "--searcher-seeds", "0", "--configs", "population_num=10",
+                       "population_num=10 refine=4 refine_batch=1",
+                       "--validation", "5000", "48", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["replay"]
+    assert [r["config"] for r in rows] == ["population_num=10",
+                                           "population_num=10 refine=4 refine_batch=1"]
+    for r in rows:
+        assert r["candidates"] == r["n_evo"] and r["t"][-1] == 0.0
+        assert r["validation_fid"] > 0 and r["search_fid"] > 0
+    # The second search repeats the first's candidates up to its local phase (the last 4):
+    # those are scored once, so at most 4 new candidates and 1 validation were scored.
+    import re
+
+    fresh = [int(n) for n in re.findall(r"\((\d+) scored so far\)", capsys.readouterr().out)]
+    n = rows[0]["n_evo"]
+    assert fresh[0] <= n + 1 and fresh[1] - fresh[0] <= 4 + 1

@@ -78,9 +78,12 @@ def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 
     if name.startswith("evolution"):
         gens = 4 if budget is None else max(1, budget // 8)
         scale = (0.02, 0.3) if name == "evolution-mixed" else 0.15
+        # evolution-refine: the second half of the budget is the local phase (refine).
+        local = (dict(max_candidates=8 * gens, refine=4 * gens, refine_batch=2)
+                 if name == "evolution-refine" else {})
         return EvolutionSearcher(space, METRIC, mode, population_num=8, select_num=3,
                                  mutation_num=3, crossover_num=3, m_prob=0.4, max_epochs=gens,
-                                 seed=seed, seeds=seeds, mutation_scale=scale)
+                                 seed=seed, seeds=seeds, mutation_scale=scale, **local)
     if name == "random":
         return RandomSearcher(space, METRIC, mode, num_samples=budget or 24, seed=seed,
                               seeds=seeds)
@@ -93,7 +96,8 @@ def build(name: str, space, seeds=(), *, budget: int | None = None, seed: int = 
                          seed=seed, seeds=seeds, n_startup_trials=5)
 
 
-LEARNING = ["evolution", "evolution-mixed", "random", "bayes-tpe", "bayes-gp"]
+LEARNING = ["evolution", "evolution-mixed", "evolution-refine", "random", "bayes-tpe",
+            "bayes-gp"]
 ALL = [*LEARNING, "gits", "ld3", "adaptive"]
 DETERMINISTIC = ALL  # bayes too: its samplers are seeded per trial and its history replayed
 
@@ -188,8 +192,8 @@ def test_ask_and_tell(name):
     assert len(got) == n_expected(name, s) == len(s.history) == s.num_suggested
     for sched in got:
         space.check(sched)
-        assert sched.meta["origin"] in ("baseline", "random", "mutation", "crossover", "bayes",
-                                        "gits", "ld3", "adaptive")
+        assert sched.meta["origin"] in ("baseline", "random", "mutation", "crossover",
+                                        "refine", "bayes", "gits", "ld3", "adaptive")
     values = [obj(x) for x in got]
     assert s.best["value"] == pytest.approx(min(values))
     assert s.best["schedule"] == got[int(np.argmin(values))]

@@ -344,6 +344,20 @@ class EvolutionConfig(Section):
     # moves between its neighbours and the evaluators share the common prefixes (issue 22:
     # measured 1.13-1.22x faster, held-out worse on short warm-started searches; an option)
     mutation: Literal["space", "level"] = "space"
+    # The last ``refine`` candidates of the budget: a local (1 + refine_batch) search around
+    # the best candidate so far, its step from refine_scale[0] to refine_scale[1] (decay:
+    # log-linearly; success: the 1/5 rule). 0: off. benchmarks/results/quality.md (flow).
+    refine: int = Field(0, ge=0)
+    refine_batch: int = Field(1, ge=1)  # 1: sequential (what was measured); more: parallel
+    refine_scale: tuple[float, float] = (0.1, 0.01)
+    refine_rule: Literal["decay", "success"] = "decay"
+
+    @field_validator("refine_scale")
+    @classmethod
+    def _refine_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] >= v[1] > 0:
+            raise ValueError(f"a pair [first, last] with first >= last > 0; got {list(v)}")
+        return v
 
     @field_validator("warm_start")
     @classmethod

@@ -71,7 +71,8 @@ def _evolution(
             predictor_min_train=pr.min_train,
             predictor_config=PredictorConfig(hidden=pr.hidden, steps=pr.steps,
                                              warm_steps=pr.warm_steps),
-            mutation=ev.mutation,
+            mutation=ev.mutation, refine=ev.refine, refine_batch=ev.refine_batch,
+            refine_scale=ev.refine_scale, refine_rule=ev.refine_rule,
         )
     except ValueError as e:
         if len(seeds) <= ev.population_num:

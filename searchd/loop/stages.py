@@ -494,7 +494,8 @@ def search(plan: RunPlan, engine: Engine, setup: Setup, say: Say) -> SearchLoop:
     ev = cfg.search.evolution
     total = cfg.search.budget if algorithm in ("evolution", "random", "bayes") else \
         1 + len(setup.baselines)
-    gens = ev.generations if algorithm == "evolution" else None
+    # The local phase (refine) adds steps that count as generations: no total then.
+    gens = ev.generations if algorithm == "evolution" and not ev.refine else None
     progress = Progress(gens, total, cfg.metric.name, _stored_baseline_values(setup))
     recorder = Recorder(plan.run, plan.run_id, setup.searcher, progress, say)
     s = cfg.samples

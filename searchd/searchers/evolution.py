@@ -40,6 +40,8 @@ RETRY_FACTOR = 10
 # neighbours, the others keep their bits, so mutants share their parent's leading levels and
 # the evaluator's prefix tree computes those steps once).
 MUTATIONS = ("space", "level")
+# How the local phase's step size moves (``refine_rule``).
+REFINE_RULES = ("decay", "success")
 
 class EvolutionSearcher(ScheduleSearcher):
     """O2TDM/AutoDiffusion evolutionary search.
@@ -74,6 +76,25 @@ class EvolutionSearcher(ScheduleSearcher):
             weights for ``warm_steps`` steps on all candidates scored so far
             (``warm_steps=0``: from scratch every time). The weights are in the state.
         predictor_config: the predictor's sizes and training (``PredictorConfig``).
+        refine: candidates at the end of the search spent on a local search around the
+            incumbent (the best candidate scored so far) instead of bred generations: the
+            phase begins where ``refine`` candidates of ``max_candidates`` are left (the
+            bred generation then running is cut), or after the last bred generation
+            (``max_epochs``, which counts bred generations only), whichever comes first,
+            and ends after ``refine`` candidates. It is a (1 + ``refine_batch``) evolution
+            strategy whose
+            every step moves all parameters of the incumbent by a Gaussian of standard
+            deviation ``refine_scale[0]`` at the phase's first candidate, shrinking
+            log-linearly to ``refine_scale[1]`` at its last (see ``refine_step``). With the
+            pre-screen on, each step's mutants are drawn ``1 / top_fraction`` times as many
+            and the predicted best ``refine_batch`` are scored. 0: off.
+        refine_batch: mutants per local step (scored together, then the incumbent updates).
+        refine_scale: (first, last) step size of the local phase, first >= last > 0.
+        refine_rule: how the local step size moves: "decay" (log-linearly from
+            ``refine_scale[0]`` to ``refine_scale[1]`` over the phase, whatever happens) or
+            "success" (Rechenberg's 1/5 rule: it starts at ``refine_scale[0]``, doubles
+            after a step that improved the incumbent and shrinks by 2^(-1/4) after one that
+            did not, kept within ``refine_scale``).
     """
 
     algorithm = "evolution"
@@ -99,8 +120,27 @@ class EvolutionSearcher(ScheduleSearcher):
         predictor_min_train: int = 16,
         predictor_config: PredictorConfig | None = None,
         mutation: str = "space",
+        refine: int = 0,
+        refine_batch: int = 1,
+        refine_scale: Sequence[float] = (0.1, 0.01),
+        refine_rule: str = "decay",
     ) -> None:
         super().__init__(space, metric, mode)
+        if not (isinstance(refine, (int, np.integer)) and refine >= 0):
+            raise ValueError(f"refine = {refine!r}; it must be an integer >= 0")
+        if not (isinstance(refine_batch, (int, np.integer)) and refine_batch >= 1):
+            raise ValueError(f"refine_batch = {refine_batch!r}; it must be an integer >= 1")
+        rs = tuple(float(x) for x in refine_scale)
+        if len(rs) != 2 or not (math.isfinite(rs[0]) and rs[0] >= rs[1] > 0):
+            raise ValueError(f"refine_scale = {refine_scale!r}; a pair (first, last) with "
+                             "first >= last > 0")
+        if refine_rule not in REFINE_RULES:
+            raise ValueError(f"refine_rule = {refine_rule!r}; allowed: "
+                             f"{', '.join(REFINE_RULES)}")
+        self.refine_rule = refine_rule
+        self._refine_sigma: float | None = None  # the success rule's current step
+        self.refine, self.refine_batch = int(refine), int(refine_batch)
+        self.refine_scale: tuple[float, float] = (rs[0], rs[1])
         if mutation not in MUTATIONS:
             raise ValueError(f"mutation = {mutation!r}; allowed: {', '.join(MUTATIONS)}")
         self.mutation = mutation
@@ -149,6 +189,7 @@ class EvolutionSearcher(ScheduleSearcher):
         self._generation = -1  # index of the generation being handed out
         self._queue: list[Schedule] = []  # rest of the current generation, not yet suggested
         self._sizes: list[int] = []  # candidates per generation built so far
+        self._refine_start: int | None = None  # candidates suggested when refine began
 
     @property
     def generation(self) -> int:
@@ -163,27 +204,42 @@ class EvolutionSearcher(ScheduleSearcher):
     def _next(self, trial_id: str) -> Next:
         if self.max_candidates is not None and self.num_suggested >= self.max_candidates:
             return FINISHED
+        if self._refine_start is None and self._refine_due():
+            for s in self._queue:  # the bred generation is cut where the local phase begins
+                self._seen.discard(s.id)
+            self._queue = []
+            self._refine_start = self.num_suggested
+        local = self._refine_start is not None
+        if local and self.num_suggested - self._refine_start >= self.refine:
+            return FINISHED
         if not self._queue:
             if self._pending or self._retry:
                 return None  # the generation is out; wait for its results
-            if self._generation + 1 >= self.max_epochs:
+            if not local and self._generation + 1 >= self.max_epochs:
                 return FINISHED
             self._generation += 1
-            self._queue = self._build_generation(self._generation)
+            self._queue = (self._build_refine(self._generation) if local
+                           else self._build_generation(self._generation))
             self._sizes.append(len(self._queue))
             if not self._queue:
                 return FINISHED  # the space has nothing new to offer
         return self._queue.pop(0), {}
 
-    def _build_generation(self, g: int) -> list[Schedule]:
-        out: list[Schedule] = []
-
+    def _adder(self, g: int, out: list[Schedule]) -> Any:
+        """``add(schedule, **meta)``: append a schedule never proposed before to ``out`` as a
+        candidate of generation ``g`` (True), or skip a known one (False)."""
         def add(s: Schedule, **meta: Any) -> bool:
             if s.id in self._seen:
                 return False
             self._seen.add(s.id)
             out.append(with_meta(s, generation=g, searcher=self.algorithm, **meta))
             return True
+
+        return add
+
+    def _build_generation(self, g: int) -> list[Schedule]:
+        out: list[Schedule] = []
+        add = self._adder(g, out)
 
         if g == 0:
             for s in self._seeds:
@@ -208,11 +264,68 @@ class EvolutionSearcher(ScheduleSearcher):
             out = self._screen(g, out, ranked)
         return out
 
+    # Local phase (refine) --------------------------------------------------------------------
+    def _refine_due(self) -> bool:
+        """Whether the local phase begins now: refine is on, generation 0 is out, and either
+        the budget left is the phase's (the last ``refine`` of ``max_candidates``) or the
+        bred generations (``max_epochs``) are all handed out."""
+        if not self.refine or self._generation < 0:
+            return False
+        if (self.max_candidates is not None
+                and self.num_suggested >= self.max_candidates - self.refine):
+            return True
+        return not self._queue and self._generation + 1 >= self.max_epochs
+
+    def refine_step(self, j: int) -> float:
+        """Step size of the local phase's ``j``-th candidate (0-based): ``refine_scale[0]``
+        at j = 0, shrinking log-linearly to ``refine_scale[1]`` at j = refine - 1."""
+        hi, lo = self.refine_scale
+        frac = min(max(j, 0), max(self.refine - 1, 1)) / max(self.refine - 1, 1)
+        return float(hi * (lo / hi) ** frac)
+
+    def _build_refine(self, g: int) -> list[Schedule]:
+        """One local step: ``refine_batch`` mutants of the incumbent (every parameter moves,
+        by the current step size), pre-screened like a bred generation when the predictor
+        is on. Falls back to a bred generation while nothing has a finite value."""
+        self._score_predictions()
+        ranked = self.ranked()
+        if not ranked:
+            return self._build_generation(g)
+        inc = Schedule.from_dict(ranked[0]["schedule"])
+        j = self.num_suggested - int(self._refine_start or 0)  # index in the phase
+        if self.refine_rule == "success":
+            hi, lo = self.refine_scale
+            if self._refine_sigma is None:
+                step = hi
+            else:  # the last step succeeded when one of its mutants is the incumbent now
+                won = inc.meta.get("origin") == "refine" and inc.meta.get("generation") == g - 1
+                step = min(hi, max(lo, self._refine_sigma * (2.0 if won else 2.0 ** -0.25)))
+            self._refine_sigma = step
+        else:
+            step = self.refine_step(j)
+        wanted = min(self.refine_batch, self.refine - j)
+        if self.max_candidates is not None:
+            wanted = min(wanted, self.max_candidates - self.num_suggested)
+        screen = (self.predictor_top_fraction is not None
+                  and len(ranked) >= self.predictor_min_train)
+        n_draw = int(math.ceil(wanted / self.predictor_top_fraction)) if screen else wanted
+        out: list[Schedule] = []
+        add = self._adder(g, out)
+
+        meta = {"origin": "refine", "parents": [inc.id], "mutation_scale": step}
+        self._vary(add, out, n_draw, lambda: (self.space.mutate(inc, self._rng, 1.0, step),
+                                              dict(meta)))
+        if screen and len(out) > wanted:
+            out = self._screen(g, out, ranked, keep=wanted)
+        return out
+
     # Predictor (OMS-DPM) -------------------------------------------------------------------
-    def _screen(self, g: int, pool: list[Schedule], ranked: list[dict[str, Any]]
-                ) -> list[Schedule]:
-        """Keep the ``population_num`` offspring the predictor ranks best; the others are
-        forgotten (not marked as proposed), so they may come back later."""
+    def _screen(self, g: int, pool: list[Schedule], ranked: list[dict[str, Any]],
+                keep: int | None = None) -> list[Schedule]:
+        """Keep the ``keep`` (default ``population_num``) offspring the predictor ranks
+        best; the others are forgotten (not marked as proposed), so they may come back
+        later."""
+        keep = self.population_num if keep is None else keep
         train = [Schedule.from_dict(h["schedule"]) for h in ranked]
         values = [self.loss(h["value"]) for h in ranked]
         warm = self._pred_weights if self.predictor_config.warm_steps > 0 else None
@@ -224,8 +337,8 @@ class EvolutionSearcher(ScheduleSearcher):
             self._pred_weights = pred.weights()
         scores = pred.score(pool)
         order = sorted(range(len(pool)), key=lambda k: (scores[k], k))
-        kept = sorted(order[: self.population_num])
-        for k in order[self.population_num:]:
+        kept = sorted(order[:keep])
+        for k in order[keep:]:
             self._seen.discard(pool[k].id)
         self._pred_log.append({
             "generation": g, "n_train": len(train), "pool": len(pool), "kept": len(kept),
@@ -295,6 +408,8 @@ class EvolutionSearcher(ScheduleSearcher):
             "generation": self._generation,
             "queue": [s.to_dict() for s in self._queue],
             "sizes": list(self._sizes),
+            **({"refine_start": self._refine_start,
+                "refine_sigma": self._refine_sigma} if self.refine else {}),
             "predictor_log": [dict(e) for e in self._pred_log],
             **({"predictor_weights": self._pred_weights} if self._pred_weights else {}),
             "params": {
@@ -309,6 +424,10 @@ class EvolutionSearcher(ScheduleSearcher):
                 "predictor_top_fraction": self.predictor_top_fraction,
                 "predictor_min_train": self.predictor_min_train,
                 **({"mutation": self.mutation} if self.mutation != "space" else {}),
+                **({"refine": self.refine, "refine_batch": self.refine_batch,
+                    "refine_scale": list(self.refine_scale),
+                    **({"refine_rule": self.refine_rule}
+                       if self.refine_rule != "decay" else {})} if self.refine else {}),
             },
         }
 
@@ -317,6 +436,10 @@ class EvolutionSearcher(ScheduleSearcher):
         self._generation = int(state["generation"])
         self._queue = [Schedule.from_dict(d) for d in state["queue"]]
         self._sizes = [int(n) for n in state["sizes"]]
+        start = state.get("refine_start")
+        self._refine_start = None if start is None else int(start)
+        sigma = state.get("refine_sigma")
+        self._refine_sigma = None if sigma is None else float(sigma)
         self._pred_log = [dict(e) for e in state.get("predictor_log", [])]
         self._pred_weights = state.get("predictor_weights")
 
