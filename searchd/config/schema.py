@@ -356,7 +356,7 @@ class EvolutionConfig(Section):
     @classmethod
     def _refine_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not v[0] >= v[1] > 0:
-            raise ValueError(f"a pair [first, last] with first >= last > 0; got {list(v)}")
+            raise ValueError("a pair [first, last] with first >= last > 0")
         return v
 
     @field_validator("warm_start")
