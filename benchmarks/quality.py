@@ -190,6 +190,28 @@ def _norm(settings: dict[str, Any]) -> str:
                       sort_keys=True)
 
 
+def evolution_keywords(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items (values parsed as YAML) -> EvolutionSearcher keywords over the
+    benchmark's (``--evolution``, and the flow probe's ``--configs``); ValueError names an
+    item that is not KEY=VALUE with a KEY the benchmark lets change."""
+    import inspect
+
+    import yaml
+
+    from searchd.searchers.evolution import EvolutionSearcher
+
+    known = set(inspect.signature(EvolutionSearcher).parameters) - {
+        "space", "metric", "mode", "seed", "seeds", "max_epochs", "max_candidates"}
+    out: dict[str, Any] = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"{kv!r} is not KEY=VALUE with KEY an EvolutionSearcher keyword "
+                             f"the benchmark lets change: {', '.join(sorted(known))}")
+        out[key] = yaml.safe_load(val)
+    return out
+
+
 def tiny_settings() -> Settings:
     """Every code path of the full run, on a few hundred samples (the test suite's)."""
     s = full_settings()
@@ -1005,23 +1027,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import yaml
 
         st.space = {**st.space, key: yaml.safe_load(val)}
-    for kv in a.evolution or ():
-        key, sep, val = kv.partition("=")
-        if not sep or not key:
-            p.error(f"--evolution {kv!r}: expected KEY=VALUE")
-        import inspect
-
-        import yaml
-
-        from searchd.searchers.evolution import EvolutionSearcher
-
-        known = set(inspect.signature(EvolutionSearcher).parameters) - {
-            "space", "metric", "mode", "seed", "seeds", "max_epochs", "max_candidates"}
-        if key not in known:
-            p.error(f"--evolution {key!r}: not an EvolutionSearcher keyword the benchmark "
-                    f"lets change; allowed: {', '.join(sorted(known))}")
-
-        st.evolution = {**st.evolution, key: yaml.safe_load(val)}
+    try:
+        st.evolution = {**st.evolution, **evolution_keywords(a.evolution or ())}
+    except ValueError as e:
+        p.error(f"--evolution {e}")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)

@@ -129,25 +129,12 @@ class CachedEvaluator:
 
 def parse_config(text: str) -> dict[str, Any]:
     """``"KEY=VALUE KEY=VALUE"`` (values as YAML; ``-``: none) -> EvolutionSearcher
-    keywords; a key the benchmark does not let change is refused."""
-    import inspect
-
-    import yaml
-
-    from searchd.searchers.evolution import EvolutionSearcher
-
-    known = set(inspect.signature(EvolutionSearcher).parameters) - {
-        "space", "metric", "mode", "seed", "seeds", "max_epochs", "max_candidates"}
-    out: dict[str, Any] = {}
-    for kv in text.split():
-        if kv == "-":
-            continue
-        key, sep, val = kv.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"config {text!r}: {kv!r} is not KEY=VALUE with KEY one of "
-                             f"{', '.join(sorted(known))}")
-        out[key] = yaml.safe_load(val)
-    return out
+    keywords (``quality.evolution_keywords``); a key the benchmark does not let change is
+    refused."""
+    try:
+        return Q.evolution_keywords([kv for kv in text.split() if kv != "-"])
+    except ValueError as e:
+        raise ValueError(f"config {text!r}: {e}") from None
 
 
 def replay(ev: Evaluator, st: Q.Settings, nfe: int, configs: Sequence[str],
